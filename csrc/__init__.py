@@ -1,0 +1,1 @@
+"""CUDA C++ sources of the backend="cuda" fallback (data for the JIT build)."""

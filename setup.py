@@ -1,0 +1,75 @@
+"""unipelt-fast: fused Triton (and CUDA C++) kernels for UniPELT-style PEFT."""
+
+import os
+
+from setuptools import setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    ns: dict = {}
+    with open(os.path.join(here, "unipelt_fast", "_version.py")) as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
+def _ext_modules():
+    # Optional ahead-of-time build of the CUDA fallback; the default is a JIT build
+    # on first use of backend="cuda". torch is imported only here, on request.
+    if os.environ.get("UNIPELT_BUILD_CUDA") != "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    sources = sorted(
+        os.path.join("csrc", f)
+        for f in os.listdir(os.path.join(here, "csrc"))
+        if f.endswith((".cu", ".cpp"))
+    )
+    ext = CUDAExtension(
+        "unipelt_fast._C",
+        sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+with open(os.path.join(here, "README.md")) as f:
+    long_description = f.read()
+
+ext_modules, cmdclass = _ext_modules()
+
+setup(
+    name="unipelt-fast",
+    version=_version(),
+    description="Fused Triton kernels (with a CUDA C++ fallback) for UniPELT-style "
+    "parameter-efficient fine-tuning",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # `kernels/` installs as `unipelt_fast.kernels`: a top-level `kernels` module would
+    # shadow the `kernels` package that transformers looks for.
+    packages=["unipelt_fast", "unipelt_fast.kernels", "unipelt_fast.csrc"],
+    package_dir={
+        "unipelt_fast": "unipelt_fast",
+        "unipelt_fast.kernels": "kernels",
+        # CUDA sources ship with the wheel so the JIT build works after `pip install .`.
+        "unipelt_fast.csrc": "csrc",
+    },
+    package_data={"unipelt_fast.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux'",
+        "transformers>=4.57",
+        "safetensors>=0.4",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ninja", "ruff"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
+    },
+    entry_points={"console_scripts": ["unipelt-fast=unipelt_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    classifiers=["Programming Language :: Python :: 3", "Environment :: GPU :: NVIDIA CUDA"],
+)

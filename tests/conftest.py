@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+from unipelt_fast._backend import triton_import_error
+
+
+def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="gpu test: no CUDA device")
+    interp_ok = os.environ.get("TRITON_INTERPRET") == "1" and triton_import_error() is None
+    no_interp = pytest.mark.skip(reason="interpreter test: needs TRITON_INTERPRET=1 and triton")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        if "interpreter" in item.keywords and not interp_ok:
+            item.add_marker(no_interp)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

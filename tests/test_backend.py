@@ -1,0 +1,96 @@
+"""Backend resolution: explicit choices, "auto", set_backend / UNIPELT_BACKEND, and errors."""
+
+import pytest
+import torch
+
+import unipelt_fast as uf
+from tests.parity import bias_only_linear_case
+from unipelt_fast import _backend
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def clean(monkeypatch):
+    monkeypatch.delenv("UNIPELT_BACKEND", raising=False)
+    uf.set_backend(None)
+    yield monkeypatch
+    uf.set_backend(None)
+
+
+def test_auto_cpu(clean):
+    clean.setenv("TRITON_INTERPRET", "0")
+    assert uf.resolve_backend("auto", CPU, "op") == "eager"
+    clean.setenv("TRITON_INTERPRET", "1")
+    expect = "triton" if _backend.triton_import_error() is None else "eager"
+    assert uf.resolve_backend("auto", CPU, "op") == expect
+
+
+def test_auto_cuda_prefers_triton_then_cuda_then_eager(clean):
+    clean.setattr(_backend, "triton_import_error", lambda: None)
+    assert uf.resolve_backend("auto", CUDA, "op") == "triton"
+    clean.setattr(_backend, "triton_import_error", lambda: "ImportError: no triton")
+    clean.setattr(_backend, "cuda_extension_built", lambda: True)
+    assert uf.resolve_backend("auto", CUDA, "op") == "cuda"
+    clean.setattr(_backend, "cuda_extension_built", lambda: False)
+    assert uf.resolve_backend("auto", CUDA, "op") == "eager"
+
+
+def test_triton_on_cpu_needs_interpreter(clean):
+    clean.setenv("TRITON_INTERPRET", "0")
+    clean.setattr(_backend, "triton_import_error", lambda: None)
+    with pytest.raises(RuntimeError, match="triton on CPU tensors needs TRITON_INTERPRET=1"):
+        uf.resolve_backend("triton", CPU, "gated_adapter")
+
+
+def test_triton_missing_says_so(clean):
+    clean.setattr(_backend, "triton_import_error", lambda: "ImportError: boom")
+    with pytest.raises(RuntimeError, match="needs triton, which failed to import .*boom"):
+        uf.resolve_backend("triton", CUDA, "prefix_attention")
+
+
+def test_cuda_backend_needs_cuda_tensors(clean):
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, got cpu"):
+        uf.resolve_backend("cuda", CPU, "bias_only_linear")
+    case = bias_only_linear_case(lead=(3,), d_in=4, d_out=5)
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        uf.bias_only_linear(*(t.float() for t in case.args.values()), backend="cuda")
+
+
+def test_unknown_backend(clean):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        uf.resolve_backend("numpy", CPU, "op")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        uf.set_backend("numpy")
+    clean.setenv("UNIPELT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="UNIPELT_BACKEND must be one of"):
+        uf.get_backend()
+
+
+def test_process_default(clean):
+    clean.setenv("UNIPELT_BACKEND", "eager")
+    clean.setenv("TRITON_INTERPRET", "1")
+    assert uf.get_backend() == "eager"
+    assert uf.resolve_backend("auto", CPU, "op") == "eager"
+    uf.set_backend("auto")
+    assert uf.get_backend() == "auto"
+    with uf.use_backend("eager"):
+        assert uf.resolve_backend("auto", CPU, "op") == "eager"
+    assert uf.get_backend() == "auto"
+    # An explicit backend argument always wins over the default.
+    uf.set_backend("cuda")
+    assert uf.resolve_backend("eager", CUDA, "op") == "eager"
+
+
+def test_unwritten_kernels_raise_not_implemented(clean):
+    clean.setattr(_backend.importlib, "import_module", _no_module)
+    with pytest.raises(
+        NotImplementedError,
+        match=r"gated_adapter: the triton kernels are not written yet \(issue 4\)",
+    ):
+        _backend.kernel_impl("gated_adapter", "triton")
+
+
+def _no_module(name):
+    raise ModuleNotFoundError(name=name)

@@ -1,0 +1,191 @@
+"""Eager PyTorch reference for every op: the spec that each backend is checked against.
+
+Plain, readable PyTorch. Inputs are assumed valid (the public ops validate first).
+Attention math runs in at least float32 so fp16/bf16 inputs get a reference-quality result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def activation_fn(name: str | None):
+    """The elementwise activation called ``name`` (None means identity)."""
+    return {
+        None: lambda t: t,
+        "identity": lambda t: t,
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "silu": F.silu,
+        "tanh": torch.tanh,
+    }[name]
+
+
+def select_prefix(
+    prefix: torch.Tensor, prefix_index: torch.Tensor | None, batch: int
+) -> torch.Tensor:
+    """Each example's prefix, (B, Hkv, P, D), from any of the three layouts."""
+    if prefix_index is not None:
+        return prefix[prefix_index.long()]  # (T, Hkv, P, D) -> (B, Hkv, P, D)
+    if prefix.dim() == 3:
+        return prefix.unsqueeze(0).expand(batch, *prefix.shape)  # shared by the batch
+    return prefix  # already one per example
+
+
+def split_prefix_gate(prefix_gate: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key gate, value gate), each (B,): a (B,) gate serves both."""
+    g = prefix_gate.reshape(batch, -1)
+    return g[:, 0], g[:, -1]
+
+
+def token_key_visibility(
+    batch: int,
+    lq: int,
+    lk: int,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Bool (B, 1, Lq, Lk): may query i see token key j (prefix keys are always visible)."""
+    vis = torch.ones(batch, 1, lq, lk, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask[:, None, None, :]
+    if causal:
+        i = torch.arange(lq, device=device)[:, None]
+        j = torch.arange(lk, device=device)[None, :]
+        vis = vis & (j <= i + (lk - lq))  # bottom-right aligned
+    return vis
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    prefix_index: torch.Tensor | None = None,
+    prefix_gate: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q [g_k*Pk ; K]^T * scale) [g_v*Pv ; V] with token-only masks; empty rows give 0."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+
+    pk = select_prefix(prefix_k, prefix_index, B).to(acc)
+    pv = select_prefix(prefix_v, prefix_index, B).to(acc)
+    P = pk.shape[2]
+    if prefix_gate is not None:
+        gk, gv = split_prefix_gate(prefix_gate.to(acc), B)
+        pk = pk * gk[:, None, None, None]
+        pv = pv * gv[:, None, None, None]
+
+    keys = torch.cat([pk, k.to(acc)], dim=2)
+    values = torch.cat([pv, v.to(acc)], dim=2)
+    group = H // Hkv  # GQA: query head h reads kv head h // group (HF's repeat_kv)
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+
+    logits = torch.matmul(q.to(acc), keys.transpose(-1, -2)) * scale  # (B, H, Lq, P+Lk)
+    tok_vis = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device)
+    visible = torch.cat([tok_vis.new_ones(B, 1, Lq, P), tok_vis], dim=-1)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    # A row with no visible key outputs 0. Zeroing its logits first keeps softmax (and its
+    # backward) free of NaN; the probabilities are then zeroed.
+    row_ok = visible.any(dim=-1, keepdim=True)
+    logits = torch.where(row_ok, logits, torch.zeros_like(logits))
+    probs = torch.softmax(logits, dim=-1) * row_ok
+    return torch.matmul(probs, values).to(q.dtype)
+
+
+def prefix_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prefix_k: torch.Tensor,
+    *,
+    prefix_index: torch.Tensor | None = None,
+    prefix_gate: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Row log-sum-exp (natural log) of the scaled logits, (B, H, Lq); -inf for empty rows.
+
+    Kernels save this for backward; it is exposed so their saved state can be checked too.
+    """
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    pk = select_prefix(prefix_k, prefix_index, B).to(acc)
+    if prefix_gate is not None:
+        pk = pk * split_prefix_gate(prefix_gate.to(acc), B)[0][:, None, None, None]
+    keys = torch.cat([pk, k.to(acc)], dim=2).repeat_interleave(H // Hkv, dim=1)
+    logits = torch.matmul(q.to(acc), keys.transpose(-1, -2)) * scale
+    tok_vis = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device)
+    visible = torch.cat([tok_vis.new_ones(B, 1, Lq, pk.shape[2]), tok_vis], dim=-1)
+    return torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+def adapter_gate(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    b_gate: torch.Tensor | None,
+    gate_mode: str,
+    gate_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The gate g, broadcastable against x: (..., 1) per token, or (B, 1, 1) for "mean".
+
+    "mean" averages sigmoid(logit) over the sequence dim; with ``gate_mask`` only over real
+    tokens. An example with no real token gets g = 0 (its output is the residual).
+    """
+    g = torch.sigmoid(F.linear(x, w_gate, b_gate))  # (..., 1)
+    if gate_mode == "token":
+        return g
+    if gate_mask is None:
+        return g.mean(dim=-2, keepdim=True)
+    m = gate_mask.unsqueeze(-1).to(g.dtype)
+    return (g * m).sum(dim=-2, keepdim=True) / m.sum(dim=-2, keepdim=True).clamp_min(1.0)
+
+
+def gated_adapter(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    *,
+    residual: torch.Tensor | None = None,
+    w_gate: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+    gate_mode: str = "token",
+    gate_mask: torch.Tensor | None = None,
+    activation: str = "relu",
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """residual + g * scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)."""
+    h = activation_fn(activation)(F.linear(x, w_down, b_down))
+    u = F.linear(h, w_up, b_up)
+    out = u * scaling
+    if w_gate is not None:
+        out = out * adapter_gate(x, w_gate, b_gate, gate_mode, gate_mask)
+    return (x if residual is None else residual) + out
+
+
+def bias_only_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, activation: str | None = None
+) -> torch.Tensor:
+    """act(x @ weight.T + bias), with the weight frozen."""
+    return activation_fn(activation)(F.linear(x, weight, bias))
+
+
+def softmax_scale_default(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -37,3 +37,53 @@ def test_weight_never_gets_grad():
         x, lin.weight, lin.bias, activation="gelu", backend="eager"
     ).sum().backward()
     assert lin.weight.grad is None and lin.bias.grad is not None and x.grad is not None
+
+
+def test_layer_norm_gradcheck_and_frozen_gamma():
+    x = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    y = uf.bias_only_layer_norm(x, w, b, 1e-5, backend="eager")
+    assert_close(y, F.layer_norm(x, (6,), w, b, 1e-5), torch.float64, "y")
+    assert torch.autograd.gradcheck(
+        lambda x_, b_: uf.bias_only_layer_norm(x_, w, b_, backend="eager"), (x, b)
+    )
+    with pytest.raises(ValueError, match="weight \\(gamma\\) requires grad"):
+        uf.bias_only_layer_norm(x, w.clone().requires_grad_(), b)
+    with pytest.raises(ValueError, match="weight must have shape \\(6,\\)"):
+        uf.bias_only_layer_norm(x, w[:5], b)
+    with pytest.raises(ValueError, match="eps must be a positive float"):
+        uf.bias_only_layer_norm(x, w, b, eps=0.0)
+
+
+def test_bitfit_on_tiny_bert_matches_eager_bitfit():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    ref = BertModel(cfg).eval()
+    model = BertModel(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    for n, p in ref.named_parameters():  # eager BitFit: biases of Linear/LayerNorm train
+        p.requires_grad_(n.endswith(".bias"))
+    uf.bitfit(model, backend="eager")
+    assert any(isinstance(m, uf.BiasOnlyLinear) for m in model.modules())
+    assert any(isinstance(m, uf.BiasOnlyLayerNorm) for m in model.modules())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in ref.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 50, (2, 7))
+    ref(ids).last_hidden_state.square().mean().backward()
+    model(ids).last_hidden_state.square().mean().backward()
+    got = dict(model.named_parameters())
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert_close(got[n].grad, p.grad, torch.float32, n)
+        else:
+            assert got[n].grad is None, n

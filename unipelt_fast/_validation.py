@@ -249,3 +249,22 @@ def validate_bias_only_linear(x, weight, bias, activation) -> None:
         raise ValueError(f"{op}: bias is required (it is the trained parameter)")
     check_tensor(bias, "bias", op, shape=(weight.shape[0],), dtype=x.dtype, device=x.device)
     check_activation(activation, op, allow_none=True)
+
+
+def validate_bias_only_layer_norm(x, weight, bias, eps) -> None:
+    op = "bias_only_layer_norm"
+    check_tensor(x, "x", op)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have a non-empty feature dim (..., d), got {_shape(x)}")
+    d = x.shape[-1]
+    check_tensor(weight, "weight", op, shape=(d,), dtype=x.dtype, device=x.device)
+    if weight.requires_grad:
+        raise ValueError(
+            f"{op}: weight (gamma) requires grad, but bias_only_layer_norm trains the bias "
+            "(beta) only; freeze it with weight.requires_grad_(False)"
+        )
+    if bias is None:
+        raise ValueError(f"{op}: bias is required (it is the trained parameter)")
+    check_tensor(bias, "bias", op, shape=(d,), dtype=x.dtype, device=x.device)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")

@@ -231,39 +231,87 @@ class PrefixEncoder(nn.Module):
 
 
 class BiasOnlyLinear(nn.Module):
-    """A Linear with a frozen weight and a trainable bias (BitFit), on ``bias_only_linear``."""
+    """A Linear with a frozen weight and a trainable bias (BitFit), on ``bias_only_linear``.
+
+    The weight Parameter is kept as given (not copied), so tied weights stay tied. With
+    ``transposed=True`` the weight is stored (d_in, d_out), as in HF's GPT-2 Conv1D.
+    """
 
     def __init__(
         self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
+        weight: nn.Parameter | torch.Tensor,
+        bias: nn.Parameter | torch.Tensor | None = None,
         *,
         activation: str | None = None,
+        transposed: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        b = (
-            torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            if bias is None
-            else bias.detach()
-        )
-        self.bias = nn.Parameter(b.clone())
-        self.activation, self.backend = activation, backend
+        if not isinstance(weight, nn.Parameter):
+            weight = nn.Parameter(weight.detach())
+        self.weight = weight.requires_grad_(False)
+        d_out = weight.shape[1] if transposed else weight.shape[0]
+        if bias is None:
+            bias = torch.zeros(d_out, dtype=weight.dtype, device=weight.device)
+        if not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias.detach().clone())
+        self.bias = bias.requires_grad_(True)
+        self.activation, self.transposed, self.backend = activation, transposed, backend
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kw) -> BiasOnlyLinear:
+    def from_linear(cls, linear: nn.Module, **kw) -> BiasOnlyLinear:
         return cls(linear.weight, linear.bias, **kw)
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.weight.shape[0 if self.transposed else 1]
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[1 if self.transposed else 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.t() if self.transposed else self.weight
         return ops.bias_only_linear(
-            x, self.weight, self.bias, activation=self.activation, backend=self.backend
+            x, w, self.bias, activation=self.activation, backend=self.backend
         )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"activation={self.activation}, backend={self.backend!r}"
+        )
+
+
+class BiasOnlyLayerNorm(nn.Module):
+    """LayerNorm with a frozen gamma and a trainable beta (BitFit), on ``bias_only_layer_norm``."""
+
+    def __init__(
+        self,
+        weight: nn.Parameter | torch.Tensor,
+        bias: nn.Parameter | torch.Tensor,
+        eps: float = 1e-5,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(weight, nn.Parameter):
+            weight = nn.Parameter(weight.detach())
+        if not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias.detach().clone())
+        self.weight = weight.requires_grad_(False)
+        self.bias = bias.requires_grad_(True)
+        self.eps, self.backend = eps, backend
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm, **kw) -> BiasOnlyLayerNorm:
+        if ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1:
+            raise ValueError("BiasOnlyLayerNorm needs an affine LayerNorm over the last dim")
+        return cls(ln.weight, ln.bias, ln.eps, **kw)
+
+    @property
+    def normalized_shape(self) -> tuple[int]:
+        return (self.weight.shape[0],)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.bias_only_layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)

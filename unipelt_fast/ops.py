@@ -47,6 +47,13 @@ bias_only_linear
       saved is pre for gelu/gelu_tanh/silu/tanh, y for relu (act'(pre) = y > 0), and
       (0,) for identity. dbias is reduced deterministically. No weight gradient is ever
       computed.
+
+bias_only_layer_norm
+    ``forward(x, weight, bias, eps) -> (y, mean, rstd)``
+      x (M, N); weight (N,) frozen gamma; bias (N,) trainable beta. y (M, N) contiguous in
+      x's dtype; mean, rstd float32 (M,).
+    ``backward(grad_y, x, weight, mean, rstd) -> (dx, dbias)``
+      grad_y contiguous. dbias reduced deterministically; d gamma is never computed.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from ._backend import kernel_impl, resolve_backend
 from ._validation import (
     check_activation,
     check_backend_dtype,
+    validate_bias_only_layer_norm,
     validate_bias_only_linear,
     validate_gated_adapter,
     validate_prefix_attention,
@@ -698,3 +706,81 @@ def bias_only_linear(
         return reference.bias_only_linear(x, weight, bias, activation=activation)
     y, _ = _bias_only_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, act, be)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# bias_only_layer_norm
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("unipelt_fast::bias_only_layer_norm", mutates_args=())
+def _bias_only_layer_norm_op(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernel_impl("bias_only_layer_norm", backend).forward(x, weight, bias, eps)
+
+
+@_bias_only_layer_norm_op.register_fake
+def _(x, weight, bias, eps, backend):
+    M = x.shape[0]
+    f32 = torch.float32
+    return x.new_empty(x.shape), x.new_empty(M, dtype=f32), x.new_empty(M, dtype=f32)
+
+
+@torch.library.custom_op("unipelt_fast::bias_only_layer_norm_backward", mutates_args=())
+def _bias_only_layer_norm_bwd_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, backend: str
+) -> tuple[Tensor, Tensor]:
+    impl = kernel_impl("bias_only_layer_norm", backend)
+    return impl.backward(grad_y, x, weight, mean, rstd)
+
+
+@_bias_only_layer_norm_bwd_op.register_fake
+def _(grad_y, x, weight, mean, rstd, backend):
+    return torch.empty_like(x), weight.new_empty(weight.shape)
+
+
+def _bias_only_layer_norm_setup(ctx, inputs, output):
+    x, weight, _, _, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _bias_only_layer_norm_backward(ctx, grad_y, _gm, _gr):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dbias = _bias_only_layer_norm_bwd_op(
+        grad_y.contiguous(), x, weight, mean, rstd, ctx.backend
+    )
+    return dx, None, dbias, None, None
+
+
+_bias_only_layer_norm_op.register_autograd(
+    _bias_only_layer_norm_backward, setup_context=_bias_only_layer_norm_setup
+)
+
+
+def bias_only_layer_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """LayerNorm over the last dim for BitFit: gamma (``weight``) frozen, beta (``bias``)
+    trained. Gradients reach x and bias; d gamma is never computed.
+
+    Args:
+        x: (..., d). weight: (d,), must not require grad (ValueError). bias: (d,).
+        eps: added to the variance. backend: "auto", "eager", "triton" or "cuda".
+    """
+    x, weight, bias = _autocast(x, weight, bias)
+    validate_bias_only_layer_norm(x, weight, bias, eps)
+    be = resolve_backend(backend, x.device, "bias_only_layer_norm")
+    check_backend_dtype(x.dtype, be, "bias_only_layer_norm")
+    if be == "eager":
+        return reference.bias_only_layer_norm(x, weight, bias, eps)
+    y, _, _ = _bias_only_layer_norm_op(x.reshape(-1, x.shape[-1]), weight, bias, float(eps), be)
+    return y.view(x.shape)

@@ -6,8 +6,6 @@ Attention math runs in at least float32 so fp16/bf16 inputs get a reference-qual
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -187,5 +185,8 @@ def bias_only_linear(
     return activation_fn(activation)(F.linear(x, weight, bias))
 
 
-def softmax_scale_default(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
+def bias_only_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """LayerNorm over the last dim with a frozen gamma (weight) and a trainable beta (bias)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

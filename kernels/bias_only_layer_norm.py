@@ -44,7 +44,7 @@ def _ln_fwd_kernel(
     if SINGLE:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
-        x = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=0) / N
         d = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
@@ -55,20 +55,22 @@ def _ln_fwd_kernel(
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for off in range(0, N, BLOCK_N):
             cols = off + tl.arange(0, BLOCK_N)
-            acc += tl.load(x_row + cols * stride_xn, mask=cols < N, other=0.0).to(tl.float32)
+            acc += tl.load(x_row + cols.to(tl.int64) * stride_xn, mask=cols < N, other=0.0).to(
+                tl.float32
+            )
         mean = tl.sum(acc, axis=0) / N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for off in range(0, N, BLOCK_N):
             cols = off + tl.arange(0, BLOCK_N)
             mask = cols < N
-            x = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_row + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0).to(tl.float32)
             d = tl.where(mask, x - mean, 0.0)
             acc += d * d
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         for off in range(0, N, BLOCK_N):
             cols = off + tl.arange(0, BLOCK_N)
             mask = cols < N
-            x = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_row + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             y = (x - mean) * rstd * w + b
@@ -108,7 +110,7 @@ def _ln_bwd_kernel(
         db = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for i in range(0, n_rows):
             r = row0 + i
-            x = tl.load(x_ptr + r * stride_xm + cols * stride_xn, mask=mask, other=0.0)
+            x = tl.load(x_ptr + r * stride_xm + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0)
             dy = tl.load(dy_ptr + r * N + cols, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(mean_ptr + r)
             rstd = tl.load(rstd_ptr + r)
@@ -118,7 +120,7 @@ def _ln_bwd_kernel(
             c2 = tl.sum(wdy, axis=0) / N
             dx = (wdy - (xhat * c1 + c2)) * rstd
             tl.store(
-                dx_ptr + r * stride_dxm + cols * stride_dxn,
+                dx_ptr + r * stride_dxm + cols.to(tl.int64) * stride_dxn,
                 dx.to(dx_ptr.dtype.element_ty),
                 mask=mask,
             )
@@ -139,7 +141,9 @@ def _ln_bwd_kernel(
             for off in range(0, N, BLOCK_N):
                 cols = off + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                x = tl.load(x_ptr + r * stride_xm + cols * stride_xn, mask=mask, other=0.0)
+                x = tl.load(
+                    x_ptr + r * stride_xm + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0
+                )
                 dy = tl.load(dy_ptr + r * N + cols, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
@@ -150,13 +154,15 @@ def _ln_bwd_kernel(
             for off in range(0, N, BLOCK_N):
                 cols = off + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                x = tl.load(x_ptr + r * stride_xm + cols * stride_xn, mask=mask, other=0.0)
+                x = tl.load(
+                    x_ptr + r * stride_xm + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0
+                )
                 dy = tl.load(dy_ptr + r * N + cols, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = (x.to(tl.float32) - mean) * rstd
                 dx = (w * dy - (xhat * c1 + c2)) * rstd
                 tl.store(
-                    dx_ptr + r * stride_dxm + cols * stride_dxn,
+                    dx_ptr + r * stride_dxm + cols.to(tl.int64) * stride_dxn,
                     dx.to(dx_ptr.dtype.element_ty),
                     mask=mask,
                 )

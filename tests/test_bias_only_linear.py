@@ -75,7 +75,7 @@ def test_no_weight_grad_and_x_not_saved(act):
     assert lin.bias.grad is not None and x.grad is not None
 
 
-def _tiny_bert():
+def _tiny_bert(hidden_act="gelu"):
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
@@ -85,32 +85,17 @@ def _tiny_bert():
         num_attention_heads=2,
         intermediate_size=24,
         max_position_embeddings=16,
-        hidden_act="gelu",
+        hidden_act=hidden_act,
     )
     return cfg, BertModel
 
 
-@pytest.mark.interpreter
-def test_bitfit_on_tiny_bert_matches_eager_bitfit():
-    cfg, BertModel = _tiny_bert()
-    ref = BertModel(cfg).eval()
-    with torch.no_grad():  # off the init (LayerNorm gamma = 1, beta = 0, zero biases)
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model = BertModel(cfg).eval()
-    model.load_state_dict(ref.state_dict())
-    for n, p in ref.named_parameters():  # eager BitFit: biases of Linear/LayerNorm train
-        p.requires_grad_(n.endswith(".bias"))
-    uf.bitfit(model, backend="triton")
-    assert any(isinstance(m, uf.BiasOnlyLinear) for m in model.modules())
-    assert any(isinstance(m, uf.BiasOnlyLayerNorm) for m in model.modules())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, p in ref.named_parameters() if p.requires_grad}
-    ids = torch.randint(0, 50, (2, 7))
+def _bias_grads_match(model, ref, ids, dtype=torch.float32):
+    """Same hidden states and bias gradients (a random projection of the output: the sum of
+    LayerNorm(h)^2 would be constant in h at gamma = 1)."""
     out_ref = ref(ids).last_hidden_state
     out = model(ids).last_hidden_state
-    assert_close(out, out_ref, torch.float32, "hidden")
-    # A random projection: sum(LayerNorm(h)^2) would be constant in h at gamma = 1.
+    assert_close(out, out_ref, dtype, "hidden")
     proj = torch.randn_like(out)
     (out_ref * proj).sum().backward()
     (out * proj).sum().backward()
@@ -121,11 +106,62 @@ def test_bitfit_on_tiny_bert_matches_eager_bitfit():
             if n.endswith("key.bias"):  # softmax is shift-invariant: d key-bias is exactly 0
                 assert got[n].grad.abs().max() < 1e-5 and p.grad.abs().max() < 1e-5, n
             else:
-                assert_close(got[n].grad, p.grad, torch.float32, n)
+                assert_close(got[n].grad, p.grad, dtype, n)
             checked += 1
         else:
             assert got[n].grad is None, n
     assert checked == 9  # every Linear/LayerNorm bias but the (unused) pooler's
+
+
+def _bert_pair(hidden_act="gelu"):
+    """An eager-BitFit reference BERT (off its init) and an identical copy."""
+    cfg, BertModel = _tiny_bert(hidden_act)
+    ref = BertModel(cfg).eval()
+    with torch.no_grad():  # off the init (LayerNorm gamma = 1, beta = 0, zero biases)
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = BertModel(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    for n, p in ref.named_parameters():  # eager BitFit: biases of Linear/LayerNorm train
+        p.requires_grad_(n.endswith(".bias"))
+    return model, ref
+
+
+@pytest.mark.interpreter
+def test_bitfit_on_tiny_bert_matches_eager_bitfit():
+    model, ref = _bert_pair("gelu")
+    uf.bitfit(model, backend="triton")
+    assert any(isinstance(m, uf.BiasOnlyLinear) for m in model.modules())
+    assert any(isinstance(m, uf.BiasOnlyLayerNorm) for m in model.modules())
+    # BertIntermediate's gelu now runs inside the linear's fused passes
+    inter = model.encoder.layer[0].intermediate
+    assert inter.dense.activation == "gelu"
+    assert isinstance(inter.intermediate_act_fn, torch.nn.Identity)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in ref.named_parameters() if p.requires_grad}
+    _bias_grads_match(model, ref, torch.randint(0, 50, (2, 7)))
+
+
+@pytest.mark.parametrize(
+    "hidden_act, fused",
+    [
+        ("gelu", "gelu"),
+        ("gelu_new", "gelu_tanh"),
+        ("gelu_pytorch_tanh", "gelu_tanh"),
+        ("relu", "relu"),
+        ("silu", "silu"),
+        ("tanh", "tanh"),
+        ("quick_gelu", None),  # no bias_only_linear equivalent: left as it is
+    ],
+)
+def test_bitfit_fuses_intermediate_activation_exactly(hidden_act, fused):
+    # eager backend: checks the fusion rewrite itself (the triton test above checks kernels)
+    model, ref = _bert_pair(hidden_act)
+    uf.bitfit(model, backend="eager")
+    assert model.encoder.layer[0].intermediate.dense.activation == fused
+    _bias_grads_match(model, ref, torch.randint(0, 50, (2, 7)))
+    plain = uf.bitfit(_bert_pair(hidden_act)[0], backend="eager", fuse_activations=False)
+    assert plain.encoder.layer[0].intermediate.dense.activation is None
 
 
 # ---- GPU ---------------------------------------------------------------------------------

@@ -51,6 +51,16 @@ def test_parity_wide_rows_loop(monkeypatch, d, dtype):
 
 
 @pytest.mark.interpreter
+def test_no_rows():
+    x = torch.randn(2, 0, 5, requires_grad=True)
+    w, b = torch.randn(5), torch.randn(5, requires_grad=True)
+    y = uf.bias_only_layer_norm(x, w, b, backend="triton")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(b.grad, torch.zeros(5)) and x.grad.shape == x.shape
+
+
+@pytest.mark.interpreter
 def test_dbias_is_deterministic_and_gamma_gets_no_grad():
     x = torch.randn(33, 21, requires_grad=True)
     w, b = torch.randn(21), torch.randn(21, requires_grad=True)

@@ -36,6 +36,17 @@ def test_parity_many_row_tiles_per_program():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+def test_no_rows(act):
+    x = torch.randn(2, 0, 5, requires_grad=True)
+    w, b = torch.randn(7, 5), torch.randn(7, requires_grad=True)
+    y = uf.bias_only_linear(x, w, b, activation=act, backend="triton")
+    assert y.shape == (2, 0, 7)
+    y.sum().backward()
+    assert torch.equal(b.grad, torch.zeros(7)) and x.grad.shape == x.shape
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_dbias_is_deterministic(act):
     x = torch.randn(33, 9)

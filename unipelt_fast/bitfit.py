@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .modules import BiasOnlyLayerNorm, BiasOnlyLinear
 
@@ -15,10 +19,71 @@ def _hf_conv1d_type():
     return Conv1D
 
 
-def bitfit(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+# HF activation modules by class name (transformers.activations; names vary by version),
+# each the same math as the named activation of bias_only_linear.
+_HF_ACTIVATIONS = {
+    "GELUActivation": "gelu",  # F.gelu, or its erf formula in python
+    "NewGELUActivation": "gelu_tanh",  # the tanh formula written out
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "SiLUActivation": "silu",
+}
+
+
+def _activation_name(fn: object) -> str | None:
+    """The bias_only_linear activation equal to ``fn``, or None when there is none."""
+    if type(fn) in (nn.ReLU, nn.SiLU, nn.Tanh):
+        return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh"}[type(fn)]
+    if type(fn) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(fn.approximate)
+    if isinstance(fn, nn.Module):
+        cls = type(fn)
+        if cls.__module__ == "transformers.activations":
+            return _HF_ACTIVATIONS.get(cls.__name__)
+        return None
+    if isinstance(fn, functools.partial):
+        if fn.func is F.gelu and not fn.args and fn.keywords == {"approximate": "tanh"}:
+            return "gelu_tanh"
+        return None
+    for f, name in ((F.gelu, "gelu"), (F.relu, "relu"), (F.silu, "silu"), (torch.tanh, "tanh")):
+        if fn is f:
+            return name
+    return None
+
+
+def _fuse_intermediate_activations(model: nn.Module) -> None:
+    """Move BERT-style ``intermediate_act_fn`` into the preceding BiasOnlyLinear.
+
+    Only modules whose forward is BERT's ``dense -> intermediate_act_fn`` (the same code as
+    BertIntermediate.forward: inherited, or "copied from" with identical bytecode), so the
+    result is the same function; the activation then runs in the linear's fused passes.
+    """
+    try:
+        from transformers.models.bert.modeling_bert import BertIntermediate
+    except ImportError:
+        return
+    ref = BertIntermediate.forward.__code__
+    for m in model.modules():
+        code = getattr(getattr(type(m), "forward", None), "__code__", None)
+        if code is None or (code.co_code, code.co_names) != (ref.co_code, ref.co_names):
+            continue
+        dense = getattr(m, "dense", None)
+        if not isinstance(dense, BiasOnlyLinear) or dense.activation not in (None, "identity"):
+            continue
+        name = _activation_name(getattr(m, "intermediate_act_fn", None))
+        if name is not None:
+            dense.activation = name
+            m.intermediate_act_fn = nn.Identity()
+
+
+def bitfit(model: nn.Module, *, backend: str = "auto", fuse_activations: bool = True) -> nn.Module:
     """Freeze every parameter except the biases of nn.Linear, nn.LayerNorm and HF's Conv1D,
     swapping those modules for :class:`BiasOnlyLinear` / :class:`BiasOnlyLayerNorm` (the
     same Parameter objects, so tied weights and optimizers see the same tensors).
+
+    With ``fuse_activations`` (default), the activation after a BERT-style intermediate
+    dense (``BertIntermediate`` and its copies: RoBERTa, ELECTRA, ...) moves into that
+    BiasOnlyLinear, so the kernels fuse it; the function computed is unchanged.
 
     Modules without a bias (e.g. a tied lm_head) are left as they are, frozen. Returns the
     model, changed in place.
@@ -45,4 +110,6 @@ def bitfit(model: nn.Module, *, backend: str = "auto") -> nn.Module:
                 swaps.append((parent, name, new))
     for parent, name, new in swaps:
         setattr(parent, name, new)
+    if fuse_activations:
+        _fuse_intermediate_activations(model)
     return model

@@ -1,0 +1,256 @@
+"""BitFit LayerNorm: ``(x - mean) * rstd * gamma + beta`` with gamma frozen.
+
+Forward: one program per row, statistics in fp32 (two-pass mean/variance, no E[x^2]
+cancellation). Backward: each program walks a chunk of rows once, writing dx and
+accumulating its own fp32 partial column sum of grad_y (= d beta); a fixed-order
+``partials.sum(0)`` finishes d beta. d gamma is never computed. The per-program partial rows
+follow the Triton LayerNorm tutorial's idea, without its lock-based accumulation.
+
+Rows that fit one block (N <= 16384) stay in registers; wider rows loop over N in blocks.
+
+Calling convention: see ``unipelt_fast/ops.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from unipelt_fast import _alloc
+from unipelt_fast._alloc import new_output
+
+MAX_BLOCK_N = 16384  # widest row kept whole in registers; tests lower it to cover the loop
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,  # (M, N) contiguous
+    mean_ptr,
+    rstd_ptr,
+    N,
+    stride_xm,
+    stride_xn,
+    eps,
+    BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    y_row = y_ptr + row * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / N
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols, (d * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for off in range(0, N, BLOCK_N):
+            cols = off + tl.arange(0, BLOCK_N)
+            acc += tl.load(x_row + cols.to(tl.int64) * stride_xn, mask=cols < N, other=0.0).to(
+                tl.float32
+            )
+        mean = tl.sum(acc, axis=0) / N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for off in range(0, N, BLOCK_N):
+            cols = off + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(x_row + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - mean, 0.0)
+            acc += d * d
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for off in range(0, N, BLOCK_N):
+            cols = off + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            x = tl.load(x_row + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd * w + b
+            tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    dy_ptr,  # (M, N) contiguous
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    part_ptr,  # (num_programs, N) fp32 partial column sums of dy
+    M,
+    N,
+    rows_per_prog,
+    stride_xm,
+    stride_xn,
+    stride_dxm,
+    stride_dxn,
+    BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row0 = pid * rows_per_prog
+    n_rows = tl.minimum(row0 + rows_per_prog, M) - row0
+    row0 = row0.to(tl.int64)
+    part_row = part_ptr + pid.to(tl.int64) * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i in range(0, n_rows):
+            r = row0 + i
+            x = tl.load(x_ptr + r * stride_xm + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + r * N + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + r)
+            rstd = tl.load(rstd_ptr + r)
+            xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
+            wdy = w * dy
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            c2 = tl.sum(wdy, axis=0) / N
+            dx = (wdy - (xhat * c1 + c2)) * rstd
+            tl.store(
+                dx_ptr + r * stride_dxm + cols.to(tl.int64) * stride_dxn,
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask,
+            )
+            db += dy
+        tl.store(part_row + cols, db, mask=mask)
+    else:
+        # Wide rows: two sweeps per row (row sums, then dx); this program owns its partial
+        # row, so the read-add-write below is race-free and in a fixed order.
+        for off in range(0, N, BLOCK_N):
+            cols = off + tl.arange(0, BLOCK_N)
+            tl.store(part_row + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=cols < N)
+        for i in range(0, n_rows):
+            r = row0 + i
+            mean = tl.load(mean_ptr + r)
+            rstd = tl.load(rstd_ptr + r)
+            a1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            a2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for off in range(0, N, BLOCK_N):
+                cols = off + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(
+                    x_ptr + r * stride_xm + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0
+                )
+                dy = tl.load(dy_ptr + r * N + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
+                a1 += xhat * w * dy
+                a2 += w * dy
+            c1 = tl.sum(a1, axis=0) / N
+            c2 = tl.sum(a2, axis=0) / N
+            for off in range(0, N, BLOCK_N):
+                cols = off + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(
+                    x_ptr + r * stride_xm + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0
+                )
+                dy = tl.load(dy_ptr + r * N + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = (x.to(tl.float32) - mean) * rstd
+                dx = (w * dy - (xhat * c1 + c2)) * rstd
+                tl.store(
+                    dx_ptr + r * stride_dxm + cols.to(tl.int64) * stride_dxn,
+                    dx.to(dx_ptr.dtype.element_ty),
+                    mask=mask,
+                )
+                p = tl.load(part_row + cols, mask=mask, other=0.0)
+                tl.store(part_row + cols, p + dy, mask=mask)
+
+
+def _block_n(N: int) -> tuple[int, bool]:
+    block = triton.next_power_of_2(max(N, 1))
+    if block <= MAX_BLOCK_N:
+        return block, True
+    return MAX_BLOCK_N, False
+
+
+def _num_warps(block_n: int) -> int:
+    return max(1, min(16, block_n // 512))
+
+
+def forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): y (M, N) contiguous in x's dtype; mean, rstd float32 (M,)."""
+    M, N = x.shape
+    y = new_output((M, N), x.dtype, x.device)
+    mean = new_output((M,), torch.float32, x.device)
+    rstd = new_output((M,), torch.float32, x.device)
+    if M > 0:
+        block, single = _block_n(N)
+        _ln_fwd_kernel[(M,)](
+            x,
+            weight,
+            bias,
+            y,
+            mean,
+            rstd,
+            N,
+            x.stride(0),
+            x.stride(1),
+            float(eps),
+            BLOCK_N=block,
+            SINGLE=single,
+            num_warps=_num_warps(block),
+        )
+    return y, mean, rstd
+
+
+def backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dbias): dx in x's dtype and layout (as the op's fake impl promises), dbias in
+    x's dtype accumulated in fp32. d gamma is never computed."""
+    M, N = x.shape
+    grad_y = grad_y.contiguous()
+    # empty_like keeps a dense x's layout, matching the registered fake (torch.empty_like).
+    dx = torch.empty_like(x)
+    if _alloc.NAN_FILL:
+        dx.fill_(float("nan"))
+    if x.device.type == "cuda":
+        progs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    else:
+        progs = 4  # interpreter
+    rows_per_prog = triton.cdiv(M, max(1, min(M, progs))) if M > 0 else 1
+    progs = triton.cdiv(M, rows_per_prog) if M > 0 else 0
+    part = new_output((progs, N), torch.float32, x.device)
+    if M > 0:
+        block, single = _block_n(N)
+        _ln_bwd_kernel[(progs,)](
+            grad_y,
+            x,
+            weight,
+            mean,
+            rstd,
+            dx,
+            part,
+            M,
+            N,
+            rows_per_prog,
+            x.stride(0),
+            x.stride(1),
+            dx.stride(0),
+            dx.stride(1),
+            BLOCK_N=block,
+            SINGLE=single,
+            num_warps=_num_warps(block),
+        )
+    dbias = part.sum(0).to(x.dtype)  # second stage: fixed-order, deterministic
+    return dx, dbias

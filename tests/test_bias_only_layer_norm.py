@@ -1,0 +1,102 @@
+"""Triton bias_only_layer_norm: parity with the float64 eager reference, d gamma never made."""
+
+import pytest
+import torch
+
+import unipelt_fast as uf
+from tests.parity import Case, check_parity, noncontig
+
+
+def ln_case(lead, d, *, layout="contiguous", device="cpu") -> Case:
+    """Random x with an offset (so the mean matters), gamma, beta; x and beta trainable.
+
+    layout: "contiguous", "transposed" (last two dims swapped in memory) or "strided"
+    (every other element of a wider row)."""
+    f = lambda *s: torch.randn(*s, dtype=torch.float64, device=device)
+    if layout == "strided":
+        x = f(*lead, 2 * d)[..., ::2]
+    else:
+        x = f(*lead, d)
+        if layout == "transposed":
+            x = noncontig(x)
+    x = x * 3 + 1.5
+    return Case({"x": x, "weight": f(d), "bias": f(d)}, {}, ("x", "bias"))
+
+
+SHAPES = [
+    ((1,), 7, "contiguous"),
+    ((7,), 37, "transposed"),
+    ((33,), 130, "strided"),
+    ((3, 11), 19, "transposed"),
+    ((5,), 3, "contiguous"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
+def test_parity(shape, dtype):
+    lead, d, layout = shape
+    check_parity(uf.bias_only_layer_norm, ln_case(lead, d, layout=layout), dtype, "triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("d", [37, 48])
+def test_parity_wide_rows_loop(monkeypatch, d, dtype):
+    # Rows wider than one block loop over N (at N > 16384 on a GPU); force it with 16.
+    from unipelt_fast.kernels import bias_only_layer_norm as kernel  # needs triton
+
+    monkeypatch.setattr(kernel, "MAX_BLOCK_N", 16)
+    check_parity(uf.bias_only_layer_norm, ln_case((9,), d, layout="strided"), dtype, "triton")
+
+
+@pytest.mark.interpreter
+def test_no_rows():
+    x = torch.randn(2, 0, 5, requires_grad=True)
+    w, b = torch.randn(5), torch.randn(5, requires_grad=True)
+    y = uf.bias_only_layer_norm(x, w, b, backend="triton")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(b.grad, torch.zeros(5)) and x.grad.shape == x.shape
+
+
+@pytest.mark.interpreter
+def test_dbias_is_deterministic_and_gamma_gets_no_grad():
+    x = torch.randn(33, 21, requires_grad=True)
+    w, b = torch.randn(21), torch.randn(21, requires_grad=True)
+    g = torch.randn(33, 21)
+    grads = []
+    for _ in range(2):
+        y = uf.bias_only_layer_norm(x, w, b, backend="triton")
+        grads.append(torch.autograd.grad(y, (x, b), g))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    ln = torch.nn.LayerNorm(21)
+    mod = uf.BiasOnlyLayerNorm.from_layer_norm(ln, backend="triton")
+    mod(x).sum().backward()
+    assert ln.weight.grad is None and ln.bias.grad is not None
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES + [((4, 129), 768, "transposed")], ids=str)
+def test_parity_gpu(shape, dtype):
+    lead, d, layout = shape
+    case = ln_case(lead, d, layout=layout, device="cuda")
+    check_parity(uf.bias_only_layer_norm, case, dtype, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_parity_gpu_realistic(dtype):
+    check_parity(uf.bias_only_layer_norm, ln_case((16384,), 4096, device="cuda"), dtype, "triton")
+
+
+@pytest.mark.gpu
+def test_parity_gpu_wide_rows():
+    # 20000 > MAX_BLOCK_N: the looped path on real hardware.
+    case = ln_case((64,), 20000, layout="strided", device="cuda")
+    check_parity(uf.bias_only_layer_norm, case, torch.float32, "triton")

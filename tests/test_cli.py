@@ -143,7 +143,8 @@ def test_plot_and_plain_progress(tmp_path, monkeypatch, capsys):
     )
     assert rc == 0
     captured = capsys.readouterr()
-    assert "[1/1] bias_only_layer_norm eager" in captured.err
+    label = shapes_for("bias_only_layer_norm", "cpu", quick=True)[0].label
+    assert f"[1/1] bias_only_layer_norm {label} eager" in captured.err
     assert "bias_only_layer_norm" in captured.out  # the table
     pngs = sorted(os.listdir(d))
     assert pngs == ["op_bias_only_layer_norm_float32.png"]

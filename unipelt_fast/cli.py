@@ -13,6 +13,7 @@ progress is printed line by line; ``--plot`` without matplotlib is an error sayi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -90,7 +91,7 @@ class _Progress:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
-        if tqdm is not None:
+        if tqdm is not None and sys.stderr.isatty():  # plain lines in logs
             self.bar = tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True)
 
     def step(self, desc: str) -> None:
@@ -182,6 +183,8 @@ def bench(args, parser, argv) -> int:
             "fwd = forward with autograd recording; bwd = backward alone (retained graph); "
             "floor = max(bytes / copy bandwidth, FLOPs / matmul peak) / measured time."
         )
+    if os.environ.get("UNIPELT_NAN_FILL") == "1":
+        notes.append("UNIPELT_NAN_FILL=1: kernel outputs are NaN-filled first; unset it to time.")
     if impls is not None and "eager" not in impls:
         notes.append("eager is not in --impls: no speedups are computed.")
     for n in notes:
@@ -224,7 +227,10 @@ def bench(args, parser, argv) -> int:
 
         def on_row(r: dict) -> None:
             r["device"], r["versions"] = dev_name, vers
-            progress.step(f"{r['op']} {r['impl']}")
+            progress.step(f"{r['op']} {r.get('shape', '')} {r['impl']} {r.get('pass', '')}".strip())
+            if r["kind"] == "model":  # op rows are flushed per task, model rows per row
+                rows.append(r)
+                flush()
 
         for task in tasks:
             for row in suite.run_op_task(
@@ -235,10 +241,7 @@ def bench(args, parser, argv) -> int:
         if models:
             mcfg = suite.model_timer_cfg(quick, device)
             mname, mtimer = make_timer(device, mcfg)
-            mrows, summary = suite.run_models(
-                models, dtypes[0], device, quick, mtimer, mname, on_row
-            )
-            rows += mrows
+            _, summary = suite.run_models(models, dtypes[0], device, quick, mtimer, mname, on_row)
             doc["summary"]["models"] = summary
             flush()
     finally:
@@ -261,8 +264,6 @@ def bench(args, parser, argv) -> int:
     for n in notes:
         print(n)
     if args.markdown:
-        import os
-
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w") as f:
             f.write(report.markdown(doc))

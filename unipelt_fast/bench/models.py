@@ -124,38 +124,45 @@ def _infer(model, batch) -> Callable[[], None]:
     return fwd
 
 
+def prepare(
+    name: str, how: str, mode: str, tiny: bool, device, dtype, info: dict | None = None
+) -> tuple:
+    """A warmed-up zero-argument callable (a train step or an inference forward) for one
+    model row, plus its info (shape, params, trainable params, saved bytes for train),
+    filled into ``info`` as it goes. Raises with the reason when the row cannot run here."""
+    model, batch, shape = build_model(name, tiny, device, dtype)
+    info = {} if info is None else info
+    info.update(shape=shape, params=sum(p.numel() for p in model.parameters()))
+    model = adapt(model, how, device)
+    if mode == "infer" and how == "full":
+        model.requires_grad_(False)  # the frozen base
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    info["trainable_params"] = sum(p.numel() for p in trainable)
+    if mode == "infer":
+        model.eval()
+        fn = _infer(model, batch)
+        fn()
+        return fn, info
+    model.train()
+    if not trainable:
+        raise RuntimeError("no trainable parameters after adaptation")
+    opt = torch.optim.AdamW(trainable, lr=1e-5)
+    fn = _train_step(model, batch, opt)
+    fn()  # builds the optimizer state; compiles / autotunes kernels
+    total, extra, _ = saved_bytes(lambda: model(**batch).loss, list(model.parameters()))
+    info["saved_bytes"], info["saved_extra_bytes"] = total, extra
+    opt.zero_grad(set_to_none=True)
+    return fn, info
+
+
 def run_model_row(
     name: str, row: str, mode: str, how: str, tiny: bool, device, dtype, timer
 ) -> dict:
     """One model-level row: median ms of a train step / inference forward, peak memory."""
     res: dict = {"impl": row, "pass": mode}
-    model = batch = opt = None
+    fn = None
     try:
-        model, batch, shape = build_model(name, tiny, device, dtype)
-        res["shape"] = shape
-        res["params"] = sum(p.numel() for p in model.parameters())
-        model = adapt(model, how, device)
-        if mode == "infer" and how == "full":
-            model.requires_grad_(False)  # the frozen base
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        res["trainable_params"] = sum(p.numel() for p in trainable)
-        if mode == "train":
-            model.train()
-            if not trainable:
-                raise RuntimeError("no trainable parameters after adaptation")
-            opt = torch.optim.AdamW(trainable, lr=1e-5)
-            fn = _train_step(model, batch, opt)
-            fn()  # builds optimizer state, compiles kernels
-            own = list(model.parameters())
-            m, b = model, batch
-            total, extra, _ = saved_bytes(lambda: m(**b).loss, own)
-            res["saved_bytes"], res["saved_extra_bytes"] = total, extra
-            m = b = _ = None
-            opt.zero_grad(set_to_none=True)
-        else:
-            model.eval()
-            fn = _infer(model, batch)
-            fn()
+        fn, _ = prepare(name, how, mode, tiny, device, dtype, info=res)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -168,7 +175,7 @@ def run_model_row(
         res["available"] = False
         res["reason"] = first_line(e)
     finally:
-        del model, batch, opt
+        fn = None  # the closure holds the model and optimizer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

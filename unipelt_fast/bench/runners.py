@@ -25,6 +25,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
 
 
+def suite_env() -> tuple[torch.device, bool, torch.dtype]:
+    """(device, quick, dtype) for the pytest-benchmark suites: the GPU shape tier and
+    bfloat16 when CUDA is available, the tiny tier and float32 otherwise;
+    ``UNIPELT_BENCH_DTYPE`` overrides the dtype."""
+    cuda = torch.cuda.is_available()
+    name = os.environ.get("UNIPELT_BENCH_DTYPE") or ("bfloat16" if cuda else "float32")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"UNIPELT_BENCH_DTYPE: unknown dtype {name!r}; choose from {list(DTYPES)}")
+    return torch.device("cuda" if cuda else "cpu"), not cuda, DTYPES[name]
+
+
 def impls_for(op: str) -> tuple[str, ...]:
     """Row order: eager first (the speedup baseline), compile, kernels, peers."""
     return ("eager", "compile", *KERNEL_BACKENDS, *PEERS.get(op, ()))

@@ -1,0 +1,96 @@
+"""pytest-benchmark suites: ``pytest benchmarks/ --benchmark-only`` (needs the [bench] extra).
+
+Shapes come from ``unipelt_fast.bench.shapes`` (the CLI's lists): the GPU tier when CUDA is
+available, the tiny ``--quick`` tier otherwise. Rows that cannot run here (a kernel not
+written yet, no GPU) are skipped with the reason. ``UNIPELT_BENCH_DTYPE`` overrides the
+dtype (default bfloat16 on a GPU, float32 on a CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unipelt_fast.bench import models
+from unipelt_fast.bench.report import device_name
+from unipelt_fast.bench.runners import first_line, make_case, suite_env
+from unipelt_fast.bench.suite import _skip_reason
+
+DEVICE, QUICK, DTYPE = suite_env()  # GPU shapes on a GPU, the tiny tier on a CPU
+CUDA = DEVICE.type == "cuda"
+
+
+def pytest_collect_file(parent, file_path):
+    """Collect ``bench_*.py`` (the test command's testpaths never reach this folder)."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _sync(fn):
+    if not CUDA:
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+@pytest.fixture
+def op_benchmark(request):
+    """``op_benchmark(op, shape, impl, pass_)``: benchmark one row ("fwd" or "fwdbwd").
+    The ``benchmark`` fixture is requested only once the row can run, so skipped rows
+    raise no "fixture not used" warning."""
+
+    def run(op, shape, impl, pass_):
+        reason = _skip_reason(impl, DEVICE, DTYPE, QUICK)
+        if reason is not None:
+            pytest.skip(reason)
+        if impl == "triton" and not CUDA:
+            pytest.skip("Triton interpreter: not a speed figure")
+        case = make_case(op, shape, DTYPE, DEVICE)
+        try:
+            fn = case.runner(impl)
+            fn().backward(case.grad_out)  # warm-up: compile, autotune, or raise
+        except (NotImplementedError, RuntimeError) as e:
+            pytest.skip(first_line(e))
+        case.zero_grads()
+        if pass_ == "fwd":
+            target = fn
+        else:
+
+            def target():
+                case.zero_grads()
+                fn().backward(case.grad_out)
+
+        benchmark = request.getfixturevalue("benchmark")
+        benchmark.group = f"{op} {shape.label} {pass_}"
+        benchmark.extra_info.update(
+            op=op,
+            shape=shape.label,
+            impl=impl,
+            dtype=str(DTYPE).replace("torch.", ""),
+            device=device_name(DEVICE),
+        )
+        benchmark(_sync(target))
+
+    return run
+
+
+@pytest.fixture
+def model_benchmark(request):
+    """``model_benchmark(name, row, mode, how)``: one training step or inference forward."""
+
+    def run(name, row, mode, how):
+        try:
+            fn, info = models.prepare(name, how, mode, QUICK, DEVICE, DTYPE)
+        except Exception as e:  # noqa: BLE001 - not installed / not written / no GPU
+            pytest.skip(first_line(e))
+        benchmark = request.getfixturevalue("benchmark")
+        benchmark.group = f"{name} {mode}"
+        benchmark.extra_info.update(row=row, device=device_name(DEVICE), **info)
+        benchmark.pedantic(_sync(fn), rounds=3 if QUICK else 10, warmup_rounds=1)
+
+    return run

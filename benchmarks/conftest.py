@@ -20,9 +20,19 @@ DEVICE, QUICK, DTYPE = suite_env()  # GPU shapes on a GPU, the tiny tier on a CP
 CUDA = DEVICE.type == "cuda"
 
 
+def pytest_configure(config):
+    # --benchmark-only runs only tests that request `benchmark`; a row skipped before
+    # using it (no GPU, kernel not written) is expected, not worth a warning.
+    config.addinivalue_line("filterwarnings", "ignore:Benchmark fixture was not used")
+
+
 def pytest_collect_file(parent, file_path):
     """Collect ``bench_*.py`` (the test command's testpaths never reach this folder)."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and not parent.session.isinitpath(file_path)  # named on the command line: pytest has it
+    ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -39,10 +49,8 @@ def _sync(fn):
 
 
 @pytest.fixture
-def op_benchmark(request):
-    """``op_benchmark(op, shape, impl, pass_)``: benchmark one row ("fwd" or "fwdbwd").
-    The ``benchmark`` fixture is requested only once the row can run, so skipped rows
-    raise no "fixture not used" warning."""
+def op_benchmark(benchmark):
+    """``op_benchmark(op, shape, impl, pass_)``: benchmark one row ("fwd" or "fwdbwd")."""
 
     def run(op, shape, impl, pass_):
         reason = _skip_reason(impl, DEVICE, DTYPE, QUICK)
@@ -65,7 +73,6 @@ def op_benchmark(request):
                 case.zero_grads()
                 fn().backward(case.grad_out)
 
-        benchmark = request.getfixturevalue("benchmark")
         benchmark.group = f"{op} {shape.label} {pass_}"
         benchmark.extra_info.update(
             op=op,
@@ -80,7 +87,7 @@ def op_benchmark(request):
 
 
 @pytest.fixture
-def model_benchmark(request):
+def model_benchmark(benchmark):
     """``model_benchmark(name, row, mode, how)``: one training step or inference forward."""
 
     def run(name, row, mode, how):
@@ -88,7 +95,6 @@ def model_benchmark(request):
             fn, info = models.prepare(name, how, mode, QUICK, DEVICE, DTYPE)
         except Exception as e:  # noqa: BLE001 - not installed / not written / no GPU
             pytest.skip(first_line(e))
-        benchmark = request.getfixturevalue("benchmark")
         benchmark.group = f"{name} {mode}"
         benchmark.extra_info.update(row=row, device=device_name(DEVICE), **info)
         benchmark.pedantic(_sync(fn), rounds=3 if QUICK else 10, warmup_rounds=1)

@@ -3,7 +3,9 @@
 #   1. the gpu-marked tests (every backend, every dtype)      -> OUTDIR/gpu_tests.log
 #   2. unipelt-fast bench for every op (bf16, GPU shapes)       -> OUTDIR/ops.{json,csv,md}
 #   3. unipelt-fast bench for both models (bert-base, llama)    -> OUTDIR/models.{json,csv,md}
-#   4. one combined table with device, versions and commit      -> OUTDIR/results.md
+#   4. the torch.compile rows of every op (slow to compile,     -> OUTDIR/compile.{json,csv,md}
+#      so they come last, with whatever time is left)
+#   5. one combined table with device, versions and commit      -> OUTDIR/results.md
 #      and the PNGs                                             -> OUTDIR/plots/
 # Usage: bash benchmarks/gpu_suite.sh OUTDIR
 # Each phase has a time cap (the whole run stays under UNIPELT_SUITE_BUDGET_S, default
@@ -34,36 +36,48 @@ if [ "${UNIPELT_SUITE_ALLOW_CPU:-0}" != 1 ] &&
 fi
 unset TRITON_INTERPRET  # real kernels, never the interpreter
 
-echo "== 1/4 gpu tests (cap $(cap "$TESTS_CAP") s)"
+echo "== 1/5 gpu tests (cap $(cap "$TESTS_CAP") s)"
 UNIPELT_NAN_FILL=1 timeout "$(cap "$TESTS_CAP")" "$PY" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider \
   >"$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 tail -n 3 "$OUT/gpu_tests.log"
 unset UNIPELT_NAN_FILL  # timings: kernel outputs must not be NaN-filled first
 
-ops_cap=$(( $(left) - MODELS_RESERVE ))
-echo "== 2/4 bench ops (cap $ops_cap s)"
-timeout "$ops_cap" "${BENCH[@]}" --ops all --dtype "$DTYPE" --warmup-ms 10 --rep-ms 50 \
+ops_cap=$(( $(left) - MODELS_RESERVE - 60 ))
+echo "== 2/5 bench ops (cap $ops_cap s)"
+timeout "$ops_cap" "${BENCH[@]}" --ops all --no-compile --dtype "$DTYPE" --warmup-ms 10 --rep-ms 50 \
   --json "$OUT/ops.json" --csv "$OUT/ops.csv" --markdown "$OUT/ops.md" \
   >"$OUT/bench_ops.log" 2>&1
 ops_rc=$?
 tail -n 2 "$OUT/bench_ops.log"
 
-models_cap=$(cap $(( $(left) - 15 )))
-echo "== 3/4 bench models (cap $models_cap s)"
+models_cap=$(cap "$MODELS_RESERVE")
+echo "== 3/5 bench models (cap $models_cap s)"
 timeout "$models_cap" "${BENCH[@]}" --model all --dtype "$DTYPE" \
   --json "$OUT/models.json" --csv "$OUT/models.csv" --markdown "$OUT/models.md" \
   >"$OUT/bench_models.log" 2>&1
 models_rc=$?
 tail -n 2 "$OUT/bench_models.log"
 
-echo "== 4/4 results.md and plots"
+compile_cap=$(cap $(( $(left) - 15 )))
+echo "== 4/5 bench torch.compile rows (cap $compile_cap s)"
+timeout "$compile_cap" "${BENCH[@]}" --ops all --impls eager,compile --dtype "$DTYPE" \
+  --warmup-ms 10 --rep-ms 50 \
+  --json "$OUT/compile.json" --csv "$OUT/compile.csv" --markdown "$OUT/compile.md" \
+  >"$OUT/bench_compile.log" 2>&1
+compile_rc=$?
+tail -n 2 "$OUT/bench_compile.log"
+
+echo "== 5/5 results.md and plots"
 summary=$(tail -n 1 "$OUT/gpu_tests.log")
-slug=$("$PY" -m unipelt_fast.bench.report "$OUT/ops.json" "$OUT/models.json" \
+slug=$("$PY" -m unipelt_fast.bench.report "$OUT/ops.json" "$OUT/models.json" "$OUT/compile.json" \
   --markdown "$OUT/results.md" --plot "$OUT/plots" \
   --extra "" --extra "## GPU tests" --extra "" \
   --extra "\`pytest -m gpu tests/\` (exit $tests_rc): $summary" \
-  --extra "" --extra "Phase exit codes: tests $tests_rc, ops $ops_rc, models $models_rc (124 = hit its time cap)")
+  --extra "" --extra "Phase exit codes: tests $tests_rc, ops $ops_rc, models $models_rc, compile $compile_rc (124 = hit its time cap)")
 echo "$slug" >"$OUT/DEVICE"
 echo "done in ${SECONDS} s: $OUT (commit it under benchmarks/results/$slug/)"
-exit $(( tests_rc != 0 ? tests_rc : (ops_rc != 0 ? ops_rc : models_rc) ))
+for rc in "$tests_rc" "$ops_rc" "$models_rc" "$compile_rc"; do
+  [ "$rc" != 0 ] && exit "$rc"
+done
+exit 0

@@ -217,3 +217,26 @@ def test_console_script_help():
     assert r.returncode == 0, r.stderr
     for flag in ("--quick", "--ops", "--dtype", "--json", "--csv", "--plot", "--model"):
         assert flag in r.stdout
+
+
+def test_floor_fraction_plumbing():
+    """The GPU-only floor columns, fed measured limits by hand: floor = max(bytes / bw,
+    FLOPs / peak), fraction = floor / measured time, for forward and forward + backward."""
+    from unipelt_fast.bench import floors, suite
+    from unipelt_fast.bench.runners import TimerCfg, make_timer
+
+    shape = shapes_for("bias_only_linear", "cpu", quick=True)[0]
+    task = suite.OpTask("bias_only_linear", shape, torch.float32, ["eager"])
+    name, timer = make_timer(torch.device("cpu"), TimerCfg(cpu_min_run_s=0.01))
+    limits = {"bandwidth_bytes_per_s": 1e9, "peak_flops_per_s": {"float32": 1e10}}
+    (row,) = suite.run_op_task(task, torch.device("cpu"), timer, name, limits, quick=True)
+    p = shape.params
+    M, K, N = p["M"], p["K"], p["N"]
+    bytes_fwd = 4 * (M * K + N * K + N + M * N)  # x, W, b read; y written
+    assert row["bytes_fwd"] == bytes_fwd and row["flops_fwd"] == 2 * M * K * N
+    assert row["flops_fwdbwd"] == 4 * M * K * N  # backward: dx only
+    want = 1e3 * max(bytes_fwd / 1e9, 2 * M * K * N / 1e10)
+    assert row["floor_ms_fwd"] == pytest.approx(want)
+    assert row["floor_frac_fwd"] == pytest.approx(want / row["fwd_ms"])
+    assert row["floor_frac_fwdbwd"] == pytest.approx(row["floor_ms_fwdbwd"] / row["fwdbwd_ms"])
+    assert floors.floor_ms(1.0, 1.0, None, None) is None  # CPU: no limits, no floor

@@ -347,7 +347,9 @@ def device_slug(name: str) -> str:
 
 def combine(paths: list[str]) -> dict:
     """One document from several bench JSONs (the first one's meta; rows, notes, limits and
-    model summaries merged). Missing files are skipped (a phase that timed out early)."""
+    model summaries merged). Missing files are skipped (a phase that timed out early). A
+    row already given by an earlier file (e.g. the eager baseline a compile-only run
+    measures again for its own speedups) is kept once, from the earlier file."""
     docs = []
     for p in paths:
         if os.path.exists(p):
@@ -358,10 +360,15 @@ def combine(paths: list[str]) -> dict:
     doc = {"meta": dict(docs[0]["meta"]), "limits": {}, "notes": [], "rows": []}
     doc["summary"] = {"models": {}}
     doc["meta"]["command"] = " ; ".join(d["meta"]["command"] for d in docs)
+    seen: set[tuple] = set()
     for d in docs:
         doc["limits"] = doc["limits"] or d.get("limits") or {}
         doc["notes"] += [n for n in d.get("notes", []) if n not in doc["notes"]]
-        doc["rows"] += d["rows"]
+        for r in d["rows"]:
+            key = tuple(r.get(k) for k in ("kind", "op", "shape", "dtype", "impl", "pass"))
+            if key not in seen:
+                seen.add(key)
+                doc["rows"].append(r)
         doc["summary"]["models"].update((d.get("summary") or {}).get("models", {}))
     return doc
 

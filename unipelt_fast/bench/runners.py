@@ -295,15 +295,16 @@ def make_timer(device: torch.device, cfg: TimerCfg) -> tuple[str, Callable]:
         if do_bench is not None:
 
             def t_gpu(fn, grad_to_none=None):
-                return float(
-                    do_bench(
-                        fn,
-                        warmup=cfg.warmup_ms,
-                        rep=cfg.rep_ms,
-                        grad_to_none=grad_to_none,
-                        return_mode="median",
-                    )
+                # quantiles=[0.5] is the median on every triton >= 2.1 (return_mode came
+                # later); it returns a float for one quantile, a list on some versions.
+                ms = do_bench(
+                    fn,
+                    warmup=cfg.warmup_ms,
+                    rep=cfg.rep_ms,
+                    grad_to_none=grad_to_none,
+                    quantiles=[0.5],
                 )
+                return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
 
             return "triton.testing.do_bench", t_gpu
 

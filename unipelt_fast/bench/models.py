@@ -87,7 +87,8 @@ def adapt(model, how: str, device: torch.device):
             if device.type != "cuda":
                 raise RuntimeError("the fused backend at model level needs a CUDA GPU")
             backend = "triton"
-        return unipelt_fast.apply_unipelt(model, unipelt_config(), backend=backend)
+        out = unipelt_fast.apply_unipelt(model, unipelt_config(), backend=backend)
+        return model if out is None else out  # in place or returned: either works
     if how == "peft_prefix":
         import peft  # noqa: F401 - ImportError is the reason the row is skipped
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -112,11 +113,22 @@ def _version_str(v: dict) -> str:
     return " ".join(f"{k}={val}" for k, val in v.items() if k != "python")
 
 
+def _finite(x):
+    """NaN / inf (a timing that went wrong) become null: the file stays standard JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_json(path: str, doc: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, allow_nan=False, default=str)
+        json.dump(_finite(doc), f, indent=1, allow_nan=False, default=str)
         f.write("\n")
     os.replace(tmp, path)
 

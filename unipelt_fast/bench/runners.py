@@ -85,12 +85,15 @@ class OpCase:
 def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) -> OpCase:
     """Random inputs (never zeros) for ``op`` at ``shape``."""
     device = torch.device(device)
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: the GPU shapes reach 2^28 elements.
+    g = torch.Generator(device=device).manual_seed(seed)
     p = shape.params
 
+    def randn(*s):
+        return torch.randn(*s, generator=g, device=device)
+
     def rnd(*s, scale=1.0, grad=True, dt=dtype):
-        t = (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt)
-        return t.requires_grad_(grad)
+        return (randn(*s) * scale).to(dt).requires_grad_(grad)
 
     if op == "prefix_attention":
         B, H, L, P, D = p["B"], p["H"], p["L"], p["P"], p["D"]
@@ -100,7 +103,9 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) 
             "v": rnd(B, H, L, D),
             "prefix_k": rnd(H, P, D),
             "prefix_v": rnd(H, P, D),
-            "prefix_gate": (torch.rand(B, generator=g) * 0.8 + 0.1).to(device).requires_grad_(True),
+            "prefix_gate": (torch.rand(B, generator=g, device=device) * 0.8 + 0.1).requires_grad_(
+                True
+            ),
         }
         kw = {"causal": p["causal"]}
         out_shape = (B, H, L, D)
@@ -131,7 +136,7 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) 
     else:
         raise ValueError(f"unknown op {op!r}")
     leaves = [v for v in t.values() if v.requires_grad]
-    grad_out = torch.randn(*out_shape, generator=g).to(device=device, dtype=dtype)
+    grad_out = randn(*out_shape).to(dtype)
     return OpCase(op, shape, dtype, device, t, kw, leaves, grad_out)
 
 

@@ -174,6 +174,7 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, cap
         (["bench", "--ops", "none"], "nothing to run"),
         (["bench", "--ops", ","], "--ops: empty list"),
         (["bench", "--rep-ms", "abc"], "invalid float value"),
+        (["bench", "--threads", "0"], "--threads: must be >= 1"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", metavar="PATH", help="write a markdown results table")
     b.add_argument("--plot", metavar="DIR", help="write PNG plots (needs matplotlib)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 with --quick, where the shapes are too small "
+        "to gain from threads and a busy machine makes multi-thread timings erratic; "
+        "else torch's default)",
+    )
     b.add_argument("--warmup-ms", type=float, default=None, help="do_bench warmup (GPU)")
     b.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time (GPU)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
@@ -151,6 +159,10 @@ def bench(args, parser, argv) -> int:
         parser.error("nothing to run: --ops none and no --model")
 
     quick = args.quick
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads: must be >= 1")
+    if device.type == "cpu" and (args.threads is not None or quick):
+        torch.set_num_threads(args.threads or 1)
     cfg = TimerCfg()
     if quick:
         cfg = TimerCfg(warmup_ms=5, rep_ms=20, cpu_min_run_s=0.05)
@@ -203,6 +215,7 @@ def bench(args, parser, argv) -> int:
             timer=timer_name,
             timer_cfg=vars(cfg),
             triton_interpret=interpreter_on(),
+            threads=torch.get_num_threads() if device.type == "cpu" else None,
         ),
         "limits": {},
         "notes": notes,

@@ -61,6 +61,7 @@ def _gated_adapter_extra_bytes(p: dict, itemsize: int) -> int:
 
 
 def test_quick_json_and_csv(tmp_path):
+    threads = torch.get_num_threads()
     j, c = tmp_path / "out.json", tmp_path / "out.csv"
     rc = main(
         ["bench", "--quick", "--ops", "gated_adapter", "--impls", "eager,triton,cuda"]
@@ -69,6 +70,8 @@ def test_quick_json_and_csv(tmp_path):
     assert rc == 0
     doc = _load_strict(j)
     assert set(doc) >= {"meta", "rows", "notes", "limits", "summary"}
+    assert doc["meta"]["threads"] == 1  # --quick on CPU: one thread, restored afterwards
+    assert torch.get_num_threads() == threads
     m = doc["meta"]
     for key in ("device", "versions", "commit", "date", "command", "quick", "dtypes", "timer"):
         assert key in m, key

@@ -120,6 +120,16 @@ class _Progress:
 def bench(args, parser, argv) -> int:
     import torch
 
+    threads = torch.get_num_threads()
+    try:
+        return _bench(args, parser, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (tests)
+
+
+def _bench(args, parser, argv) -> int:
+    import torch
+
     from .bench import MODELS, OPS, report, suite
     from .bench.floors import measure_limits
     from .bench.runners import DTYPE_ALIASES, DTYPES, TimerCfg, interpreter_on, make_timer

@@ -65,7 +65,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "ninja", "ruff"],
+        # matplotlib: tests/test_cli.py checks that `bench --plot` writes PNGs.
+        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
     },
     entry_points={"console_scripts": ["unipelt-fast=unipelt_fast.cli:main"]},

@@ -207,7 +207,7 @@ def test_model_level_quick(tmp_path):
             assert summary[f"{impl}_train_frac_of_full_ft"] == pytest.approx(
                 train["time_ms"] / full["time_ms"]
             )
-            assert 0 < train["trainable_params"] < full["params"]
+            assert train["trainable_params"] > 0
         else:
             assert train["reason"] and f"{impl}_train_frac_of_full_ft" not in summary
     # CPU: the fused backend at model level is not run

@@ -244,3 +244,41 @@ def test_floor_fraction_plumbing():
     assert row["floor_frac_fwd"] == pytest.approx(want / row["fwd_ms"])
     assert row["floor_frac_fwdbwd"] == pytest.approx(row["floor_ms_fwdbwd"] / row["fwdbwd_ms"])
     assert floors.floor_ms(1.0, 1.0, None, None) is None  # CPU: no limits, no floor
+
+
+def test_model_fractions_with_a_stand_in_unipelt(tmp_path, monkeypatch):
+    """The UniPELT rows and the paper's fractions, with BitFit standing in for
+    apply_unipelt (whatever the real one is, this checks the bench plumbing around it)."""
+    import unipelt_fast
+
+    calls = []
+
+    def fake_apply(model, cfg, backend="auto"):
+        calls.append((cfg.gate_mode, backend))
+        return unipelt_fast.bitfit(model, backend=backend)
+
+    class FakeConfig:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    monkeypatch.setattr(unipelt_fast, "apply_unipelt", fake_apply, raising=False)
+    monkeypatch.setattr(unipelt_fast, "UniPELTConfig", FakeConfig, raising=False)
+    j = tmp_path / "m.json"
+    assert main(["bench", "--quick", "--model", "bert-base", "--json", str(j)]) == 0  # has biases
+    doc = _load_strict(j)
+    rows = {(r["impl"], r["pass"]): r for r in doc["rows"]}
+    assert set(calls) == {("mean", "eager")}  # fused: not on a CPU
+    train, infer = rows[("unipelt_eager", "train")], rows[("unipelt_eager", "infer")]
+    assert train["available"] and infer["available"]
+    assert 0 < train["trainable_params"] < train["params"]  # biases only
+    full, frozen = rows[("full_ft", "train")], rows[("frozen_base", "infer")]
+    fr = doc["summary"]["models"]["bert-base"]
+    assert fr["unipelt_eager_train_frac_of_full_ft"] == pytest.approx(
+        train["time_ms"] / full["time_ms"]
+    )
+    assert fr["unipelt_eager_infer_frac_of_frozen"] == pytest.approx(
+        infer["time_ms"] / frozen["time_ms"]
+    )
+    assert train["frac_of_baseline"] == fr["unipelt_eager_train_frac_of_full_ft"]
+    assert full["frac_of_baseline"] == 1.0
+    assert not rows[("unipelt_fused", "train")]["available"]

@@ -273,6 +273,13 @@ def _bench(args, parser, argv) -> int:
     flush()
 
     print(f"\nunipelt-fast bench on {dev_name}; " + report._version_str(vers))
+    lim = doc["limits"]
+    if lim:
+        peaks = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in lim["peak_flops_per_s"].items())
+        print(
+            f"measured floors: copy bandwidth {lim['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, "
+            f"matmul peak (TFLOP/s) {peaks}"
+        )
     for table in (report.op_table(rows), report.model_table(rows)):
         if len(table) > 1:
             print(report.render(table))

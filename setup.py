@@ -49,7 +49,7 @@ setup(
     python_requires=">=3.11",
     # `kernels/` installs as `unipelt_fast.kernels`: a top-level `kernels` module would
     # shadow the `kernels` package that transformers looks for.
-    packages=["unipelt_fast", "unipelt_fast.kernels", "unipelt_fast.csrc"],
+    packages=["unipelt_fast", "unipelt_fast.bench", "unipelt_fast.kernels", "unipelt_fast.csrc"],
     package_dir={
         "unipelt_fast": "unipelt_fast",
         "unipelt_fast.kernels": "kernels",
@@ -65,7 +65,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "ninja", "ruff"],
+        # matplotlib: tests/test_cli.py checks that `bench --plot` writes PNGs.
+        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
     },
     entry_points={"console_scripts": ["unipelt-fast=unipelt_fast.cli:main"]},

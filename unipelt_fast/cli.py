@@ -1,17 +1,315 @@
-"""The `unipelt-fast` console script."""
+"""The ``unipelt-fast`` console script: ``unipelt-fast bench`` (latency and memory).
+
+Examples::
+
+    unipelt-fast bench --quick                       # every op, small shapes
+    unipelt-fast bench --ops gated_adapter --dtype bf16 --json out.json --csv out.csv
+    unipelt-fast bench --model bert-base,llama-1b-like --plot plots/
+
+matplotlib and tqdm are optional (``pip install 'unipelt-fast[bench]'``): without tqdm the
+progress is printed line by line; ``--plot`` without matplotlib is an error saying so.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .bench import MODELS, OPS
+    from .bench.runners import DTYPES
+
+    parser = argparse.ArgumentParser(prog="unipelt-fast", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser(
+        "bench",
+        help="latency and memory benchmarks against eager and peers",
+        description="Benchmark every op on every backend that can run here (eager, "
+        "torch.compile of eager, triton, cuda, and peers), and optionally whole models. "
+        "Prints a table; writes JSON / CSV / markdown / PNGs on request.",
+    )
+    b.add_argument("--quick", action="store_true", help="small shapes (about a minute on CPU)")
+    b.add_argument(
+        "--ops",
+        default=None,
+        help=f"comma list of {', '.join(OPS)}; 'all' (default) or 'none'. "
+        "Default with --model: none",
+    )
+    b.add_argument(
+        "--impls",
+        default=None,
+        help="only these rows (comma list of eager, compile, triton, cuda, sdpa_preconcat, "
+        "concat_mask_sdpa). Speedups need eager",
+    )
+    b.add_argument(
+        "--dtype",
+        default="auto",
+        help=f"comma list of {', '.join(DTYPES)} (or bf16, fp16, fp32); "
+        "auto = bfloat16 on a GPU, float32 on a CPU",
+    )
+    b.add_argument("--model", default=None, help=f"model-level run: {', '.join(MODELS)} or all")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    b.add_argument("--json", metavar="PATH", help="write all rows and the run's meta as JSON")
+    b.add_argument("--csv", metavar="PATH", help="write all rows as CSV")
+    b.add_argument("--markdown", metavar="PATH", help="write a markdown results table")
+    b.add_argument("--plot", metavar="DIR", help="write PNG plots (needs matplotlib)")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 with --quick, where the shapes are too small "
+        "to gain from threads and a busy machine makes multi-thread timings erratic; "
+        "else torch's default)",
+    )
+    b.add_argument("--warmup-ms", type=float, default=None, help="do_bench warmup (GPU)")
+    b.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time (GPU)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    return parser
+
+
+def _choices(parser, flag: str, value: str, allowed, aliases=None) -> list[str]:
+    aliases = aliases or {}
+    out = []
+    for v in _split(value):
+        v = aliases.get(v, v)
+        if v not in allowed:
+            parser.error(f"{flag}: unknown value {v!r}; choose from {', '.join(allowed)}")
+        out.append(v)
+    if not out:
+        parser.error(f"{flag}: empty list")
+    return list(dict.fromkeys(out))
+
+
+class _Progress:
+    """tqdm when importable, else one plain line per step."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.n, self.bar, self.enabled = total, 0, None, enabled
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None and sys.stderr.isatty():  # plain lines in logs
+            self.bar = tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, desc: str) -> None:
+        self.n += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description(desc[:60])
+            self.bar.update(1)
+        else:
+            print(f"[{self.n}/{self.total}] {desc}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def bench(args, parser, argv) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _bench(args, parser, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (tests)
+
+
+def _bench(args, parser, argv) -> int:
+    import torch
+
+    from .bench import MODELS, OPS, report, suite
+    from .bench.floors import measure_limits
+    from .bench.runners import DTYPE_ALIASES, DTYPES, TimerCfg, interpreter_on, make_timer
+
+    impl_names = ("eager", "compile", "triton", "cuda", "sdpa_preconcat", "concat_mask_sdpa")
+    ops_arg = args.ops if args.ops is not None else ("none" if args.model else "all")
+    ops = (
+        []
+        if ops_arg == "none"
+        else list(OPS)
+        if ops_arg == "all"
+        else _choices(parser, "--ops", ops_arg, OPS)
+    )
+    models = []
+    if args.model:
+        models = (
+            list(MODELS) if args.model == "all" else _choices(parser, "--model", args.model, MODELS)
+        )
+    impls = None if args.impls is None else set(_choices(parser, "--impls", args.impls, impl_names))
+    if args.no_compile:
+        impls = (impls or set(impl_names)) - {"compile"}
+    if args.device not in (None, "cuda", "cpu"):
+        parser.error(f"--device: unknown value {args.device!r}; choose from cuda, cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype == "auto":
+        dtypes = [torch.bfloat16 if device.type == "cuda" else torch.float32]
+    else:
+        dtypes = [DTYPES[d] for d in _choices(parser, "--dtype", args.dtype, DTYPES, DTYPE_ALIASES)]
+    if args.plot:
+        try:
+            report.require_matplotlib()
+        except ImportError as e:
+            parser.error(str(e))
+    if not ops and not models:
+        parser.error("nothing to run: --ops none and no --model")
+
+    quick = args.quick
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads: must be >= 1")
+    if device.type == "cpu" and (args.threads is not None or quick):
+        torch.set_num_threads(args.threads or 1)
+    cfg = TimerCfg()
+    if quick:
+        cfg = TimerCfg(warmup_ms=5, rep_ms=20, cpu_min_run_s=0.05)
+    if args.warmup_ms is not None:
+        cfg.warmup_ms = args.warmup_ms
+    if args.rep_ms is not None:
+        cfg.rep_ms = args.rep_ms
+    timer_name, timer = make_timer(device, cfg)
+
+    notes = []
+    if device.type != "cuda":
+        notes.append(
+            "Kernel timings need a CUDA GPU: this run is on CPU, so triton and cuda rows are "
+            "unavailable"
+            + (
+                "; TRITON_INTERPRET=1 is set, so triton rows give saved bytes at --quick sizes "
+                "(not a speed figure)."
+                if interpreter_on()
+                else " (set TRITON_INTERPRET=1 for Triton-interpreter saved-bytes rows at "
+                "--quick sizes)."
+            )
+        )
+        if ops and (impls is None or "compile" in impls):
+            notes.append(
+                "torch.compile rows: compiling on a CPU costs ~5-15 s per op and shape (not "
+                "in the timings); --no-compile skips them."
+            )
+    else:
+        notes.append(
+            "fwd = forward with autograd recording; bwd = backward alone (retained graph); "
+            "floor = max(bytes / copy bandwidth, FLOPs / matmul peak) / measured time."
+        )
+    if os.environ.get("UNIPELT_NAN_FILL") == "1":
+        notes.append("UNIPELT_NAN_FILL=1: kernel outputs are NaN-filled first; unset it to time.")
+    if impls is not None and "eager" not in impls:
+        notes.append("eager is not in --impls: no speedups are computed.")
+    for n in notes:
+        print(n, file=sys.stderr)
+
+    tasks = suite.plan_ops(ops, dtypes, device, quick, impls)
+    total = sum(len(t.impls) for t in tasks) + len(models) * suite.n_model_rows()
+    doc = {
+        "meta": report.meta(
+            device,
+            argv,
+            quick=quick,
+            ops=ops,
+            models=models,
+            dtypes=[str(d).replace("torch.", "") for d in dtypes],
+            timer=timer_name,
+            timer_cfg=vars(cfg),
+            triton_interpret=interpreter_on(),
+            threads=torch.get_num_threads() if device.type == "cpu" else None,
+        ),
+        "limits": {},
+        "notes": notes,
+        "rows": [],
+        "summary": {"models": {}},
+    }
+    rows = doc["rows"]
+    vers = doc["meta"]["versions"]
+    dev_name = doc["meta"]["device"]
+
+    def flush() -> None:  # after every task, so a run cut short still leaves its rows
+        if args.json:
+            report.write_json(args.json, doc)
+        if args.csv:
+            report.write_csv(args.csv, rows)
+
+    progress = _Progress(total, enabled=not args.no_progress)
+    t0 = time.perf_counter()
+    try:
+        if device.type == "cuda" and ops:
+            doc["limits"] = measure_limits(device, dtypes, timer)
+
+        def on_row(r: dict) -> None:
+            r["device"], r["versions"] = dev_name, vers
+            progress.step(f"{r['op']} {r.get('shape', '')} {r['impl']} {r.get('pass', '')}".strip())
+            if r["kind"] == "model":  # op rows are flushed per task, model rows per row
+                rows.append(r)
+                flush()
+
+        for task in tasks:
+            for row in suite.run_op_task(
+                task, device, timer, timer_name, doc["limits"], quick, on_row
+            ):
+                rows.append(row)
+            flush()
+        if models:
+            mcfg = suite.model_timer_cfg(quick, device)
+            mname, mtimer = make_timer(device, mcfg)
+            _, summary = suite.run_models(models, dtypes[0], device, quick, mtimer, mname, on_row)
+            doc["summary"]["models"] = summary
+            flush()
+    finally:
+        progress.close()
+    doc["meta"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    flush()
+
+    print(f"\nunipelt-fast bench on {dev_name}; " + report._version_str(vers))
+    lim = doc["limits"]
+    if lim:
+        peaks = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in lim["peak_flops_per_s"].items())
+        print(
+            f"measured floors: copy bandwidth {lim['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, "
+            f"matmul peak (TFLOP/s) {peaks}"
+        )
+    for table in (report.op_table(rows), report.model_table(rows)):
+        if len(table) > 1:
+            print(report.render(table))
+            print()
+    for name, fr in doc["summary"]["models"].items():
+        if fr:
+            print(f"{name}: " + ", ".join(f"{k} = {100 * v:.0f}%" for k, v in fr.items()))
+    if models:
+        print(
+            "(paper: UniPELT train time 55-67% of full fine-tuning, inference 118-127% of the base)"
+        )
+    for n in notes:
+        print(n)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(doc))
+    if args.plot:
+        for p in report.plot(rows, args.plot):
+            print(f"wrote {p}")
+    print(f"done in {doc['meta']['elapsed_s']} s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="unipelt-fast")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("bench", help="latency and memory benchmarks (issue 8)")
-    parser.parse_args(argv)
-    print("unipelt-fast bench is not written yet (issue 8)", file=sys.stderr)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "bench":
+        return bench(args, parser, argv)
+    parser.error(f"unknown command {args.cmd!r}")  # pragma: no cover - argparse catches it
     return 2
 
 

@@ -1,0 +1,284 @@
+"""`unipelt-fast bench` on CPU: well-formed JSON/CSV, saved-bytes accounting, plots, errors.
+
+These check the CLI's plumbing and its memory accounting, never a speed (no timed asserts).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unipelt_fast.bench import report
+from unipelt_fast.bench.runners import make_case, saved_bytes
+from unipelt_fast.bench.shapes import shapes_for
+from unipelt_fast.bench.suite import INTERP_NOTE
+from unipelt_fast.cli import main
+
+
+def _load_strict(path):
+    def no_nan(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=no_nan)
+
+
+def _graph_saved_bytes(out: torch.Tensor) -> int:
+    """Bytes autograd saved, found by walking the graph's ``_saved_*`` attributes (a second,
+    independent route to the number the hooks give), one count per storage."""
+    seen: dict[int, int] = {}
+    stack, visited = [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in visited:
+            continue
+        visited.add(fn)
+        for name in dir(fn):
+            if not name.startswith("_saved_"):
+                continue
+            val = getattr(fn, name)
+            for t in val if isinstance(val, (tuple, list)) else (val,):
+                # 0-dim: a Python scalar autograd wrapped (e.g. `u * scaling`), kept on the
+                # host outside the saved-tensor hooks: not activation memory.
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.numel():
+                    key = t.untyped_storage().data_ptr()
+                    seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        stack += [f for f, _ in fn.next_functions]
+    return sum(seen.values())
+
+
+def _gated_adapter_extra_bytes(p: dict, itemsize: int) -> int:
+    """What the eager gated adapter (relu, token gate) must keep beyond its inputs: the
+    bottleneck activation (M, r), the scaled up-projection (M, d) and the gate (M, 1)."""
+    M = p["B"] * p["L"]
+    return itemsize * (M * p["r"] + M * p["d"] + M)
+
+
+def test_quick_json_and_csv(tmp_path):
+    threads = torch.get_num_threads()
+    j, c = tmp_path / "out.json", tmp_path / "out.csv"
+    rc = main(
+        ["bench", "--quick", "--ops", "gated_adapter", "--impls", "eager,triton,cuda"]
+        + ["--json", str(j), "--csv", str(c), "--no-progress", "--device", "cpu"]
+    )
+    assert rc == 0
+    doc = _load_strict(j)
+    assert set(doc) >= {"meta", "rows", "notes", "limits", "summary"}
+    assert doc["meta"]["threads"] == 1  # --quick on CPU: one thread, restored afterwards
+    assert torch.get_num_threads() == threads
+    m = doc["meta"]
+    for key in ("device", "versions", "commit", "date", "command", "quick", "dtypes", "timer"):
+        assert key in m, key
+    assert set(m["versions"]) >= {"torch", "triton", "transformers", "unipelt_fast", "cuda"}
+    assert m["versions"]["torch"] == torch.__version__
+    assert m["timer"] == "torch.utils.benchmark"
+    assert "--quick" in m["command"]
+    assert any("Kernel timings need a CUDA GPU" in n for n in doc["notes"])
+
+    rows = doc["rows"]
+    shape = shapes_for("gated_adapter", "cpu", quick=True)[0]
+    assert [r["impl"] for r in rows] == ["eager", "triton", "cuda"]
+    for r in rows:
+        assert r["op"] == "gated_adapter" and r["dtype"] == "float32"
+        assert r["shape"] == shape.label and r["device"] == m["device"]
+        assert r["versions"] == m["versions"]
+    eager, triton, cuda = rows
+    assert eager["available"] and eager["reason"] is None
+    for k in ("fwd_ms", "bwd_ms", "fwdbwd_ms"):
+        assert eager[k] > 0
+    assert eager["speedup_fwdbwd"] == 1.0
+    assert eager["saved_extra_bytes"] == _gated_adapter_extra_bytes(shape.params, 4)
+    assert eager["saved_bytes"] > eager["saved_extra_bytes"]
+    assert eager.get("peak_mem_bytes") is None  # CPU: no CUDA peak
+    assert not cuda["available"] and "CUDA GPU" in cuda["reason"]
+    # triton: the interpreter (saved bytes only), or unavailable with the reason.
+    if triton["available"]:
+        assert triton["note"] == INTERP_NOTE and triton.get("fwd_ms") is None
+        assert triton["saved_bytes"] > 0
+    else:
+        assert triton["reason"]
+
+    with open(c, newline="") as f:
+        crow = list(csv.DictReader(f))
+    assert list(crow[0]) == list(report.OP_COLUMNS)
+    assert [r["impl"] for r in crow] == ["eager", "triton", "cuda"]
+    assert float(crow[0]["fwdbwd_ms"]) == pytest.approx(eager["fwdbwd_ms"])
+    assert int(crow[0]["saved_bytes"]) == eager["saved_bytes"]
+    assert "torch=" + torch.__version__ in crow[0]["versions"]
+
+
+def test_saved_bytes_matches_graph_walk():
+    shape = shapes_for("gated_adapter", "cpu", quick=True)[0]
+    case = make_case("gated_adapter", shape, torch.float32, "cpu")
+    total, extra, out = saved_bytes(case.runner("eager"), case.inputs())
+    assert total == _graph_saved_bytes(out)
+    assert extra == _gated_adapter_extra_bytes(shape.params, 4)
+    # the inputs autograd keeps: x and the three weight matrices (biases are not needed)
+    t = case.tensors
+    inputs = sum(t[n].numel() * 4 for n in ("x", "w_down", "w_up", "w_gate"))
+    assert total - extra == inputs
+
+
+def test_saved_bytes_counts_a_storage_once():
+    x = torch.randn(64, 32, requires_grad=True)
+
+    def fn():
+        y = torch.exp(x)  # saves its result y
+        return (y[:, :16] * y[:, 16:]).sum()  # saves two views of y: one storage
+
+    total, extra, _ = saved_bytes(fn, [x])
+    assert total == extra == 64 * 32 * 4
+
+
+def test_plot_and_plain_progress(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # no tqdm: one line per row
+    d = tmp_path / "plots"
+    rc = main(
+        ["bench", "--quick", "--ops", "bias_only_layer_norm", "--impls", "eager"]
+        + ["--plot", str(d), "--markdown", str(tmp_path / "r.md"), "--device", "cpu"]
+    )
+    assert rc == 0
+    captured = capsys.readouterr()
+    label = shapes_for("bias_only_layer_norm", "cpu", quick=True)[0].label
+    assert f"[1/1] bias_only_layer_norm {label} eager" in captured.err
+    assert "bias_only_layer_norm" in captured.out  # the table
+    pngs = sorted(os.listdir(d))
+    assert pngs == ["op_bias_only_layer_norm_float32.png"]
+    with open(d / pngs[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "r.md").read_text()
+    assert "| op |" in md and "torch " + torch.__version__ in md
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--quick", "--ops", "gated_adapter", "--plot", str(tmp_path / "p")])
+    assert e.value.code == 2
+    assert "pip install 'unipelt-fast[bench]'" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["bench", "--ops", "flash_attention"], "--ops: unknown value 'flash_attention'"),
+        (["bench", "--dtype", "float8"], "--dtype: unknown value 'float8'"),
+        (["bench", "--model", "gpt2"], "--model: unknown value 'gpt2'"),
+        (["bench", "--impls", "xla"], "--impls: unknown value 'xla'"),
+        (["bench", "--device", "tpu"], "--device: unknown value 'tpu'"),
+        (["bench", "--ops", "none"], "nothing to run"),
+        (["bench", "--ops", ","], "--ops: empty list"),
+        (["bench", "--rep-ms", "abc"], "invalid float value"),
+        (["bench", "--threads", "0"], "--threads: must be >= 1"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_options(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_model_level_quick(tmp_path):
+    j = tmp_path / "m.json"
+    rc = main(["bench", "--quick", "--model", "bert-base", "--json", str(j), "--no-progress"])
+    assert rc == 0
+    doc = _load_strict(j)
+    rows = {(r["impl"], r["pass"]): r for r in doc["rows"]}
+    assert all(r["kind"] == "model" and r["op"] == "bert-base" for r in doc["rows"])
+    full, frozen = rows[("full_ft", "train")], rows[("frozen_base", "infer")]
+    assert full["available"] and frozen["available"]
+    assert full["time_ms"] > 0 and frozen["time_ms"] > 0
+    assert full["trainable_params"] == full["params"] and frozen["trainable_params"] == 0
+    assert full["saved_extra_bytes"] > 0
+    summary = doc["summary"]["models"]["bert-base"]
+    for impl in ("unipelt_eager", "unipelt_fused"):
+        train = rows[(impl, "train")]
+        if train["available"]:
+            assert summary[f"{impl}_train_frac_of_full_ft"] == pytest.approx(
+                train["time_ms"] / full["time_ms"]
+            )
+            assert train["trainable_params"] > 0
+        else:
+            assert train["reason"] and f"{impl}_train_frac_of_full_ft" not in summary
+    # CPU: the fused backend at model level is not run
+    assert not rows[("unipelt_fused", "train")]["available"]
+
+
+def test_console_script_help():
+    exe = os.path.join(os.path.dirname(sys.executable), "unipelt-fast")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "unipelt_fast.cli"]
+    r = subprocess.run(cmd + ["bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--quick", "--ops", "--dtype", "--json", "--csv", "--plot", "--model"):
+        assert flag in r.stdout
+
+
+def test_floor_fraction_plumbing():
+    """The GPU-only floor columns, fed measured limits by hand: floor = max(bytes / bw,
+    FLOPs / peak), fraction = floor / measured time, for forward and forward + backward."""
+    from unipelt_fast.bench import floors, suite
+    from unipelt_fast.bench.runners import TimerCfg, make_timer
+
+    shape = shapes_for("bias_only_linear", "cpu", quick=True)[0]
+    task = suite.OpTask("bias_only_linear", shape, torch.float32, ["eager"])
+    name, timer = make_timer(torch.device("cpu"), TimerCfg(cpu_min_run_s=0.01))
+    limits = {"bandwidth_bytes_per_s": 1e9, "peak_flops_per_s": {"float32": 1e10}}
+    (row,) = suite.run_op_task(task, torch.device("cpu"), timer, name, limits, quick=True)
+    p = shape.params
+    M, K, N = p["M"], p["K"], p["N"]
+    bytes_fwd = 4 * (M * K + N * K + N + M * N)  # x, W, b read; y written
+    assert row["bytes_fwd"] == bytes_fwd and row["flops_fwd"] == 2 * M * K * N
+    assert row["flops_fwdbwd"] == 4 * M * K * N  # backward: dx only
+    want = 1e3 * max(bytes_fwd / 1e9, 2 * M * K * N / 1e10)
+    assert row["floor_ms_fwd"] == pytest.approx(want)
+    assert row["floor_frac_fwd"] == pytest.approx(want / row["fwd_ms"])
+    assert row["floor_frac_fwdbwd"] == pytest.approx(row["floor_ms_fwdbwd"] / row["fwdbwd_ms"])
+    assert floors.floor_ms(1.0, 1.0, None, None) is None  # CPU: no limits, no floor
+
+
+def test_model_fractions_with_a_stand_in_unipelt(tmp_path, monkeypatch):
+    """The UniPELT rows and the paper's fractions, with BitFit standing in for
+    apply_unipelt (whatever the real one is, this checks the bench plumbing around it)."""
+    import unipelt_fast
+
+    calls = []
+
+    def fake_apply(model, cfg, backend="auto"):
+        calls.append((cfg.gate_mode, backend))
+        return unipelt_fast.bitfit(model, backend=backend)
+
+    class FakeConfig:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    monkeypatch.setattr(unipelt_fast, "apply_unipelt", fake_apply, raising=False)
+    monkeypatch.setattr(unipelt_fast, "UniPELTConfig", FakeConfig, raising=False)
+    j = tmp_path / "m.json"
+    assert main(["bench", "--quick", "--model", "bert-base", "--json", str(j)]) == 0  # has biases
+    doc = _load_strict(j)
+    rows = {(r["impl"], r["pass"]): r for r in doc["rows"]}
+    assert set(calls) == {("mean", "eager")}  # fused: not on a CPU
+    train, infer = rows[("unipelt_eager", "train")], rows[("unipelt_eager", "infer")]
+    assert train["available"] and infer["available"]
+    assert 0 < train["trainable_params"] < train["params"]  # biases only
+    full, frozen = rows[("full_ft", "train")], rows[("frozen_base", "infer")]
+    fr = doc["summary"]["models"]["bert-base"]
+    assert fr["unipelt_eager_train_frac_of_full_ft"] == pytest.approx(
+        train["time_ms"] / full["time_ms"]
+    )
+    assert fr["unipelt_eager_infer_frac_of_frozen"] == pytest.approx(
+        infer["time_ms"] / frozen["time_ms"]
+    )
+    assert train["frac_of_baseline"] == fr["unipelt_eager_train_frac_of_full_ft"]
+    assert full["frac_of_baseline"] == 1.0
+    assert not rows[("unipelt_fused", "train")]["available"]

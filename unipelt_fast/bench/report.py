@@ -1,0 +1,413 @@
+"""Output of a bench run: the printed table, JSON, CSV, markdown and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+OP_COLUMNS = (
+    "kind",
+    "op",
+    "shape",
+    "dtype",
+    "impl",
+    "impl_kind",
+    "device",
+    "available",
+    "reason",
+    "note",
+    "timer",
+    "fwd_ms",
+    "bwd_ms",
+    "fwdbwd_ms",
+    "speedup_fwd",
+    "speedup_bwd",
+    "speedup_fwdbwd",
+    "saved_bytes",
+    "saved_extra_bytes",
+    "peak_mem_bytes",
+    "bytes_fwd",
+    "bytes_fwdbwd",
+    "flops_fwd",
+    "flops_fwdbwd",
+    "floor_ms_fwd",
+    "floor_ms_fwdbwd",
+    "floor_frac_fwd",
+    "floor_frac_fwdbwd",
+    "pass",
+    "time_ms",
+    "frac_of_baseline",
+    "params",
+    "trainable_params",
+    "versions",
+)
+
+
+def versions() -> dict[str, str | None]:
+    from .. import __version__
+
+    def ver(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - not installed or broken: recorded as None
+            return None
+
+    return {
+        "unipelt_fast": __version__,
+        "torch": torch.__version__,
+        "triton": ver("triton"),
+        "transformers": ver("transformers"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout the package runs from (with "-dirty"), or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def meta(device: torch.device, argv: list[str] | None, **extra) -> dict:
+    cmd = ["unipelt-fast", *(sys.argv[1:] if argv is None else argv)]
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "versions": versions(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(cmd),
+        **extra,
+    }
+
+
+def _version_str(v: dict) -> str:
+    return " ".join(f"{k}={val}" for k, val in v.items() if k != "python")
+
+
+def _finite(x):
+    """NaN / inf (a timing that went wrong) become null: the file stays standard JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_json(path: str, doc: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_finite(doc), f, indent=1, allow_nan=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=OP_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            r = dict(r)
+            r["versions"] = _version_str(r.get("versions") or {})
+            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in OP_COLUMNS})
+
+
+# ---- text table ----------------------------------------------------------------------------
+
+
+def _ms(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 100 else f"{x:.1f}"
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / 2**20:.2f}"
+
+
+def _x(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def op_table(rows: list[dict]) -> list[list[str]]:
+    head = [
+        "op",
+        "shape",
+        "dtype",
+        "impl",
+        "fwd ms",
+        "bwd ms",
+        "fwd+bwd ms",
+        "vs eager",
+        "saved MiB",
+        "+act MiB",
+        "peak MiB",
+        "floor",
+        "note",
+    ]
+    out = [head]
+    for r in rows:
+        if r.get("kind") != "op":
+            continue
+        note = r.get("note") or ""
+        if not r.get("available"):
+            note = "unavailable: " + (r.get("reason") or "")
+        out.append(
+            [
+                r["op"],
+                r["shape"],
+                r["dtype"],
+                r["impl"],
+                _ms(r.get("fwd_ms")),
+                _ms(r.get("bwd_ms")),
+                _ms(r.get("fwdbwd_ms")),
+                _x(r.get("speedup_fwdbwd")),
+                _mib(r.get("saved_bytes")),
+                _mib(r.get("saved_extra_bytes")),
+                _mib(r.get("peak_mem_bytes")),
+                _pct(r.get("floor_frac_fwdbwd")),
+                note,
+            ]
+        )
+    return out
+
+
+def model_table(rows: list[dict]) -> list[list[str]]:
+    head = ["model", "shape", "dtype", "row", "pass", "ms", "vs base", "peak MiB", "+act MiB"]
+    out = [head + ["trainable", "note"]]
+    for r in rows:
+        if r.get("kind") != "model":
+            continue
+        note = r.get("note") or ""
+        if not r.get("available"):
+            note = "unavailable: " + (r.get("reason") or "")
+        tp = r.get("trainable_params")
+        out.append(
+            [
+                r["op"],
+                r.get("shape") or "-",
+                r["dtype"],
+                r["impl"],
+                r["pass"],
+                _ms(r.get("time_ms")),
+                _pct(r.get("frac_of_baseline")),
+                _mib(r.get("peak_mem_bytes")),
+                _mib(r.get("saved_extra_bytes")),
+                "-" if tp is None else f"{tp:,}",
+                note,
+            ]
+        )
+    return out
+
+
+def render(table: list[list[str]], max_note: int = 70) -> str:
+    table = [row[:-1] + [row[-1][:max_note]] for row in table]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = []
+    for j, row in enumerate(table):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(doc: dict) -> str:
+    """results.md: the run's meta, the limits, and both tables as markdown."""
+    m = doc["meta"]
+    v = m["versions"]
+    lines = [
+        f"# unipelt-fast bench: {m['device']}",
+        "",
+        f"- date: {m['date']}",
+        f"- commit: `{m.get('commit')}`",
+        f"- command: `{m['command']}`",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+    ]
+    lim = doc.get("limits") or {}
+    if lim:
+        peaks = ", ".join(f"{k} {p / 1e12:.0f} TFLOP/s" for k, p in lim["peak_flops_per_s"].items())
+        lines.append(
+            f"- measured floors: copy bandwidth {lim['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s; "
+            f"matmul peak {peaks}"
+        )
+    for n in doc.get("notes", []):
+        lines.append(f"- {n}")
+    for title, table in (("Ops", op_table(doc["rows"])), ("Models", model_table(doc["rows"]))):
+        if len(table) < 2:
+            continue
+        lines += ["", f"## {title}", ""]
+        lines.append("| " + " | ".join(table[0]) + " |")
+        lines.append("|" + "---|" * len(table[0]))
+        for row in table[1:]:
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    for name, fr in (doc.get("summary") or {}).get("models", {}).items():
+        if fr:
+            lines += ["", f"{name}: " + ", ".join(f"{k} = {100 * x:.0f}%" for k, x in fr.items())]
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots ---------------------------------------------------------------------------------
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError with the install hint when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "--plot needs matplotlib: pip install 'unipelt-fast[bench]' (or pip install matplotlib)"
+        ) from e
+
+
+def plot(rows: list[dict], outdir: str) -> list[str]:
+    """One PNG per (op, dtype) (time and saved bytes per impl, one panel pair per shape)
+    and one per model. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(outdir, exist_ok=True)
+    written = []
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("available"):
+            groups.setdefault((r["kind"], r["op"], r["dtype"]), []).append(r)
+    for (kind, op, dtype), rs in sorted(groups.items()):
+        shapes = list(dict.fromkeys(r.get("shape") or "" for r in rs))
+        fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.2 * len(shapes)), squeeze=False)
+        for i, shape in enumerate(shapes):
+            sr = [r for r in rs if (r.get("shape") or "") == shape]
+            if kind == "op":
+                labels = [r["impl"] for r in sr]
+                times = [[r.get(k) or 0.0 for r in sr] for k in ("fwd_ms", "bwd_ms", "fwdbwd_ms")]
+                width = 0.27
+                for j, (name, ts) in enumerate(zip(("fwd", "bwd", "fwd+bwd"), times, strict=True)):
+                    axes[i][0].bar(
+                        [x + (j - 1) * width for x in range(len(sr))], ts, width, label=name
+                    )
+                axes[i][0].legend(fontsize=7)
+                mem = [(r.get("peak_mem_bytes") or r.get("saved_bytes") or 0) / 2**20 for r in sr]
+                mem_label = "peak MiB (fwd+bwd)" if sr[0].get("peak_mem_bytes") else "saved MiB"
+            else:
+                labels = [f"{r['impl']}\n{r['pass']}" for r in sr]
+                axes[i][0].bar(range(len(sr)), [r.get("time_ms") or 0.0 for r in sr])
+                mem = [
+                    (r.get("peak_mem_bytes") or r.get("saved_extra_bytes") or 0) / 2**20 for r in sr
+                ]
+                mem_label = "peak MiB" if sr[0].get("peak_mem_bytes") else "saved activations MiB"
+            axes[i][0].set_ylabel("median ms")
+            axes[i][1].bar(range(len(sr)), mem, color="tab:gray")
+            axes[i][1].set_ylabel(mem_label)
+            for ax in axes[i]:
+                ax.set_xticks(range(len(sr)))
+                ax.set_xticklabels(labels, fontsize=7, rotation=20)
+                ax.set_title(f"{op} {dtype} {shape}", fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"{kind}_{op}_{dtype}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---- combining runs (benchmarks/gpu_suite.sh) ----------------------------------------------
+
+
+def device_slug(name: str) -> str:
+    """A folder name for ``benchmarks/results/<device>/``: "NVIDIA H100 80GB HBM3" ->
+    "nvidia-h100-80gb-hbm3"."""
+    out = "".join(c.lower() if c.isalnum() else "-" for c in name.split(" (")[0])
+    return "-".join(p for p in out.split("-") if p) or "unknown"
+
+
+def combine(paths: list[str]) -> dict:
+    """One document from several bench JSONs (the first one's meta; rows, notes, limits and
+    model summaries merged). Missing files are skipped (a phase that timed out early). A
+    row already given by an earlier file (e.g. the eager baseline a compile-only run
+    measures again for its own speedups) is kept once, from the earlier file."""
+    docs = []
+    for p in paths:
+        if os.path.exists(p):
+            with open(p) as f:
+                docs.append(json.load(f))
+    if not docs:
+        raise FileNotFoundError(f"none of {paths} exists")
+    doc = {"meta": dict(docs[0]["meta"]), "limits": {}, "notes": [], "rows": []}
+    doc["summary"] = {"models": {}}
+    doc["meta"]["command"] = " ; ".join(d["meta"]["command"] for d in docs)
+    seen: set[tuple] = set()
+    for d in docs:
+        doc["limits"] = doc["limits"] or d.get("limits") or {}
+        doc["notes"] += [n for n in d.get("notes", []) if n not in doc["notes"]]
+        for r in d["rows"]:
+            key = tuple(r.get(k) for k in ("kind", "op", "shape", "dtype", "impl", "pass"))
+            if key not in seen:
+                seen.add(key)
+                doc["rows"].append(r)
+        doc["summary"]["models"].update((d.get("summary") or {}).get("models", {}))
+    return doc
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m unipelt_fast.bench.report",
+        description="Combine bench JSON files into one markdown table (and plots).",
+    )
+    p.add_argument("jsons", nargs="+", help="JSON files written by unipelt-fast bench --json")
+    p.add_argument("--markdown", required=True, help="where to write the combined table")
+    p.add_argument("--plot", metavar="DIR", help="also (re)draw the PNGs from the rows")
+    p.add_argument("--extra", action="append", default=[], help="a line to append")
+    args = p.parse_args(argv)
+    doc = combine(args.jsons)
+    text = markdown(doc)
+    if args.extra:
+        text += "\n" + "\n".join(args.extra) + "\n"
+    with open(args.markdown, "w") as f:
+        f.write(text)
+    if args.plot:
+        plot(doc["rows"], args.plot)
+    print(device_slug(doc["meta"]["device"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

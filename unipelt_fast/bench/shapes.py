@@ -1,0 +1,136 @@
+"""Shape lists, shared by ``unipelt-fast bench`` and the pytest-benchmark suites.
+
+Three tiers: ``gpu`` (the issue's target shapes), ``cpu`` (small, for a CPU timing run)
+and ``quick`` (tiny: ``--quick`` on a CPU, and what the Triton interpreter may run).
+On a GPU ``--quick`` uses the ``cpu`` tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark shape: a short label and the op's size parameters."""
+
+    label: str
+    params: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def _pa(B, H, L, P, D, causal=False) -> Shape:
+    tag = "causal " if causal else ""
+    return Shape(
+        f"B={B} H={H} L={L} P={P} D={D} {tag}".strip(),
+        {"B": B, "H": H, "L": L, "P": P, "D": D, "causal": causal},
+    )
+
+
+def _ga(B, L, d, r) -> Shape:
+    return Shape(f"M={B * L} d={d} r={r}", {"B": B, "L": L, "d": d, "r": r})
+
+
+def _bl(M, K, N, act="gelu") -> Shape:
+    return Shape(f"M={M} {K}->{N} {act}", {"M": M, "K": K, "N": N, "activation": act})
+
+
+def _ln(M, N) -> Shape:
+    return Shape(f"M={M} d={N}", {"M": M, "N": N})
+
+
+SHAPES: dict[str, dict[str, list[Shape]]] = {
+    # prefix attention: a long-context decoder layer (LLaMA-7B-like heads, causal) and an
+    # encoder batch; H == Hkv so torch SDPA peers need no GQA support. Gate: UniPELT's G_P.
+    "prefix_attention": {
+        "gpu": [_pa(1, 32, 4096, 64, 128, causal=True), _pa(16, 16, 512, 32, 128)],
+        "cpu": [_pa(2, 8, 256, 16, 64)],
+        "quick": [_pa(2, 4, 64, 8, 32)],
+    },
+    # gated adapter (token gate, relu): M=16384, d=4096, r=64, and a BERT-base layer.
+    "gated_adapter": {
+        "gpu": [_ga(8, 2048, 4096, 64), _ga(32, 128, 768, 64)],
+        "cpu": [_ga(4, 128, 768, 64)],
+        "quick": [_ga(2, 64, 128, 16)],
+    },
+    # BitFit linear: an up-projection d_in=4096 -> d_out=16384 with gelu, and BERT's FFN-in.
+    "bias_only_linear": {
+        "gpu": [_bl(16384, 4096, 16384), _bl(4096, 768, 3072)],
+        "cpu": [_bl(512, 768, 3072)],
+        "quick": [_bl(128, 128, 256)],
+    },
+    "bias_only_layer_norm": {
+        "gpu": [_ln(16384, 4096), _ln(4096, 768)],
+        "cpu": [_ln(1024, 768)],
+        "quick": [_ln(128, 256)],
+    },
+}
+
+
+def tier(device_type: str, quick: bool) -> str:
+    if device_type == "cuda":
+        return "cpu" if quick else "gpu"
+    return "quick" if quick else "cpu"
+
+
+def shapes_for(op: str, device_type: str, quick: bool) -> list[Shape]:
+    """The shapes ``op`` is benchmarked at on this kind of device."""
+    return SHAPES[op][tier(device_type, quick)]
+
+
+# Model-level sizes: (config overrides, batch, seq_len). "full" is the named model,
+# "tiny" the --quick stand-in with the same architecture.
+MODEL_SIZES: dict[str, dict[str, dict]] = {
+    "bert-base": {
+        "full": {
+            "config": dict(
+                hidden_size=768,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                intermediate_size=3072,
+                vocab_size=30522,
+            ),
+            "batch": 32,
+            "seq_len": 128,
+        },
+        "tiny": {
+            "config": dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                vocab_size=1000,
+            ),
+            "batch": 2,
+            "seq_len": 16,
+        },
+    },
+    # Llama-3.2-1B's body (hidden 2048, 16 layers, GQA 32/8, SwiGLU 8192) with a 32k vocab.
+    "llama-1b-like": {
+        "full": {
+            "config": dict(
+                hidden_size=2048,
+                num_hidden_layers=16,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                intermediate_size=8192,
+                vocab_size=32000,
+                max_position_embeddings=4096,
+            ),
+            "batch": 4,
+            "seq_len": 1024,
+        },
+        "tiny": {
+            "config": dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=128,
+                vocab_size=1000,
+                max_position_embeddings=128,
+            ),
+            "batch": 2,
+            "seq_len": 16,
+        },
+    },
+}

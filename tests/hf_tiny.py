@@ -55,19 +55,19 @@ def tiny_model(kind: str, seed: int = 0):
     return m.eval()
 
 
-def batch(kind: str, seed: int = 1, pad: bool = True) -> dict:
+def batch(kind: str, seed: int = 1, pad: bool = True, n: int = B) -> dict:
     """input_ids/attention_mask/labels; example 1 is right-padded (left-padded for decoders'
     generate tests is built separately)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (B, L), generator=g)
-    am = torch.ones(B, L, dtype=torch.long)
+    ids = torch.randint(2, VOCAB, (n, L), generator=g)
+    am = torch.ones(n, L, dtype=torch.long)
     if pad:
         am[1, 5:] = 0
     out = {"input_ids": ids, "attention_mask": am}
     if kind in DECODERS:
         out["labels"] = ids.masked_fill(am == 0, -100)
     else:
-        out["labels"] = torch.randint(0, 3, (B,), generator=g)
+        out["labels"] = torch.randint(0, 3, (n,), generator=g)
     return out
 
 

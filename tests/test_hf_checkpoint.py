@@ -187,5 +187,5 @@ def test_trainable_report_bert_base_under_two_percent():
     assert trainable == adapter + prefix + head + biases
     report = up.trainable_report(model)
     assert "adapter" in report and "prefix" in report and "bitfit" in report
-    assert f"{adapter:,}" in report and f"{trainable:,}" in report
+    assert f"{adapter:,}" in report and f"{trainable:,}" in report and f"{head:,}" in report
     assert f"{10 * layers * 2 * h:,} fixed K/V" in report

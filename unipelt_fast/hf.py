@@ -716,6 +716,8 @@ def trainable_report(model: nn.Module) -> str:
     root = _root(model)
     owner = _method_of_params(model)
     inner = getattr(model, "module", model)
+    heads = root.cfg.modules_to_save
+    heads = _DEFAULT_HEADS if heads is None else heads
     seen: set[int] = set()
     total = 0
     per: dict[str, int] = {}
@@ -726,7 +728,10 @@ def trainable_report(model: nn.Module) -> str:
         total += p.numel()
         if not p.requires_grad:
             continue
-        what = owner.get(id(p)) or ("bitfit" if name.endswith("bias") else "head")
+        what = owner.get(id(p))
+        if what is None:
+            in_head = any(part in heads for part in name.split("."))
+            what = "bitfit" if name.endswith("bias") and not in_head else "head"
         per[what] = per.get(what, 0) + p.numel()
     trainable = sum(per.values())
     base = total - sum(n for w, n in per.items() if w in ("adapter", "lora", "prefix", "prompt"))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
 import unipelt_fast as up
@@ -47,6 +48,8 @@ def test_prefix_equals_hf_cache_reference(kind):
     """Independent check of the prefix path, masks and gates: the same model on HF's own sdpa
     attention with the gated prefix fed as past key values (peft's way of doing prefix
     tuning), positions given explicitly so that the prefix takes none."""
+    if kind in ("bert", "roberta") and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x encoder heads take no past_key_values (the reference)")
     m = pelt(kind)
     b = batch(kind)
     am = b["attention_mask"]

@@ -36,6 +36,8 @@ Not supported on the prefix path: attention-probability dropout (the prefix path
 from __future__ import annotations
 
 import inspect
+import sys
+import types
 
 import torch
 import torch.nn as nn
@@ -215,6 +217,8 @@ def _convert_mask(
     if vis.shape[1] not in (1, Lq):
         raise ValueError("unipelt attention: mask rows do not match the queries")
     kpm = vis[:, -1, :]  # bottom-right causal: the last query sees every real key
+    if vis.shape[1] > 1 and not _mask_is(vis, kpm, causal) and _mask_is(vis, kpm, not causal):
+        causal = not causal  # e.g. GPT-2 on transformers 4.x passes is_causal=False with a mask
     if not _mask_is(vis, kpm, causal):
         # A static cache: keys no query may see at the end are unwritten slots. Dropping
         # them restores the bottom-right alignment for the keys that remain.
@@ -254,8 +258,9 @@ def unipelt_attention(
         return _fallback_attention()(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    causal = kwargs.get("is_causal")
-    causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
+    causal = bool(getattr(module, "is_causal", False))
+    if attention_mask is None and kwargs.get("is_causal") is not None:
+        causal = bool(kwargs["is_causal"])
     kpm, causal, key, value = _convert_mask(attention_mask, causal, query, key, value)
     pk, pv = root.layer_prefix(layer)
     gate = module.__dict__.pop("_unipelt_gate", None)
@@ -276,6 +281,47 @@ def unipelt_attention(
         backend=root.backend,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    """Does this attention module dispatch through transformers' attention registry? (BERT
+    and RoBERTa do from transformers 5; on 4.x they compute attention themselves.)"""
+    mod = sys.modules.get(type(module).__module__)
+    return mod is not None and hasattr(mod, "ALL_ATTENTION_FUNCTIONS")
+
+
+def _legacy_bert_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    past_key_values=None,
+    output_attentions: bool = False,
+    *args,
+    **kwargs,
+):
+    """BertSelfAttention.forward for transformers 4.x (encoder self-attention), on
+    :func:`unipelt_attention`. Returns (context, None) like the original."""
+    if encoder_hidden_states is not None or past_key_values is not None:
+        raise NotImplementedError("unipelt: legacy BERT attention with a cache/cross-attention")
+    if output_attentions or head_mask is not None:
+        raise NotImplementedError("unipelt: output_attentions / head_mask with the prefix")
+    if getattr(self, "position_embedding_type", "absolute") != "absolute":
+        raise NotImplementedError("unipelt: relative position embeddings with the prefix")
+    B, L, _ = hidden_states.shape
+    H, D = self.num_attention_heads, self.attention_head_size
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(B, L, H, D).transpose(1, 2)
+
+    q, k, v = (
+        heads(self.query(hidden_states)),
+        heads(self.key(hidden_states)),
+        heads(self.value(hidden_states)),
+    )
+    out, _ = unipelt_attention(self, q, k, v, attention_mask, scaling=D**-0.5)
+    return out.reshape(B, L, H * D), None
 
 
 _registered = False
@@ -381,6 +427,9 @@ def _lora_targets(attn: nn.Module, family: str, roles, dims) -> list:
     return [(attn, names[r], None) for r in roles]
 
 
+_MISSING = object()
+
+
 class _Snapshot:
     """Everything apply_unipelt changes, so a failure can put the model back as it was."""
 
@@ -394,16 +443,20 @@ class _Snapshot:
         self.grad = [(p, p.requires_grad) for p in model.parameters()]
         self.attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
         self.handles: list = []
-        self.tagged: list[nn.Module] = []
+        self.tagged: list[tuple[nn.Module, str, object]] = []
 
     def restore(self) -> None:
         for h in self.handles:
             h.remove()
         for parent, name, child in self.children:
             setattr(parent, name, child)
-        for m in [*self.tagged, *self.model.modules()]:
-            for k in ("_unipelt_root", "_unipelt_layer", "_unipelt_gate"):
+        for m, k, old in reversed(self.tagged):
+            if old is _MISSING:
                 m.__dict__.pop(k, None)
+            else:
+                m.__dict__[k] = old
+        for m in self.model.modules():
+            m.__dict__.pop("_unipelt_gate", None)
         if "unipelt" in self.model._modules:
             del self.model._modules["unipelt"]
         for p, rg in self.grad:
@@ -421,8 +474,8 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 def _tag(module: nn.Module, snap: _Snapshot, **attrs) -> None:
     for k, val in attrs.items():
+        snap.tagged.append((module, k, module.__dict__.get(k, _MISSING)))
         module.__dict__[k] = val  # plain attributes: not registered as submodules
-    snap.tagged.append(module)
 
 
 def apply_unipelt(
@@ -552,13 +605,22 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
     # 5. prefix: attention function + per-layer tags + gate pre-hooks
     if cfg.prefix is not None:
         _register()
+        legacy = not _uses_attention_interface(attns[0])
+        if legacy and family != "bert":
+            raise NotImplementedError(
+                f"apply_unipelt: {type(attns[0]).__name__} does not use transformers' attention "
+                "registry; upgrade transformers"
+            )
         for i, attn in enumerate(attns):
             _tag(attn, snap, _unipelt_root=root, _unipelt_layer=i)
+            if legacy:
+                _tag(attn, snap, forward=types.MethodType(_legacy_bert_forward, attn))
             if root.prefix_gates is not None:
                 snap.handles.append(
                     attn.register_forward_pre_hook(_attn_pre_hook, with_kwargs=True)
                 )
-        model.config._attn_implementation = ATTN_NAME
+        if not legacy:
+            model.config._attn_implementation = ATTN_NAME
 
     for m in new_modules:
         m.to(device=device, dtype=dtype)

@@ -154,6 +154,15 @@ def test_mixed_task_batch_equals_per_task(kind):
         other = _logits(m, b, task_ids=1 - tid)
     torch.testing.assert_close(mixed, per, rtol=1e-5, atol=1e-6)
     assert (mixed - other).abs().max() > 1e-3  # the tasks really differ
+    up.set_active_task(m, "b")  # the default for forwards without task_ids
+    with torch.no_grad():
+        all_b = _logits(m, b)
+    up.set_active_task(m, 0)
+    torch.testing.assert_close(all_b, _logits(m, b, task_ids=torch.ones(B, dtype=torch.long)))
+    with pytest.raises(ValueError):
+        up.set_active_task(m, "c")
+    with pytest.raises(ValueError, match="task_ids"):
+        _logits(m, b, task_ids=torch.tensor([0, 2, 1]))
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])

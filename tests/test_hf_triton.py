@@ -109,3 +109,28 @@ def test_generate_triton_same_tokens(source, monkeypatch):
                 )
             )
     torch.testing.assert_close(outs[1], outs[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_gpu_autocast_triton_matches_eager(kind, dtype):
+    """On CUDA under autocast: the kernels vs the eager path, logits and gradients."""
+    _setup("kernels", CONFIGS["all"][1], None)
+    b = {k: v.cuda() for k, v in batch(kind).items()}
+    tid = torch.tensor([1, 0, 1], device="cuda")
+    res = []
+    for backend in ("eager", "triton"):
+        m = up.apply_unipelt(
+            tiny_model(kind), up.UniPELTConfig(**CONFIGS["all"][0]), backend=backend
+        )
+        perturb(m)
+        m.cuda().train()
+        with torch.autocast("cuda", dtype=dtype):
+            out = m(**b, task_ids=tid)
+        out.loss.backward()
+        grads = {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
+        res.append((out.logits.float().detach(), grads))
+    assert_close(res[1][0], res[0][0], dtype, "logits", factor=2)
+    for n in res[0][1]:
+        assert_close(res[1][1][n], res[0][1][n], dtype, n, factor=4)

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops, reference
+from ._backend import BACKENDS
 from ._tasks import run_per_task, select
 from .bitfit import bitfit
 from .config import UniPELTConfig
@@ -489,6 +490,8 @@ def apply_unipelt(
     cfg = UniPELTConfig() if cfg is None else cfg
     if not isinstance(cfg, UniPELTConfig):
         raise TypeError("apply_unipelt: cfg must be a UniPELTConfig")
+    if backend not in BACKENDS:
+        raise ValueError(f"apply_unipelt: backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(getattr(model, "unipelt", None), UniPELTRoot):
         raise ValueError("apply_unipelt: this model already has UniPELT methods")
     config = getattr(model, "config", None)

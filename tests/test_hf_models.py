@@ -154,6 +154,10 @@ def test_mixed_task_batch_equals_per_task(kind):
         other = _logits(m, b, task_ids=1 - tid)
     torch.testing.assert_close(mixed, per, rtol=1e-5, atol=1e-6)
     assert (mixed - other).abs().max() > 1e-3  # the tasks really differ
+    report = up.trainable_report(m)
+    for what in ("adapter", "prefix", "lora", "prompt"):
+        assert f"  {what} " in report, report
+    assert ("  bitfit " in report) == (kind not in ("llama", "mistral"))  # no biases there
     up.set_active_task(m, "b")  # the default for forwards without task_ids
     with torch.no_grad():
         all_b = _logits(m, b)
@@ -240,6 +244,9 @@ def test_generate_kv_cache_matches_no_cache(kind):
         plain = m.generate(input_ids=ids, attention_mask=am, use_cache=False, **kw)
     assert cached.shape == (2, 10)
     torch.testing.assert_close(cached, plain)
+    with torch.no_grad():  # the prefix never enters the KV cache
+        out = m(input_ids=ids, attention_mask=am, use_cache=True)
+    assert out.past_key_values.get_seq_length() == ids.shape[1]
 
 
 def test_unsupported_model_and_twice():

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> float:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--family", default="bert", choices=["bert", "gpt2", "llama"])
-    ap.add_argument("--backend", default="eager")
+    ap.add_argument("--backend", default="auto")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

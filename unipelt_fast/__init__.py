@@ -3,11 +3,18 @@
 Public ops (pinned signatures): :func:`prefix_attention`, :func:`gated_adapter`,
 :func:`bias_only_linear`, plus :func:`bias_only_layer_norm`. Each takes
 ``backend=`` "auto" | "eager" | "triton" | "cuda".
+
+UniPELT for Hugging Face models: :func:`apply_unipelt` with a :class:`UniPELTConfig`,
+:func:`trainable_report`, :func:`save_unipelt` / :func:`load_unipelt`, :func:`eject`.
 """
 
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
 from ._version import __version__
 from .bitfit import bitfit
+from .checkpoint import UniPELTCheckpointError, load_unipelt, save_unipelt
+from .config import AdapterConfig, LoRAConfig, PrefixConfig, PromptConfig, UniPELTConfig
+from .hf import apply_unipelt, eject, set_active_task, trainable_report
+from .lora import GatedLoRA
 from .modules import (
     BiasOnlyLayerNorm,
     BiasOnlyLinear,
@@ -17,9 +24,24 @@ from .modules import (
     PrefixGate,
 )
 from .ops import bias_only_layer_norm, bias_only_linear, gated_adapter, prefix_attention
+from .prompt import SoftPrompt
 
 __all__ = [
+    "AdapterConfig",
     "BACKENDS",
+    "GatedLoRA",
+    "LoRAConfig",
+    "PrefixConfig",
+    "PromptConfig",
+    "SoftPrompt",
+    "UniPELTCheckpointError",
+    "UniPELTConfig",
+    "apply_unipelt",
+    "eject",
+    "load_unipelt",
+    "save_unipelt",
+    "set_active_task",
+    "trainable_report",
     "BiasOnlyLayerNorm",
     "BiasOnlyLinear",
     "Gate",

@@ -66,7 +66,8 @@ setup(
     ],
     extras_require={
         # matplotlib: tests/test_cli.py checks that `bench --plot` writes PNGs.
-        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7"],
+        # accelerate: transformers.Trainer refuses to run without it (the Trainer test).
+        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7", "accelerate"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
     },
     entry_points={"console_scripts": ["unipelt-fast=unipelt_fast.cli:main"]},

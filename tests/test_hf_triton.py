@@ -82,7 +82,15 @@ def test_triton_matches_eager(kind, what, source, monkeypatch):
     got, got_g = _run(kind, cfg, "triton", b, tid)
     assert_close(got, want, torch.float32, "logits", factor=5)
     assert got_g.keys() == want_g.keys()
+    # The attention key bias's gradient is zero in exact arithmetic (softmax ignores a
+    # per-query shift), so its relative error is noise: compare it on the scale of the
+    # largest gradient instead.
+    scale = max((g.norm().item() for g in want_g.values()), default=0.0)
     for n in want_g:
+        if want_g[n].norm().item() < 1e-4 * scale:
+            err = (got_g[n] - want_g[n]).norm().item() / scale
+            assert err < 1e-5, f"{n}: error {err:.2e} of the largest gradient's norm"
+            continue
         assert_close(got_g[n], want_g[n], torch.float32, n, factor=10)
 
 

@@ -48,12 +48,15 @@ def _online_block(
     acc,
     logit_scale,
     v_scale,
+    MASKED: tl.constexpr,
     SCALE_V: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax. ``vis`` (BLOCK_M, BLOCK_N) marks visible keys."""
+    """One key block of the online softmax. With MASKED, ``vis`` (broadcastable to
+    (BLOCK_M, BLOCK_N)) marks the visible keys."""
     s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * logit_scale
-    s = tl.where(vis, s, float("-inf"))
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
     # exp2 gives 0 rather than NaN.
@@ -66,6 +69,32 @@ def _online_block(
         pv = pv * v_scale
     acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
+
+
+@triton.jit
+def _token_bounds(m0, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For the query rows [m0, m0 + BLOCK_M): (full, hi). Token key blocks below ``full``
+    are inside LK and (causal) visible to every row, so they need no per-element mask;
+    blocks in [full, hi) need one; keys >= hi are visible to none of these rows."""
+    even = (LK // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(LK, m0 + BLOCK_M + LK - LQ)
+        x = m0 + LK - LQ + 1  # row m0 sees keys < x
+        full = tl.minimum(tl.where(x > 0, (x // BLOCK_N) * BLOCK_N, 0), even)
+    else:
+        hi = LK
+        full = even
+    return full, hi
+
+
+@triton.jit
+def _load_d(ptrs, mask_d, EVEN_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile whose rows are all in range; pad D only if needed."""
+    if EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+    return x
 
 
 @triton.jit
@@ -116,6 +145,7 @@ def _fwd_kernel(
     HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -155,18 +185,29 @@ def _fwd_kernel(
         vb = tl.load(
             pv_base + cols[:, None] * spvn + offs_d[None, :] * spvd, mask=kv_mask, other=0.0
         )
-        vis = row_ok[:, None] & col_ok[None, :]
         m_i, l_i, acc = _online_block(
-            q, kb, vb, vis, m_i, l_i, acc, qk_scale * gk, gv, HAS_GATE, PRECISION
+            q, kb, vb, col_ok[None, :], m_i, l_i, acc, qk_scale * gk, gv, True, HAS_GATE, PRECISION
         )
 
     # ---- token keys: causal (bottom-right) and padding masks
-    hi = LK
-    if CAUSAL:
-        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M + LK - LQ)
+    full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    for start_n in range(0, hi, BLOCK_N):
+    # Blocks every row sees (rows past LQ compute harmless values that are never stored):
+    # no per-element mask, only the per-column padding mask if any.
+    for start_n in range(0, full, BLOCK_N):
+        cols = start_n + offs_n
+        kb = _load_d(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
+        vb = _load_d(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
+        if HAS_MASK:
+            vis = (tl.load(KPM + b * smb + cols * smn) != 0)[None, :]
+        else:
+            vis = 0
+        m_i, l_i, acc = _online_block(
+            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, HAS_MASK, False, PRECISION
+        )
+    # The causal diagonal and the ragged tail.
+    for start_n in range(full, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
         kv_mask = col_ok[:, None] & mask_d[None, :]
@@ -174,11 +215,11 @@ def _fwd_kernel(
         vb = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         if HAS_MASK:
             col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
-        vis = row_ok[:, None] & col_ok[None, :]
+        vis = col_ok[None, :]
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + (LK - LQ))
         m_i, l_i, acc = _online_block(
-            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, False, PRECISION
+            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, True, False, PRECISION
         )
 
     # Rows with no visible key: out 0, lse -inf (backward reads that as "no key").
@@ -230,12 +271,69 @@ def _bwd_preprocess(
 
 
 @triton.jit
+def _dkdv_rows(
+    dk,
+    dv,
+    kb,
+    vb,
+    cols,
+    row_start,
+    row_end,
+    q_base,
+    do_base,
+    LSE,
+    DELTA,
+    sqm,
+    sqd,
+    sdm,
+    sdd,
+    LQ,
+    LK,
+    logit_scale,
+    v_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate dS^T q and P^T dO over query rows [row_start, row_end) of one head for one
+    key block (transposed: keys are rows). Rows past LQ and rows with no visible key get
+    P = 0 through their lse (+inf). Key rows that are padding or past the end are left
+    unmasked here (they only affect their own rows of dk/dv); the caller zeroes them."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    for start_m in range(row_start, row_end, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < LQ
+        rd_mask = row_ok[:, None] & mask_d[None, :]
+        qb = tl.load(q_base + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=rd_mask, other=0.0)
+        dob = tl.load(
+            do_base + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=rd_mask, other=0.0
+        )
+        lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
+        # -inf marks a row with no visible key (or no row): +inf makes its P exactly 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        s_t = tl.dot(kb, tl.trans(qb), input_precision=PRECISION) * logit_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(cols[:, None] <= rows[None, :] + (LK - LQ), p_t, 0.0)
+        dv += tl.dot(p_t.to(dob.dtype), dob, input_precision=PRECISION)
+        dp_t = tl.dot(vb, tl.trans(dob), input_precision=PRECISION) * v_scale
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(qb.dtype), qb, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_loop(
     kb,
     vb,
     cols,
-    col_ok,
     lo,
+    diag_end,
     b,
     hk,
     Q,
@@ -263,41 +361,30 @@ def _dkdv_loop(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """sum over the group's query heads and the query rows >= lo of dS^T q and P^T dO for one
-    key block (transposed: keys are rows). Returns (dk, dv) in fp32, unscaled by softmax_scale."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    """Sum over the group's query heads (GQA, in a fixed order: no atomics) and query rows
+    >= lo; with CAUSAL, rows [lo, diag_end) get the causal mask and later rows none.
+    Returns (dk, dv) in fp32, dk not yet multiplied by softmax_scale."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for hh in range(0, GROUP):  # GQA: every query head of this kv head, in a fixed order
+    for hh in range(0, GROUP):
         h = hk * GROUP + hh
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         row_base = (b * H + h) * LQ
-        for start_m in range(lo, LQ, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < LQ
-            rd_mask = row_ok[:, None] & mask_d[None, :]
-            qb = tl.load(
-                q_base + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=rd_mask, other=0.0
-            )
-            dob = tl.load(
-                do_base + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=rd_mask, other=0.0
-            )
-            lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("-inf"))
-            # -inf marks a row with no visible key (or no row): +inf makes its P exactly 0.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-            s_t = tl.dot(kb, tl.trans(qb), input_precision=PRECISION) * logit_scale
-            vis = col_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                vis = vis & (cols[:, None] <= rows[None, :] + (LK - LQ))
-            p_t = tl.where(vis, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-            dv += tl.dot(p_t.to(dob.dtype), dob, input_precision=PRECISION)
-            dp_t = tl.dot(vb, tl.trans(dob), input_precision=PRECISION) * v_scale
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(qb.dtype), qb, input_precision=PRECISION)
+        if CAUSAL:
+            dk, dv = _dkdv_rows(
+                dk, dv, kb, vb, cols, lo, diag_end, q_base, do_base, LSE + row_base,
+                DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_D, True, PRECISION,
+            )  # fmt: skip
+            start = diag_end
+        else:
+            start = lo
+        dk, dv = _dkdv_rows(
+            dk, dv, kb, vb, cols, start, LQ, q_base, do_base, LSE + row_base,
+            DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_D, False, PRECISION,
+        )  # fmt: skip
     return dk, dv
 
 
@@ -365,16 +452,23 @@ def _bwd_dkdv_kernel(
         mask=kv_mask,
         other=0.0,
     )
-    if HAS_MASK:
-        col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
     lo = 0
-    if CAUSAL:  # query i sees key j iff j <= i + LK - LQ: earlier rows see none of this block
+    diag_end = 0
+    if CAUSAL:
+        # Query i sees key j iff j <= i + LK - LQ: rows < lo see none of this block, rows
+        # from start_n + BLOCK_N - 1 - (LK - LQ) on see all of it (no mask needed there).
         lo = tl.maximum(start_n - (LK - LQ), 0)
+        first_full = tl.maximum(lo, start_n + BLOCK_N - 1 - (LK - LQ))
+        diag_end = lo + ((first_full - lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     dk, dv = _dkdv_loop(
-        kb, vb, cols, col_ok, lo, b, hk, Q, DO, LSE, DELTA,
+        kb, vb, cols, lo, diag_end, b, hk, Q, DO, LSE, DELTA,
         sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale, 1.0,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION,
     )  # fmt: skip
+    if HAS_MASK:  # a padding key is seen by no query: its gradients are 0
+        col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
+        dk = tl.where(col_ok[:, None], dk, 0.0)
+        dv = tl.where(col_ok[:, None], dv, 0.0)
     out_off = pid_bh.to(tl.int64) * LK * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -454,11 +548,13 @@ def _bwd_prefix_dkdv_kernel(
     # The gated key is gk * pk, so its logits are the ungated ones times gk; likewise dP
     # uses the gated value gv * pv.
     dk, dv = _dkdv_loop(
-        kb, vb, cols, col_ok, 0, b, hk, Q, DO, LSE, DELTA,
+        kb, vb, cols, 0, 0, b, hk, Q, DO, LSE, DELTA,
         sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale * gk, gv,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, PRECISION,
     )  # fmt: skip
-    dkey = dk * sm_scale  # d loss / d (gk * pk)
+    # Rows past P hold garbage (possibly inf); zero them before the gate reductions.
+    dkey = tl.where(col_ok[:, None], dk * sm_scale, 0.0)  # d loss / d (gk * pk)
+    dv = tl.where(col_ok[:, None], dv, 0.0)
     out_off = pid_bh.to(tl.int64) * P * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DPK + out_off, dkey * gk, mask=kv_mask)
     tl.store(DPV + out_off, dv * gv, mask=kv_mask)
@@ -542,6 +638,7 @@ def _bwd_dq_kernel(
     HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -596,13 +693,22 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION) * gk
 
-    # ---- token keys
-    hi = LK
-    if CAUSAL:
-        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M + LK - LQ)
+    # ---- token keys (same split as the forward)
+    full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, full, BLOCK_N):
+        cols = start_n + offs_n
+        kb = _load_d(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
+        vb = _load_d(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
+        s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if HAS_MASK:
+            p = tl.where((tl.load(KPM + b * smb + cols * smn) != 0)[None, :], p, 0.0)
+        dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION)
+    for start_n in range(full, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
         kv_mask = col_ok[:, None] & mask_d[None, :]
@@ -610,7 +716,7 @@ def _bwd_dq_kernel(
         vb = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         if HAS_MASK:
             col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
-        vis = col_ok[None, :] & row_ok[:, None]
+        vis = col_ok[None, :]
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + (LK - LQ))
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
@@ -702,7 +808,8 @@ def forward(
         H, H // Hkv, Lq, Lk, P, softmax_scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
         HAS_GATE=prefix_gate is not None, HAS_MASK=key_padding_mask is not None,
-        CAUSAL=causal, PRECISION=_precision(q), num_warps=warps, num_stages=stages,
+        CAUSAL=causal, PRECISION=_precision(q), EVEN_D=_block_d(D) == D,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
 
@@ -792,7 +899,8 @@ def backward(
         *do_strides, *km_strides,
         H, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
-        HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, num_warps=warps, num_stages=stages,
+        HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
     dg = dg_part.sum(dim=(1, 2)) if has_gate else None

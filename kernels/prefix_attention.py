@@ -64,10 +64,10 @@ def _online_block(
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    pv = tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-    if SCALE_V:
-        pv = pv * v_scale
-    acc = acc * alpha[:, None] + pv
+    if SCALE_V:  # the gated value gv * v: fold gv into the probabilities
+        p = p * v_scale
+    # Accumulate inside the MMA (acc as the dot's accumulator), as in the Triton tutorial.
+    acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -320,10 +320,10 @@ def _dkdv_rows(
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(cols[:, None] <= rows[None, :] + (LK - LQ), p_t, 0.0)
-        dv += tl.dot(p_t.to(dob.dtype), dob, input_precision=PRECISION)
+        dv = tl.dot(p_t.to(dob.dtype), dob, dv, input_precision=PRECISION)
         dp_t = tl.dot(vb, tl.trans(dob), input_precision=PRECISION) * v_scale
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(qb.dtype), qb, input_precision=PRECISION)
+        dk = tl.dot(ds_t.to(qb.dtype), qb, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -691,7 +691,7 @@ def _bwd_dq_kernel(
         p = tl.where(col_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * gv
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION) * gk
+        dq = tl.dot((ds * gk).to(kb.dtype), kb, dq, input_precision=PRECISION)
 
     # ---- token keys (same split as the forward)
     full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
@@ -707,7 +707,7 @@ def _bwd_dq_kernel(
             p = tl.where((tl.load(KPM + b * smb + cols * smn) != 0)[None, :], p, 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION)
+        dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
     for start_n in range(full, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
@@ -723,7 +723,7 @@ def _bwd_dq_kernel(
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PRECISION)
+        dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
 
     dq_ptrs = (
         DQ + pid_bh.to(tl.int64) * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]

@@ -752,10 +752,12 @@ def _configs(q: torch.Tensor, D: int) -> dict[str, tuple[int, int, int, int]]:
         c = (16, 16, 1, 1)
         return {"fwd": c, "dkdv": c, "dq": c}
     bd = _block_d(D)
-    if q.element_size() == 4:
+    if q.element_size() == 4:  # IEEE fp32 dots run on FMA units: small tiles avoid spills
+        if bd <= 64:
+            return {"fwd": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
         if bd <= 128:
-            return {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
-        return {"fwd": (32, 16, 4, 2), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
+            return {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
+        return {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
     if bd <= 64:
         return {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
     if bd <= 128:

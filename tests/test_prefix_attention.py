@@ -19,7 +19,7 @@ from unipelt_fast.testing import assert_close
 GRID = [
     dict(),
     dict(Lq=1, Lk=1, P=1),
-    dict(Lq=33, Lk=33, P=0, H=2, Hkv=2),
+    dict(Lq=33, Lk=33, P=0, H=2, Hkv=2, gate="b2"),  # gate with no prefix: d gate = 0
     dict(Lq=7, Lk=33, P=16, H=4, Hkv=1, layout="batch", gate="b2"),
     dict(Lq=33, Lk=7, P=20, layout="indexed", T=3, B=3, gate="b"),
     dict(Lq=33, Lk=33, P=1, causal=True, gate="b2"),

@@ -846,6 +846,7 @@ def backward(
         dg = None if prefix_gate is None else torch.zeros(B, 2, dtype=torch.float32, device=dev)
         return dq, dk.zero_(), dv.zero_(), dpk.zero_(), dpv.zero_(), dg
     _check_head_dim(q, D)
+    out, lse = out.contiguous(), lse.contiguous()  # as forward wrote them (no-ops)
     cfg = _configs(q, D)
     BD = _block_d(D)
     prec = _precision(q)

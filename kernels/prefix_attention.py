@@ -1,0 +1,910 @@
+"""Fused prefix-KV attention (Triton): softmax(q [g_k Pk ; K]^T * scale) [g_v Pv ; V].
+
+Flash-attention style (online softmax in base 2, fp32 accumulation, recomputation in
+backward; ideas from Dao et al.'s FlashAttention-2 and Triton's fused-attention tutorial).
+The concatenation [prefix ; tokens] is never built: each query block first walks the prefix
+blocks, read straight from ``prefix_k``/``prefix_v`` of the example's task
+(``prefix_index``), then the token blocks. The per-example gate scales the prefix logits
+and the prefix values. Masks (causal, bottom-right aligned; key padding) apply to token keys
+only. GQA maps query head h to kv head h // (H // Hkv); K/V are never repeated in memory.
+Only ``out`` and the row log-sum-exp are kept for backward.
+
+Backward: a preprocess (delta = rowsum(dO * O)), a dK/dV kernel per token key block (it
+loops over the query heads of its GQA group, so no atomics), a dK/dV kernel per prefix key
+block and example, writing fp32 partials (plus the per-example gate partials) that a
+second kernel sums per task in a fixed order, and a dQ kernel. Every reduction is
+deterministic.
+
+Calling convention: see ``unipelt_fast/ops.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from unipelt_fast._alloc import new_output
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_block(
+    q,
+    kb,
+    vb,
+    vis,
+    m_i,
+    l_i,
+    acc,
+    logit_scale,
+    v_scale,
+    MASKED: tl.constexpr,
+    SCALE_V: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax. With MASKED, ``vis`` (broadcastable to
+    (BLOCK_M, BLOCK_N)) marks the visible keys."""
+    s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * logit_scale
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
+    # exp2 gives 0 rather than NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if SCALE_V:  # the gated value gv * v: fold gv into the probabilities
+        p = p * v_scale
+    # Accumulate inside the MMA (acc as the dot's accumulator), as in the Triton tutorial.
+    acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _token_bounds(m0, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For the query rows [m0, m0 + BLOCK_M): (full, hi). Token key blocks below ``full``
+    are inside LK and (causal) visible to every row, so they need no per-element mask;
+    blocks in [full, hi) need one; keys >= hi are visible to none of these rows."""
+    even = (LK // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(LK, m0 + BLOCK_M + LK - LQ)
+        x = m0 + LK - LQ + 1  # row m0 sees keys < x
+        full = tl.minimum(tl.where(x > 0, (x // BLOCK_N) * BLOCK_N, 0), even)
+    else:
+        hi = LK
+        full = even
+    return full, hi
+
+
+@triton.jit
+def _load_d(ptrs, mask_d, EVEN_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile whose rows are all in range; pad D only if needed."""
+    if EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    IDX,
+    GATE,
+    KPM,
+    OUT,
+    LSE,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    spkt,
+    spkh,
+    spkn,
+    spkd,
+    spvt,
+    spvh,
+    spvn,
+    spvd,
+    smb,
+    smn,
+    H,
+    GROUP,
+    LQ,
+    LK,
+    P,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM  # head dims that are not a power of two: padded, masked
+    row_ok = offs_m < LQ
+
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # ---- prefix keys: always visible, gated
+    if HAS_GATE:
+        gk = tl.load(GATE + 2 * b)
+        gv = tl.load(GATE + 2 * b + 1)
+    else:
+        gk = 1.0
+        gv = 1.0
+    t = tl.load(IDX + b).to(tl.int64)
+    pk_base = PK + t * spkt + hk * spkh
+    pv_base = PV + t * spvt + hk * spvh
+    for start_n in range(0, P, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < P
+        kv_mask = col_ok[:, None] & mask_d[None, :]
+        kb = tl.load(
+            pk_base + cols[:, None] * spkn + offs_d[None, :] * spkd, mask=kv_mask, other=0.0
+        )
+        vb = tl.load(
+            pv_base + cols[:, None] * spvn + offs_d[None, :] * spvd, mask=kv_mask, other=0.0
+        )
+        m_i, l_i, acc = _online_block(
+            q, kb, vb, col_ok[None, :], m_i, l_i, acc, qk_scale * gk, gv, True, HAS_GATE, PRECISION
+        )
+
+    # ---- token keys: causal (bottom-right) and padding masks
+    full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    # Blocks every row sees (rows past LQ compute harmless values that are never stored):
+    # no per-element mask, only the per-column padding mask if any.
+    for start_n in range(0, full, BLOCK_N):
+        cols = start_n + offs_n
+        kb = _load_d(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
+        vb = _load_d(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
+        if HAS_MASK:
+            vis = (tl.load(KPM + b * smb + cols * smn) != 0)[None, :]
+        else:
+            vis = 0
+        m_i, l_i, acc = _online_block(
+            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, HAS_MASK, False, PRECISION
+        )
+    # The causal diagonal and the ragged tail.
+    for start_n in range(full, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        kv_mask = col_ok[:, None] & mask_d[None, :]
+        kb = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        vb = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
+        vis = col_ok[None, :]
+        if CAUSAL:
+            vis = vis & (cols[None, :] <= offs_m[:, None] + (LK - LQ))
+        m_i, l_i, acc = _online_block(
+            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, True, False, PRECISION
+        )
+
+    # Rows with no visible key: out 0, lse -inf (backward reads that as "no key").
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = (
+        OUT + pid_bh.to(tl.int64) * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    )
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(
+    OUT,
+    DO,
+    DELTA,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    H,
+    LQ,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < LQ) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(
+        OUT + pid_bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    do_base = DO + (pid_bh // H) * sdb + (pid_bh % H) * sdh
+    do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * LQ + offs_m, delta, mask=offs_m < LQ)
+
+
+@triton.jit
+def _dkdv_rows(
+    dk,
+    dv,
+    kb,
+    vb,
+    cols,
+    row_start,
+    row_end,
+    q_base,
+    do_base,
+    LSE,
+    DELTA,
+    sqm,
+    sqd,
+    sdm,
+    sdd,
+    LQ,
+    LK,
+    logit_scale,
+    v_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate dS^T q and P^T dO over query rows [row_start, row_end) of one head for one
+    key block (transposed: keys are rows). Rows past LQ and rows with no visible key get
+    P = 0 through their lse (+inf). Key rows that are padding or past the end are left
+    unmasked here (they only affect their own rows of dk/dv); the caller zeroes them."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    for start_m in range(row_start, row_end, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < LQ
+        rd_mask = row_ok[:, None] & mask_d[None, :]
+        qb = tl.load(q_base + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=rd_mask, other=0.0)
+        dob = tl.load(
+            do_base + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=rd_mask, other=0.0
+        )
+        lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
+        # -inf marks a row with no visible key (or no row): +inf makes its P exactly 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        s_t = tl.dot(kb, tl.trans(qb), input_precision=PRECISION) * logit_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(cols[:, None] <= rows[None, :] + (LK - LQ), p_t, 0.0)
+        dv = tl.dot(p_t.to(dob.dtype), dob, dv, input_precision=PRECISION)
+        dp_t = tl.dot(vb, tl.trans(dob), input_precision=PRECISION) * v_scale
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(qb.dtype), qb, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_loop(
+    kb,
+    vb,
+    cols,
+    lo,
+    diag_end,
+    b,
+    hk,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    H,
+    GROUP,
+    LQ,
+    LK,
+    logit_scale,
+    v_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Sum over the group's query heads (GQA, in a fixed order: no atomics) and query rows
+    >= lo; with CAUSAL, rows [lo, diag_end) get the causal mask and later rows none.
+    Returns (dk, dv) in fp32, dk not yet multiplied by softmax_scale."""
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for hh in range(0, GROUP):
+        h = hk * GROUP + hh
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        row_base = (b * H + h) * LQ
+        if CAUSAL:
+            dk, dv = _dkdv_rows(
+                dk, dv, kb, vb, cols, lo, diag_end, q_base, do_base, LSE + row_base,
+                DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_D, True, PRECISION,
+            )  # fmt: skip
+            start = diag_end
+        else:
+            start = lo
+        dk, dv = _dkdv_rows(
+            dk, dv, kb, vb, cols, start, LQ, q_base, do_base, LSE + row_base,
+            DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_D, False, PRECISION,
+        )  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    KPM,
+    DK,
+    DV,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    smb,
+    smn,
+    H,
+    HKV,
+    GROUP,
+    LQ,
+    LK,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Token keys: one program per (key block, example, kv head)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = pid_bh % HKV
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < LK
+    kv_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    kb = tl.load(
+        K + b * skb + hk * skh + cols[:, None] * skn + offs_d[None, :] * skd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    vb = tl.load(
+        V + b * svb + hk * svh + cols[:, None] * svn + offs_d[None, :] * svd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    lo = 0
+    diag_end = 0
+    if CAUSAL:
+        # Query i sees key j iff j <= i + LK - LQ: rows < lo see none of this block, rows
+        # from start_n + BLOCK_N - 1 - (LK - LQ) on see all of it (no mask needed there).
+        lo = tl.maximum(start_n - (LK - LQ), 0)
+        first_full = tl.maximum(lo, start_n + BLOCK_N - 1 - (LK - LQ))
+        diag_end = lo + ((first_full - lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    dk, dv = _dkdv_loop(
+        kb, vb, cols, lo, diag_end, b, hk, Q, DO, LSE, DELTA,
+        sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale, 1.0,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION,
+    )  # fmt: skip
+    if HAS_MASK:  # a padding key is seen by no query: its gradients are 0
+        col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
+        dk = tl.where(col_ok[:, None], dk, 0.0)
+        dv = tl.where(col_ok[:, None], dv, 0.0)
+    out_off = pid_bh.to(tl.int64) * LK * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_prefix_dkdv_kernel(
+    Q,
+    PK,
+    PV,
+    IDX,
+    GATE,
+    DO,
+    LSE,
+    DELTA,
+    DPK,
+    DPV,
+    DG,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    spkt,
+    spkh,
+    spkn,
+    spkd,
+    spvt,
+    spvh,
+    spvn,
+    spvd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    H,
+    HKV,
+    GROUP,
+    LQ,
+    LK,
+    P,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Prefix keys: one program per (prefix block, example, kv head). Writes this example's
+    fp32 partials d prefix_k/v (B, Hkv, P, D) and gate partials (B, Hkv, n_blocks, 2)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = pid_bh % HKV
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < P
+    kv_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if HAS_GATE:
+        gk = tl.load(GATE + 2 * b)
+        gv = tl.load(GATE + 2 * b + 1)
+    else:
+        gk = 1.0
+        gv = 1.0
+    t = tl.load(IDX + b).to(tl.int64)
+    kb = tl.load(
+        PK + t * spkt + hk * spkh + cols[:, None] * spkn + offs_d[None, :] * spkd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    vb = tl.load(
+        PV + t * spvt + hk * spvh + cols[:, None] * spvn + offs_d[None, :] * spvd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    # The gated key is gk * pk, so its logits are the ungated ones times gk; likewise dP
+    # uses the gated value gv * pv.
+    dk, dv = _dkdv_loop(
+        kb, vb, cols, 0, 0, b, hk, Q, DO, LSE, DELTA,
+        sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale * gk, gv,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, PRECISION,
+    )  # fmt: skip
+    # Rows past P hold garbage (possibly inf); zero them before the gate reductions.
+    dkey = tl.where(col_ok[:, None], dk * sm_scale, 0.0)  # d loss / d (gk * pk)
+    dv = tl.where(col_ok[:, None], dv, 0.0)
+    out_off = pid_bh.to(tl.int64) * P * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DPK + out_off, dkey * gk, mask=kv_mask)
+    tl.store(DPV + out_off, dv * gv, mask=kv_mask)
+    if HAS_GATE:  # d gk = sum pk . d(gk pk); d gv = sum pv . d(gv pv)
+        dgk = tl.sum(tl.sum(kb.to(tl.float32) * dkey, 1), 0)
+        dgv = tl.sum(tl.sum(vb.to(tl.float32) * dv, 1), 0)
+        g_off = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n) * 2
+        tl.store(DG + g_off, dgk)
+        tl.store(DG + g_off + 1, dgv)
+
+
+@triton.jit
+def _task_sum_kernel(PART, IDX, OUT, B, N, BLOCK: tl.constexpr):
+    """OUT[t] = sum over examples b with IDX[b] == t of PART[b], in increasing b: a fixed
+    order, so the result is bit-reproducible (no atomics)."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    ptrs = PART + offs  # advanced by N per example: 64-bit pointer arithmetic
+    for b in range(0, B):
+        sel = (tl.zeros([BLOCK], tl.int64) + tl.load(IDX + b)) == t
+        acc += tl.load(ptrs, mask=mask & sel, other=0.0)
+        ptrs += N
+    tl.store(OUT + t.to(tl.int64) * N + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    IDX,
+    GATE,
+    KPM,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    spkt,
+    spkh,
+    spkn,
+    spkd,
+    spvt,
+    spvh,
+    spvn,
+    spvd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    smb,
+    smn,
+    H,
+    GROUP,
+    LQ,
+    LK,
+    P,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    row_ok = offs_m < LQ
+    rd_mask = row_ok[:, None] & mask_d[None, :]
+    qb = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=rd_mask,
+        other=0.0,
+    )
+    dob = tl.load(
+        DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+        mask=rd_mask,
+        other=0.0,
+    )
+    row_base = pid_bh.to(tl.int64) * LQ
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # ---- prefix keys (gated): dq += gk * dS pk
+    if HAS_GATE:
+        gk = tl.load(GATE + 2 * b)
+        gv = tl.load(GATE + 2 * b + 1)
+    else:
+        gk = 1.0
+        gv = 1.0
+    t = tl.load(IDX + b).to(tl.int64)
+    pk_base = PK + t * spkt + hk * spkh
+    pv_base = PV + t * spvt + hk * spvh
+    for start_n in range(0, P, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < P
+        kv_mask = col_ok[:, None] & mask_d[None, :]
+        kb = tl.load(
+            pk_base + cols[:, None] * spkn + offs_d[None, :] * spkd, mask=kv_mask, other=0.0
+        )
+        vb = tl.load(
+            pv_base + cols[:, None] * spvn + offs_d[None, :] * spvd, mask=kv_mask, other=0.0
+        )
+        s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * (qk_scale * gk)
+        p = tl.where(col_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * gv
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot((ds * gk).to(kb.dtype), kb, dq, input_precision=PRECISION)
+
+    # ---- token keys (same split as the forward)
+    full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    for start_n in range(0, full, BLOCK_N):
+        cols = start_n + offs_n
+        kb = _load_d(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
+        vb = _load_d(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
+        s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if HAS_MASK:
+            p = tl.where((tl.load(KPM + b * smb + cols * smn) != 0)[None, :], p, 0.0)
+        dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
+    for start_n in range(full, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        kv_mask = col_ok[:, None] & mask_d[None, :]
+        kb = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        vb = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
+        vis = col_ok[None, :]
+        if CAUSAL:
+            vis = vis & (cols[None, :] <= offs_m[:, None] + (LK - LQ))
+        s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
+        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
+
+    dq_ptrs = (
+        DQ + pid_bh.to(tl.int64) * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    )
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rd_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" or t.device.type != "cuda"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _configs(q: torch.Tensor, D: int) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Interpreter: 16x16 blocks (fast,
+    and small shapes still span several blocks). GPU: every tl.dot dim >= 16; smaller tiles
+    for fp32 and for D > 128 so that shared memory and registers stay within an sm80/sm90."""
+    if _interpreting(q):
+        c = (16, 16, 1, 1)
+        return {"fwd": c, "dkdv": c, "dq": c}
+    bd = _block_d(D)
+    if q.element_size() == 4:  # IEEE fp32 dots run on FMA units: small tiles avoid spills
+        if bd <= 64:
+            return {"fwd": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
+        if bd <= 128:
+            return {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
+        return {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
+    if bd <= 64:
+        return {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+    if bd <= 128:
+        return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}
+    return {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
+
+
+def _precision(q: torch.Tensor) -> str:
+    # fp32 must stay fp32 (no TF32) to meet the fp32 tolerance; half types ignore this.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _check_head_dim(q: torch.Tensor, D: int) -> None:
+    if D > 256 and not _interpreting(q):
+        raise NotImplementedError(
+            f"prefix_attention: the triton kernel supports head dims up to 256, got {D}; "
+            "use backend='eager'"
+        )
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor,
+    prefix_gate: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    P = prefix_k.shape[2]
+    out = new_output((B, H, Lq, D), q.dtype, q.device)
+    lse = new_output((B, H, Lq), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    _check_head_dim(q, D)
+    BM, BN, warps, stages = _configs(q, D)["fwd"]
+    gate = q if prefix_gate is None else prefix_gate  # a placeholder pointer when unused
+    kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    grid = (triton.cdiv(Lq, BM), B * H)
+    _fwd_kernel[grid](
+        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+        kpm.stride(0) if key_padding_mask is not None else 0,
+        kpm.stride(1) if key_padding_mask is not None else 0,
+        H, H // Hkv, Lq, Lk, P, softmax_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
+        HAS_GATE=prefix_gate is not None, HAS_MASK=key_padding_mask is not None,
+        CAUSAL=causal, PRECISION=_precision(q), EVEN_D=_block_d(D) == D,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_index: torch.Tensor,
+    prefix_gate: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
+]:
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    dev = q.device
+    dq = new_output((B, H, Lq, D), q.dtype, dev)
+    dk = new_output((B, Hkv, Lk, D), k.dtype, dev)
+    dv = new_output((B, Hkv, Lk, D), v.dtype, dev)
+    dpk = new_output((T, Hkv, P, D), prefix_k.dtype, dev)
+    dpv = new_output((T, Hkv, P, D), prefix_v.dtype, dev)
+    if q.numel() == 0:  # no query: every gradient is 0
+        dg = None if prefix_gate is None else torch.zeros(B, 2, dtype=torch.float32, device=dev)
+        return dq, dk.zero_(), dv.zero_(), dpk.zero_(), dpv.zero_(), dg
+    _check_head_dim(q, D)
+    out, lse = out.contiguous(), lse.contiguous()  # as forward wrote them (no-ops)
+    cfg = _configs(q, D)
+    BD = _block_d(D)
+    prec = _precision(q)
+    has_gate, has_mask = prefix_gate is not None, key_padding_mask is not None
+    gate = q if prefix_gate is None else prefix_gate
+    kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    km_strides = (kpm.stride(0), kpm.stride(1)) if has_mask else (0, 0)
+    qk_scale = softmax_scale * LOG2E
+    do_strides = grad_out.stride()
+
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    BM = cfg["dq"][0]
+    _bwd_preprocess[(triton.cdiv(Lq, BM), B * H)](
+        out, grad_out, delta, *do_strides, H, Lq, HEAD_DIM=D, BLOCK_M=BM, BLOCK_D=BD
+    )
+
+    BM, BN, warps, stages = cfg["dkdv"]
+    if Lk > 0:
+        _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), B * Hkv)](
+            q, k, v, grad_out, lse, delta, kpm, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do_strides, *km_strides,
+            H, Hkv, H // Hkv, Lq, Lk, qk_scale, softmax_scale,
+            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_MASK=has_mask,
+            CAUSAL=causal, PRECISION=prec, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    n_pblocks = triton.cdiv(P, BN)
+    dg_part = torch.zeros((B, Hkv, n_pblocks, 2), dtype=torch.float32, device=dev)
+    if P > 0 and T > 0:
+        # Per-example fp32 partials, then a fixed-order sum per task (deterministic).
+        part_k = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
+        part_v = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
+        _bwd_prefix_dkdv_kernel[(n_pblocks, B * Hkv)](
+            q, prefix_k, prefix_v, prefix_index, gate, grad_out, lse, delta,
+            part_k, part_v, dg_part,
+            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *do_strides,
+            H, Hkv, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale,
+            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
+            PRECISION=prec, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        N = Hkv * P * D
+        SB = 1024
+        for part, dst in ((part_k, dpk), (part_v, dpv)):
+            _task_sum_kernel[(triton.cdiv(N, SB), T)](part, prefix_index, dst, B, N, BLOCK=SB)
+    else:
+        dpk.zero_()
+        dpv.zero_()
+
+    BM, BN, warps, stages = cfg["dq"]
+    _bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
+        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+        *do_strides, *km_strides,
+        H, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale,
+        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
+        HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+    dg = dg_part.sum(dim=(1, 2)) if has_gate else None
+    return dq, dk, dv, dpk, dpv, dg

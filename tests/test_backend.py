@@ -94,3 +94,14 @@ def test_unwritten_kernels_raise_not_implemented(clean):
 
 def _no_module(name):
     raise ModuleNotFoundError(name=name)
+
+
+def test_auto_float64_falls_back_to_eager(clean):
+    """float64 runs on eager only, so "auto" never picks a kernel backend for it."""
+    clean.setattr(_backend, "triton_import_error", lambda: None)
+    assert uf.resolve_backend("auto", CUDA, "op", torch.float64) == "eager"
+    assert uf.resolve_backend("auto", CUDA, "op", torch.float32) == "triton"
+    clean.setenv("TRITON_INTERPRET", "1")
+    case = bias_only_linear_case(lead=(3,), d_in=4, d_out=5)
+    y = uf.bias_only_linear(*case.args.values(), backend="auto")  # float64 on CPU
+    assert y.dtype == torch.float64

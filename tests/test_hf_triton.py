@@ -44,7 +44,9 @@ def _setup(source, ops, monkeypatch):
         monkeypatch.setattr(
             ops_mod,
             "resolve_backend",
-            lambda backend, device, op: "triton" if backend != "eager" and op in mods else "eager",
+            lambda backend, device, op, dtype=None: (
+                "triton" if backend != "eager" and op in mods else "eager"
+            ),
         )
         return
     for op in ops:

@@ -91,17 +91,22 @@ def cuda_extension_built() -> bool:
     return bool(getattr(_cuda, "is_built", lambda: False)())
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, op: str, dtype: torch.dtype | None = None
+) -> str:
     """Turn a requested backend into the one that runs, or raise saying why it cannot.
 
     "auto" (after applying :func:`set_backend` / ``UNIPELT_BACKEND``):
     CUDA tensors -> triton if it imports, else the CUDA extension if built, else eager;
-    CPU tensors -> triton when ``TRITON_INTERPRET=1``, else eager.
+    CPU tensors -> triton when ``TRITON_INTERPRET=1``, else eager. float64 inputs (which
+    only the eager reference supports) always resolve to eager under "auto".
     """
     _check_name(backend, "backend")
     if backend == "auto":
         backend = get_backend()
     if backend == "auto":
+        if dtype == torch.float64:
+            return "eager"
         if device.type == "cuda":
             if triton_import_error() is None:
                 return "triton"

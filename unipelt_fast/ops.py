@@ -307,7 +307,7 @@ def prefix_attention(
         causal,
         softmax_scale,
     )
-    be = resolve_backend(backend, q.device, "prefix_attention")
+    be = resolve_backend(backend, q.device, "prefix_attention", q.dtype)
     check_backend_dtype(q.dtype, be, "prefix_attention")
     if be == "eager":
         return reference.prefix_attention(
@@ -590,7 +590,7 @@ def gated_adapter(
         activation,
         scaling,
     )
-    be = resolve_backend(backend, x.device, "gated_adapter")
+    be = resolve_backend(backend, x.device, "gated_adapter", x.dtype)
     check_backend_dtype(x.dtype, be, "gated_adapter")
     if be == "eager":
         return reference.gated_adapter(
@@ -700,7 +700,7 @@ def bias_only_linear(
     x, weight, bias = _autocast(x, weight, bias)
     validate_bias_only_linear(x, weight, bias, activation)
     act = check_activation(activation, "bias_only_linear", allow_none=True)
-    be = resolve_backend(backend, x.device, "bias_only_linear")
+    be = resolve_backend(backend, x.device, "bias_only_linear", x.dtype)
     check_backend_dtype(x.dtype, be, "bias_only_linear")
     if be == "eager":
         return reference.bias_only_linear(x, weight, bias, activation=activation)
@@ -778,7 +778,7 @@ def bias_only_layer_norm(
     """
     x, weight, bias = _autocast(x, weight, bias)
     validate_bias_only_layer_norm(x, weight, bias, eps)
-    be = resolve_backend(backend, x.device, "bias_only_layer_norm")
+    be = resolve_backend(backend, x.device, "bias_only_layer_norm", x.dtype)
     check_backend_dtype(x.dtype, be, "bias_only_layer_norm")
     if be == "eager":
         return reference.bias_only_layer_norm(x, weight, bias, eps)

@@ -74,6 +74,20 @@ __device__ __forceinline__ void load_kv_tile(const UfAttnArgs& a, int b, int hkv
   }
 }
 
+// sum_d a[d] * b[d] over shared-memory rows, four independent chains for latency.
+__device__ __forceinline__ float dot_rows(const float* a, const float* b, int D) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int d = 0;
+  for (; d + 4 <= D; d += 4) {
+    s0 += a[d] * b[d];
+    s1 += a[d + 1] * b[d + 1];
+    s2 += a[d + 2] * b[d + 2];
+    s3 += a[d + 3] * b[d + 3];
+  }
+  for (; d < D; ++d) s0 += a[d] * b[d];
+  return (s0 + s1) + (s2 + s3);
+}
+
 // Token keys a block of query rows [.., i_last] can see: causal stops at i_last + Lk - Lq.
 __device__ __forceinline__ int key_end(const UfAttnArgs& a, int i_last) {
   int tok_end = a.Lk;
@@ -128,12 +142,7 @@ __global__ void __launch_bounds__(kThreads)
     if (row_ok) {  // warp-uniform
       const int j = j0 + lane;
       float s = kNegInf;
-      if (j < nkeys && key_visible(a, b, i, j)) {
-        const float* kr = Ks + lane * ld;
-        float dot = 0.f;
-        for (int d = 0; d < D; ++d) dot += qrow[d] * kr[d];
-        s = dot;
-      }
+      if (j < nkeys && key_visible(a, b, i, j)) s = dot_rows(qrow, Ks + lane * ld, D);
       const float mn = fmaxf(m, uf::warp_max(s));
       if (mn != kNegInf) {  // warp-uniform: some key seen so far
         const float alpha = exp2f(m - mn);  // 0 while m is -inf
@@ -237,13 +246,8 @@ __global__ void __launch_bounds__(kThreads)
       const int j = j0 + lane;
       float ds = 0.f;
       if (j < nkeys && key_visible(a, b, i, j)) {
-        const float* kr = Ks + lane * ld;
-        const float* vr = Vs + lane * ld;
-        float s = 0.f, dp = 0.f;
-        for (int d = 0; d < D; ++d) {
-          s += qrow[d] * kr[d];
-          dp += grow[d] * vr[d];
-        }
+        const float s = dot_rows(qrow, Ks + lane * ld, D);
+        const float dp = dot_rows(grow, Vs + lane * ld, D);
         const float p = exp2f(s - lse2);
         ds = p * (dp - dlt);
       }
@@ -356,13 +360,8 @@ __global__ void __launch_bounds__(kThreads)
         float p = 0.f, ds = 0.f;
         const bool vis = is_prefix || !a.causal || t_tok <= i + (a.Lk - a.Lq);
         if (i < a.Lq && lse2s[lane] != kNegInf && vis) {
-          const float* qr = Qs + lane * ld;
-          const float* gr = dOs + lane * ld;
-          float s = 0.f, dp = 0.f;
-          for (int d = 0; d < D; ++d) {
-            s += qr[d] * krow[d];
-            dp += gr[d] * vrow[d];
-          }
+          const float s = dot_rows(Qs + lane * ld, krow, D);
+          const float dp = dot_rows(dOs + lane * ld, vrow, D);
           p = exp2f(s * qk2 - lse2s[lane]);
           ds = p * (dp - dlts[lane]);
         }

@@ -431,11 +431,17 @@ void gated_adapter_backward(const Tensor& grad_out, const Tensor& x, const Tenso
     bu = b_up->contiguous();
     check_same(bu, x, "b_up");
   }
-  Tensor u;
-  if (gated) u = at::matmul(h, w_up.t()).contiguous();  // the gate's gradient needs u
+  Tensor u;  // the gate's gradient needs u = h @ w_up.T; in float32 (see bwd_up_kernel)
+  if (gated) {
+    Tensor h32 = at::empty({M, r}, f32);
+    ok(uf_adapter_act(zc.data_ptr<float>(), h32.data_ptr(), M * r, static_cast<int>(act),
+                      UF_F32, st),
+       "gated_adapter activation");
+    u = at::matmul(h32, w_up.to(at::kFloat).t()).contiguous();
+  }
   Tensor da = at::empty({M, d}, x.options());
   Tensor dg = at::empty({M > 0 ? M : 1}, f32);
-  ok(uf_adapter_bwd_up(go2.data_ptr(), g.data_ptr<float>(), gated ? u.data_ptr() : nullptr,
+  ok(uf_adapter_bwd_up(go2.data_ptr(), g.data_ptr<float>(), gated ? u.data_ptr<float>() : nullptr,
                        bu.defined() ? bu.data_ptr() : nullptr, da.data_ptr(),
                        dg.data_ptr<float>(), M, d, static_cast<float>(scaling), dt, st),
      "gated_adapter backward (up)");

@@ -77,9 +77,11 @@ __global__ void out_epilogue_kernel(const T* __restrict__ u, const T* __restrict
 }
 
 // One block per row: da = grad_out * g * scaling; with u, dg = scaling * <grad_out, u + b_up>.
+// u is float32: the gate gradient is one dot product per row, often with cancellation, so it
+// must not see a rounded u.
 template <typename T>
 __global__ void bwd_up_kernel(const T* __restrict__ go, const float* __restrict__ g,
-                              const T* __restrict__ u, const T* __restrict__ b_up,
+                              const float* __restrict__ u, const T* __restrict__ b_up,
                               T* __restrict__ da, float* __restrict__ dg, int64_t d,
                               float scaling) {
   __shared__ float shm[32];
@@ -90,7 +92,7 @@ __global__ void bwd_up_kernel(const T* __restrict__ go, const float* __restrict_
     const float gv = uf::to_f(go[m * d + c]);
     da[m * d + c] = uf::from_f<T>(gv * gs);
     if (u != nullptr) {
-      float a = uf::to_f(u[m * d + c]);
+      float a = u[m * d + c];
       if (b_up != nullptr) a += uf::to_f(b_up[c]);
       acc += gv * a;
     }
@@ -205,14 +207,14 @@ cudaError_t uf_adapter_out_epilogue(const void* u, const void* b_up, const void*
   return cudaSuccess;
 }
 
-cudaError_t uf_adapter_bwd_up(const void* grad_out, const float* g, const void* u,
+cudaError_t uf_adapter_bwd_up(const void* grad_out, const float* g, const float* u,
                               const void* b_up, void* da, float* dg, int64_t M, int64_t d,
                               float scaling, int dtype, cudaStream_t stream) {
   if (M <= 0 || d <= 0) return cudaSuccess;
   if (M > 0x7fffffffLL) return cudaErrorInvalidValue;
   UF_DISPATCH(dtype, {
     bwd_up_kernel<scalar_t><<<static_cast<unsigned>(M), row_threads(d), 0, stream>>>(
-        static_cast<const scalar_t*>(grad_out), g, static_cast<const scalar_t*>(u),
+        static_cast<const scalar_t*>(grad_out), g, u,
         static_cast<const scalar_t*>(b_up), static_cast<scalar_t*>(da), dg, d, scaling);
     UF_CHECK_LAUNCH();
   });

@@ -106,8 +106,8 @@ cudaError_t uf_adapter_out_epilogue(const void* u, const void* b_up, const void*
                                     int64_t L, int64_t d, float scaling, int dtype,
                                     cudaStream_t stream);
 // Backward, step 1. da = grad_out * g * scaling (dtype, (M,d)); when u != nullptr (gated)
-// also dg (M,) float32 = scaling * sum_c grad_out * (u + b_up).
-cudaError_t uf_adapter_bwd_up(const void* grad_out, const float* g, const void* u,
+// also dg (M,) float32 = scaling * sum_c grad_out * (u + b_up), u (M,d) float32.
+cudaError_t uf_adapter_bwd_up(const void* grad_out, const float* g, const float* u,
                               const void* b_up, void* da, float* dg, int64_t M, int64_t d,
                               float scaling, int dtype, cudaStream_t stream);
 // Backward, step 2. ds (M,) float32, d loss / d gate logit, from dg (see uf_adapter_gate).
@@ -119,6 +119,6 @@ cudaError_t uf_adapter_gate_backward(const float* s, const bool* mask, const flo
 cudaError_t uf_adapter_bwd_down(const void* dh, const float* z, const float* ds, float* dzc,
                                 void* dzc_x, int64_t M, int r, int gated, int act, int dtype,
                                 cudaStream_t stream);
-// h = act(z) in dtype (the backward recomputes it for dw_up).
+// h = act(z) in dtype, or float32 with dtype UF_F32 (the backward recomputes it).
 cudaError_t uf_adapter_act(const float* z, void* h, int64_t n, int act, int dtype,
                            cudaStream_t stream);

@@ -296,7 +296,13 @@ GATED_CASES = {
 @pytest.mark.parametrize("name", list(GATED_CASES))
 def test_gated_adapter_parity(name, dtype):
     case = gated_adapter_case(device=CUDA, **GATED_CASES[name])
-    check_parity(uf.gated_adapter, case, dtype, "cuda")
+    # The gate's gradients (b_gate, w_gate) hang on one dot product <grad_out, adapter out>
+    # per token, which can nearly cancel; the harness hands the backend grad_out rounded to
+    # fp16/bf16 while the reference keeps it exact, so even exact kernel arithmetic can land
+    # near the half-precision tolerance there (seen at 1-2x it in a CPU emulation of the
+    # kernels). fp32 keeps the plain tolerance.
+    factor = 1.0 if dtype == torch.float32 else 2.0
+    check_parity(uf.gated_adapter, case, dtype, "cuda", grad_factor=factor)
 
 
 LINEAR_CASES = {

@@ -355,11 +355,13 @@ void gated_adapter_forward(const Tensor& x, const Tensor& w_down, const OptTenso
   check_same(res, x, "residual");
   TORCH_CHECK(res.sizes() == x.sizes(), "unipelt_fast cuda: residual must match x");
   const Tensor x2 = x.reshape({M, d});
-  const Tensor mm = at::matmul(x2, wcat.t()).contiguous();  // (M, r [+ 1])
+  // (M, r [+ 1]) in float32, also for half inputs: z and the gate logits feed the gate's
+  // gradient, which does not survive half-precision rounding (see gated_adapter.cu).
+  const Tensor mm = at::matmul(x2.to(at::kFloat), wcat.to(at::kFloat).t()).contiguous();
   Tensor h = at::empty({M, r}, x.options());
   Tensor g = at::empty({M > 0 ? M : 1}, x.options().dtype(at::kFloat));
   const cudaStream_t st = stream();
-  ok(uf_adapter_down_epilogue(mm.data_ptr(), bd.defined() ? bd.data_ptr() : nullptr,
+  ok(uf_adapter_down_epilogue(mm.data_ptr<float>(), bd.defined() ? bd.data_ptr() : nullptr,
                               bg.defined() ? bg.data_ptr() : nullptr, z.data_ptr<float>(),
                               h.data_ptr(), gated ? s.data_ptr<float>() : nullptr, M, r,
                               gated ? 1 : 0, static_cast<int>(act), dt, st),

@@ -12,9 +12,11 @@ constexpr int kThreads = 256;
 
 int row_threads(int64_t d) { return d >= 1024 ? 256 : 128; }
 
-// mm (M, R1) -> z = mm[:, :r] + b_down (float32), h = act(z) (T), s = mm[:, r] + b_gate.
+// mm (M, R1) float32 -> z = mm[:, :r] + b_down (float32), h = act(z) (T), s = mm[:, r] +
+// b_gate. mm is float32 even for half inputs: z and s feed the gate gradient, a per-token
+// dot product prone to cancellation, so they must not be rounded to half precision.
 template <typename T>
-__global__ void down_epilogue_kernel(const T* __restrict__ mm, const T* __restrict__ b_down,
+__global__ void down_epilogue_kernel(const float* __restrict__ mm, const T* __restrict__ b_down,
                                      const T* __restrict__ b_gate, float* __restrict__ z,
                                      T* __restrict__ h, float* __restrict__ s, int64_t M, int r,
                                      int R1, int act) {
@@ -23,7 +25,7 @@ __global__ void down_epilogue_kernel(const T* __restrict__ mm, const T* __restri
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = i / R1;
     const int j = static_cast<int>(i - m * R1);
-    float v = uf::to_f(mm[i]);
+    float v = mm[i];
     if (j < r) {
       if (b_down != nullptr) v += uf::to_f(b_down[j]);
       z[m * r + j] = v;
@@ -163,15 +165,15 @@ __global__ void act_kernel(const float* __restrict__ z, T* __restrict__ h, int64
 
 }  // namespace
 
-cudaError_t uf_adapter_down_epilogue(const void* mm, const void* b_down, const void* b_gate,
+cudaError_t uf_adapter_down_epilogue(const float* mm, const void* b_down, const void* b_gate,
                                      float* z, void* h, float* s, int64_t M, int r, int gated,
                                      int act, int dtype, cudaStream_t stream) {
   const int R1 = r + (gated ? 1 : 0);
   if (M <= 0 || R1 <= 0) return cudaSuccess;
   UF_DISPATCH(dtype, {
     down_epilogue_kernel<scalar_t><<<uf::grid_1d(M * R1, kThreads), kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(mm), static_cast<const scalar_t*>(b_down),
-        static_cast<const scalar_t*>(b_gate), z, static_cast<scalar_t*>(h), s, M, r, R1, act);
+        mm, static_cast<const scalar_t*>(b_down), static_cast<const scalar_t*>(b_gate), z,
+        static_cast<scalar_t*>(h), s, M, r, R1, act);
     UF_CHECK_LAUNCH();
   });
   return cudaSuccess;

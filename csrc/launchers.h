@@ -88,10 +88,10 @@ cudaError_t uf_layer_norm_backward(const void* grad_y, const void* x, int64_t sx
 
 // ---- gated_adapter ---------------------------------------------------------------------------
 // Gate modes: 0 none, 1 token, 2 mean.
-// Forward, step 1. mm (M, R1) contiguous = x @ [w_down; w_gate].T, R1 = r + (gate ? 1 : 0).
-// z (M,r) float32 = mm[:, :r] + b_down; h (M,r) dtype = act(z); s (M,) float32 = mm[:, r] +
-// b_gate when gated. b_down/b_gate may be nullptr.
-cudaError_t uf_adapter_down_epilogue(const void* mm, const void* b_down, const void* b_gate,
+// Forward, step 1. mm (M, R1) contiguous float32 = x @ [w_down; w_gate].T, R1 = r + (gate ?
+// 1 : 0). z (M,r) float32 = mm[:, :r] + b_down; h (M,r) dtype = act(z); s (M,) float32 =
+// mm[:, r] + b_gate when gated. b_down/b_gate may be nullptr.
+cudaError_t uf_adapter_down_epilogue(const float* mm, const void* b_down, const void* b_gate,
                                      float* z, void* h, float* s, int64_t M, int r, int gated,
                                      int act, int dtype, cudaStream_t stream);
 // g (M,) float32: the gate of every row. token: sigmoid(s); mean: the (masked) mean of

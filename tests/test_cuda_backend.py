@@ -298,16 +298,16 @@ def test_gated_adapter_parity(name, dtype):
     case = gated_adapter_case(device=CUDA, **GATED_CASES[name])
     check_parity(uf.gated_adapter, case, dtype, "cuda", check_grads=dtype == torch.float32)
     if dtype != torch.float32:
-        _check_grads_same_grad_out(uf.gated_adapter, case, dtype, "cuda", grad_factor=2.0)
+        _check_grads_same_grad_out(uf.gated_adapter, case, dtype, "cuda")
 
 
-def _check_grads_same_grad_out(fn, case, dtype, backend, grad_factor):
+def _check_grads_same_grad_out(fn, case, dtype, backend):
     """check_parity's gradient check, with the float64 reference fed the same dtype-rounded
     grad_out as the backend. The gate's gradients (b_gate, w_gate) hang on one dot product
     <grad_out, adapter output> per token, which can nearly cancel: rounding grad_out alone
     moves them past the bf16 tolerance for a few percent of random draws (measured on the
-    float64 reference), whatever the backend. The 2x allows for the bottleneck z and the gate
-    logits leaving a half-precision GEMM (bindings.cpp) before the float32 epilogue."""
+    float64 reference), whatever the backend. Fed the same grad_out, the CPU emulation of
+    these kernels lands near 3e-3 on those gradients in bf16."""
     test = case.cast(dtype)
     ref = test.cast(torch.float64)
     out = test.call(fn, backend=backend)
@@ -317,7 +317,7 @@ def _check_grads_same_grad_out(fn, case, dtype, backend, grad_factor):
     want = torch.autograd.grad(expected, ref.tensors(case.diff), g.double())
     for name, a, e in zip(case.diff, got, want, strict=True):
         assert a.shape == e.shape, f"d{name}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
-        assert_close(a, e, dtype, f"d{name}", grad_factor)
+        assert_close(a, e, dtype, f"d{name}")
 
 
 LINEAR_CASES = {
@@ -525,7 +525,7 @@ int emu_ln_bwd(const void* gy, const void* x, int64_t s0, int64_t s1, const void
                int64_t N, int dt) {
   return uf_layer_norm_backward(gy, x, s0, s1, w, mu, rs, dx, db, part, M, N, dt, nullptr);
 }
-int emu_ad_down(const void* mm, const void* bd, const void* bg, float* z, void* h, float* s,
+int emu_ad_down(const float* mm, const void* bd, const void* bg, float* z, void* h, float* s,
                 int64_t M, int r, int gated, int act, int dt) {
   return uf_adapter_down_epilogue(mm, bd, bg, z, h, s, M, r, gated, act, dt, nullptr);
 }

@@ -638,7 +638,9 @@ EMU_PREFIX_CASES = {
     "indexed_gqa_causal_mask_gate": dict(
         B=3, H=4, Hkv=2, Lq=9, Lk=11, P=3, layout="indexed", T=3, gate="b2", mask=True, causal=True
     ),
-    "noncontiguous_two_tiles_d40": dict(Lq=10, Lk=41, P=5, D=40, noncontiguous=True, gate="b"),
+    "noncontiguous_two_tiles_d40": dict(
+        B=1, H=2, Hkv=1, Lq=10, Lk=41, P=5, D=40, noncontiguous=True, gate="b"
+    ),
     "fully_padded_no_prefix_causal": dict(fully_padded=True, P=0, causal=True, Lq=6, Lk=4),
 }
 

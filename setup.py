@@ -26,10 +26,13 @@ def _ext_modules():
         for f in os.listdir(os.path.join(here, "csrc"))
         if f.endswith((".cu", ".cpp"))
     )
+    # bindings.cpp plus one .cu per op; no --use_fast_math (fp32 parity needs full-precision
+    # exp/erf/tanh). The arch list comes from TORCH_CUDA_ARCH_LIST, as for any CUDAExtension.
     ext = CUDAExtension(
         "unipelt_fast._C",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -16,8 +16,8 @@ from unipelt_fast.testing import assert_close
 
 # One dict per case; together they cover every feature at least once (not the full product):
 # r in {1, 8, 48, 200 (r padded to 256)}, d never a multiple of the block (and d > block, so
-# several d chunks with a ragged tail), all activations, gate none/token/mean/masked mean/
-# fully padded example, separate residual, either bias None, no gate bias, scaling, and
+# several d chunks with a ragged tail; d=600 in fp32 takes the small-row-block forward path),
+# all activations, gate none/token/mean/masked mean/fully padded example, separate residual, either bias None, no gate bias, scaling, and
 # leading shapes (M,), (B, L), (B, L) non-contiguous, (M,) non-contiguous, (A, B, L).
 CASES = {
     "M-r1-none-relu": dict(lead=(7,), d=33, r=1),
@@ -55,7 +55,7 @@ CASES = {
         activation="identity",
         gate_bias=False,
     ),
-    "Mnc-r48-token-relu-d300": dict(lead=(33,), d=300, r=48, gate_mode="token", noncontiguous=True),
+    "Mnc-r48-token-relu-d600": dict(lead=(33,), d=600, r=48, gate_mode="token", noncontiguous=True),
     "BL-r8-none-gelu-nobias-d300": dict(
         lead=(2, 7), d=300, r=8, activation="gelu", residual=True, bias_down=False, bias_up=False
     ),

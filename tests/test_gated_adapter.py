@@ -16,7 +16,7 @@ from unipelt_fast.testing import assert_close
 
 # One dict per case; together they cover every feature at least once (not the full product):
 # r in {1, 8, 48, 200 (r padded to 256)}, d never a multiple of the block (and d > block, so
-# several d chunks with a ragged tail; d=600 in fp32 takes the small-row-block forward path),
+# several d chunks with a ragged tail; several row blocks and row splits with a ragged tail),
 # all activations, gate none/token/mean/masked mean/fully padded example, separate residual, either bias None, no gate bias, scaling, and
 # leading shapes (M,), (B, L), (B, L) non-contiguous, (M,) non-contiguous, (A, B, L).
 CASES = {

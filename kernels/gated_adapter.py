@@ -3,7 +3,8 @@
 Calling convention: see the top of ``unipelt_fast/ops.py`` (gated_adapter).
 
 Forward. One program per block of rows. Walk 1 over d builds the bottleneck z = x @ Wd.T + bd
-(BM x r, in registers) and the gate logit s = x . w_gate + b_gate from the same x tiles; walk 2
+(BM x r, in registers) and the gate logit s = x . w_gate + b_gate from the same x tiles (a row
+reduction beside the tl.dot, so r = 64 is not padded to 128 for one extra column); walk 2
 over d writes ``residual + G * (act(z) @ Wu.T + bu)`` with G = g * scaling. No gate or the
 "token" gate: one launch. "mean" gate: launch 1 writes only z (M x r) and s (M,), the
 per-example mean of sigmoid(s) is a few torch ops on (B, L), launch 2 reads z back instead of x.
@@ -314,9 +315,9 @@ def _cfg(M: int, D: int, bm: int, bd: int, warps: int) -> tuple[int, int, int]:
     return bm, min(bd, max(16, triton.next_power_of_2(D))), warps
 
 
-# Block sizes: untimed (no GPU in this session), chosen so that the sm_90 cubins of these
-# kernels compile without register spills (checked with triton's AOT compiler + cuobjdump
-# -res-usage at r = 64 and 256, bf16). Small row blocks in the forward also keep walk 2's
+# Block sizes: untimed (no GPU in this session), chosen from the sm_90 cubins of these kernels
+# (triton's AOT compiler + cuobjdump -res-usage, bf16): no register spills at r <= 64 (128 for
+# the backward), at most ~112 bytes of spill at r = 256. Small row blocks in the forward also keep walk 2's
 # re-read of x (as the residual) in L2.
 def _fwd_cfg(M: int, D: int, rp: int) -> tuple[int, int, int]:
     if rp <= 64:

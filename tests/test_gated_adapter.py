@@ -1,0 +1,280 @@
+"""Triton gated adapter (kernels/gated_adapter.py) against the float64 eager reference.
+
+Interpreter tests run the kernels on CPU tensors (TRITON_INTERPRET=1) at small odd shapes;
+GPU tests repeat the grid on CUDA and add bf16 at a realistic size.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unipelt_fast as uf
+from tests.parity import check_parity, gated_adapter_case, noncontig
+from unipelt_fast.testing import assert_close
+
+# One dict per case; together they cover every feature at least once (not the full product):
+# r in {1, 8, 48, 200 (r padded to 256)}, d never a multiple of the block (and d > block, so
+# several d chunks with a ragged tail; several row blocks and row splits with a ragged tail),
+# all activations, gate none/token/mean/masked mean/fully padded example, separate residual, either bias None, no gate bias, scaling, and
+# leading shapes (M,), (B, L), (B, L) non-contiguous, (M,) non-contiguous, (A, B, L).
+CASES = {
+    "M-r1-none-relu": dict(lead=(7,), d=33, r=1),
+    "BL-r8-token-gelu-res": dict(
+        lead=(2, 7), d=33, r=8, gate_mode="token", activation="gelu", residual=True
+    ),
+    "BLnc-r48-token-gelutanh-nobd": dict(
+        lead=(3, 33),
+        d=100,
+        r=48,
+        gate_mode="token",
+        activation="gelu_tanh",
+        noncontiguous=True,
+        bias_down=False,
+    ),
+    "BL-r8-mean-silu-nobu-scale": dict(
+        lead=(2, 7), d=100, r=8, gate_mode="mean", activation="silu", bias_up=False, scaling=0.5
+    ),
+    "BLnc-r48-maskedmean-tanh-res": dict(
+        lead=(3, 33),
+        d=33,
+        r=48,
+        gate_mode="mean",
+        masked=True,
+        activation="tanh",
+        residual=True,
+        noncontiguous=True,
+    ),
+    "BL-r1-padded-identity-nobg": dict(
+        lead=(3, 9),
+        d=100,
+        r=1,
+        gate_mode="mean",
+        fully_padded=True,
+        activation="identity",
+        gate_bias=False,
+    ),
+    "Mnc-r48-token-relu-d600": dict(lead=(33,), d=600, r=48, gate_mode="token", noncontiguous=True),
+    "BL-r8-none-gelu-nobias-d300": dict(
+        lead=(2, 7), d=300, r=8, activation="gelu", residual=True, bias_down=False, bias_up=False
+    ),
+    "ABL-r8-token-silu": dict(lead=(2, 3, 5), d=33, r=8, gate_mode="token", activation="silu"),
+    "BL-r200-maskedmean-gelu-d200": dict(
+        lead=(2, 9), d=200, r=200, gate_mode="mean", masked=True, activation="gelu"
+    ),
+    "BLnc-r8-token-tanh-nobu-nobg": dict(
+        lead=(4, 17),
+        d=48,
+        r=8,
+        gate_mode="token",
+        activation="tanh",
+        scaling=2.0,
+        gate_bias=False,
+        bias_up=False,
+        residual=True,
+        noncontiguous=True,
+    ),
+    "BLnc-r8-mean-relu-nobias": dict(
+        lead=(2, 7), d=33, r=8, gate_mode="mean", bias_down=False, bias_up=False, noncontiguous=True
+    ),
+    "BL-r48-padded-gelutanh-res-d100": dict(
+        lead=(3, 20),
+        d=100,
+        r=48,
+        gate_mode="mean",
+        fully_padded=True,
+        activation="gelu_tanh",
+        residual=True,
+        scaling=1.5,
+    ),
+    "BL-r1-none-silu-scale": dict(lead=(5, 3), d=100, r=1, activation="silu", scaling=-0.75),
+}
+DTYPES = [torch.float32, torch.float16]
+
+
+def _case(name, device="cpu", noncontig_residual=False):
+    case = gated_adapter_case(**CASES[name], device=device)
+    if noncontig_residual and "residual" in case.kwargs:
+        case.kwargs["residual"] = noncontig(case.kwargs["residual"])
+    return case
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_parity_interpreter(name, dtype):
+    check_parity(uf.gated_adapter, _case(name), dtype, "triton")
+
+
+@pytest.mark.interpreter
+def test_noncontiguous_residual_interpreter():
+    case = _case("BL-r8-token-gelu-res", noncontig_residual=True)
+    assert not case.kwargs["residual"].is_contiguous()
+    check_parity(uf.gated_adapter, case, torch.float32, "triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gate_mode", [None, "token", "mean"])
+def test_saved_state_matches_convention(gate_mode):
+    """The kernel's z and s are the pre-activation bottleneck and the gate logits."""
+    from unipelt_fast.kernels import gated_adapter as k
+
+    case = gated_adapter_case(
+        lead=(3, 11), d=100, r=8, gate_mode=gate_mode, noncontiguous=True
+    ).cast(torch.float32)
+    a, kw = case.args, case.kwargs
+    x = a["x"].detach()
+    wg, bg = kw.get("w_gate"), kw.get("b_gate")
+    out, z, s = k.forward(
+        x, a["w_down"], a["b_down"], a["w_up"], a["b_up"], None, wg, bg, None,
+        gate_mode or "token", "relu", 1.0,
+    )  # fmt: skip
+    assert out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype
+    assert z.dtype == torch.float32 and z.shape == (33, 8)
+    assert_close(z, F.linear(x, a["w_down"], a["b_down"]).reshape(33, 8), torch.float32, "z")
+    if gate_mode is None:
+        assert s.shape == (0,)
+    else:
+        assert s.dtype == torch.float32 and s.shape == (33,)
+        assert_close(s, F.linear(x, wg, bg).reshape(33), torch.float32, "s")
+
+
+def _saved_bytes(case):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = case.call(uf.gated_adapter, backend="triton")
+    out.backward(torch.randn_like(out))  # what was saved suffices for backward
+    return sum(sizes)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gate_mode", [None, "token", "mean"])
+def test_saved_bytes(gate_mode):
+    """Saved for backward: x, the parameters (alive anyway), the mask and O(M * r)."""
+    B, L, d, r = 2, 33, 100, 8
+    M = B * L
+    got = {}
+    for residual in (False, True):
+        case = gated_adapter_case(
+            lead=(B, L), d=d, r=r, gate_mode=gate_mode, masked=gate_mode == "mean",
+            residual=residual,
+        ).cast(torch.float32)  # fmt: skip
+        got[residual] = saved = _saved_bytes(case)
+        params = sum(
+            t.numel() * t.element_size()
+            for n, t in {**case.args, **case.kwargs}.items()
+            if isinstance(t, torch.Tensor) and n not in ("x", "residual")
+        )  # weights, biases, gate and the (B, L) mask
+        x = case.args["x"]
+        assert saved <= x.nbytes + params + (M * r + M) * 4, (saved, x.nbytes, params)
+        assert saved < 2 * x.nbytes  # not a single full-size intermediate
+    assert got[True] == got[False]  # a separate residual is never saved
+
+
+@pytest.mark.interpreter
+def test_backward_deterministic():
+    case = _case("BL-r48-padded-gelutanh-res-d100").cast(torch.float32)
+    ins = case.tensors(case.diff)
+    out = case.call(uf.gated_adapter, backend="triton")
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, ins, g, retain_graph=True)
+    second = torch.autograd.grad(out, ins, g)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def _module_check(gate_mode, activation, device, dtype=torch.float32):
+    d, r = 40, 8
+    m = uf.GatedAdapter(
+        d, r, activation=activation, gate=gate_mode is not None,
+        gate_mode=gate_mode or "token", scaling=0.7, backend="triton",
+    ).to(device)  # fmt: skip
+    with torch.no_grad():  # up starts at zero (identity adapter): make it non-trivial
+        m.up.weight.normal_(0, r**-0.5)
+        m.up.bias.normal_()
+    eager = copy.deepcopy(m)
+    eager.backend = "eager"
+    x = torch.randn(3, 9, d, device=device)
+    mask = torch.rand(3, 9, device=device) > 0.3
+    mask[:, 0] = True
+    mask[-1] = False
+    outs, grads = [], []
+    for mod in (m, eager):
+        xi = x.clone().requires_grad_(True)
+        out = mod(xi, mask=mask)
+        out.backward(torch.ones_like(out) + torch.arange(d, device=device) / d)
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad for p in mod.parameters()])
+    assert_close(outs[0], outs[1], dtype, "out")
+    for i, (a, e) in enumerate(zip(*grads, strict=True)):
+        assert_close(a, e, dtype, f"grad {i}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gate_mode", [None, "token", "mean", "masked_mean"])
+def test_module_triton_matches_eager(gate_mode):
+    _module_check(gate_mode, "gelu", "cpu")
+
+
+# ---- GPU -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_parity_gpu(name, dtype):
+    check_parity(uf.gated_adapter, _case(name, "cuda"), dtype, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(gate_mode="token", activation="gelu"),
+        dict(gate_mode="mean", masked=True, fully_padded=True, activation="silu", residual=True),
+    ],
+    ids=["none", "token", "masked-mean"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_parity_gpu_realistic(kw, dtype):
+    # M = 16384 rows (B=8, L=2048), d = 4096, r = 64.
+    case = gated_adapter_case(lead=(8, 2048), d=4096, r=64, device="cuda", **kw)
+    check_parity(uf.gated_adapter, case, dtype, "triton")
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [1, 64, 256])
+def test_odd_sizes_gpu(r):
+    case = gated_adapter_case(
+        lead=(3, 517), d=16411, r=r, gate_mode="mean", masked=True, noncontiguous=True,
+        residual=True, device="cuda",
+    )  # fmt: skip
+    check_parity(uf.gated_adapter, case, torch.bfloat16, "triton")
+
+
+@pytest.mark.gpu
+def test_backward_deterministic_gpu():
+    case = gated_adapter_case(
+        lead=(8, 512), d=1024, r=64, gate_mode="mean", masked=True, device="cuda"
+    ).cast(torch.bfloat16)
+    ins = case.tensors(case.diff)
+    out = case.call(uf.gated_adapter, backend="triton")
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, ins, g, retain_graph=True)
+    second = torch.autograd.grad(out, ins, g)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate_mode", [None, "token", "masked_mean"])
+def test_module_triton_matches_eager_gpu(gate_mode):
+    _module_check(gate_mode, "gelu", "cuda")

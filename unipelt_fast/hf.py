@@ -267,7 +267,11 @@ def unipelt_attention(
     gate = module.__dict__.pop("_unipelt_gate", None)
     B = query.shape[0]
     if gate is not None and gate.shape[0] != B:
-        gate = None if B % gate.shape[0] else gate.repeat_interleave(B // gate.shape[0], 0)
+        if B % gate.shape[0]:  # never drop the gate silently
+            raise ValueError(
+                f"unipelt attention: the prefix gate has {gate.shape[0]} rows for a batch of {B}"
+            )
+        gate = gate.repeat_interleave(B // gate.shape[0], 0)  # e.g. expanded beams
     out = ops.prefix_attention(
         query,
         key,

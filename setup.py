@@ -52,7 +52,10 @@ setup(
     python_requires=">=3.11",
     # `kernels/` installs as `unipelt_fast.kernels`: a top-level `kernels` module would
     # shadow the `kernels` package that transformers looks for.
-    packages=["unipelt_fast", "unipelt_fast.bench", "unipelt_fast.kernels", "unipelt_fast.csrc"],
+    packages=[
+        "unipelt_fast",
+        "unipelt_fast.bench",
+        "unipelt_fast.hf", "unipelt_fast.kernels", "unipelt_fast.csrc"],
     package_dir={
         "unipelt_fast": "unipelt_fast",
         "unipelt_fast.kernels": "kernels",

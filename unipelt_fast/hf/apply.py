@@ -1,0 +1,244 @@
+"""apply_unipelt: freeze the base model and inject the configured methods, atomically."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+
+from .._backend import BACKENDS
+from ..bitfit import bitfit
+from ..config import UniPELTConfig
+from ..lora import GatedLoRA
+from ..modules import GatedAdapter
+from ..prompt import SoftPrompt
+from .attention import ATTN_NAME, _legacy_bert_forward, _register, _uses_attention_interface
+from .families import (
+    _DEFAULT_HEADS,
+    _attention_modules,
+    _dims,
+    _family,
+    _ffn_targets,
+    _linear_dims,
+    _lora_targets,
+)
+from .hooks import _attn_pre_hook, _model_pre_hook
+from .root import UniPELTRoot
+from .wrappers import AdapterWrapper
+
+_MISSING = object()
+
+
+class _Snapshot:
+    """Everything apply_unipelt changes, so a failure can put the model back as it was."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.children = [
+            (parent, name, child)
+            for parent in model.modules()
+            for name, child in parent.named_children()
+        ]
+        self.grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self.handles: list = []
+        self.tagged: list[tuple[nn.Module, str, object]] = []
+
+    def restore(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for parent, name, child in self.children:
+            setattr(parent, name, child)
+        for m, k, old in reversed(self.tagged):
+            if old is _MISSING:
+                m.__dict__.pop(k, None)
+            else:
+                m.__dict__[k] = old
+        for m in self.model.modules():
+            m.__dict__.pop("_unipelt_gate", None)
+        if "unipelt" in self.model._modules:
+            del self.model._modules["unipelt"]
+        for p, rg in self.grad:
+            p.requires_grad_(rg)
+        if self.attn is not None:
+            self.model.config._attn_implementation = self.attn
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def _tag(module: nn.Module, snap: _Snapshot, **attrs) -> None:
+    for k, val in attrs.items():
+        snap.tagged.append((module, k, module.__dict__.get(k, _MISSING)))
+        module.__dict__[k] = val  # plain attributes: not registered as submodules
+
+
+def apply_unipelt(
+    model: nn.Module, cfg: UniPELTConfig | None = None, *, backend: str = "auto"
+) -> nn.Module:
+    """Freeze ``model`` and inject the methods of ``cfg``, in place; returns the model.
+
+    Supports BERT/RoBERTa, GPT-2 and LLaMA-family (LLaMA, Mistral, Qwen2) models, any head.
+    On error the model is left as it was.
+    """
+    cfg = UniPELTConfig() if cfg is None else cfg
+    if not isinstance(cfg, UniPELTConfig):
+        raise TypeError("apply_unipelt: cfg must be a UniPELTConfig")
+    if backend not in BACKENDS:
+        raise ValueError(f"apply_unipelt: backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(getattr(model, "unipelt", None), UniPELTRoot):
+        raise ValueError("apply_unipelt: this model already has UniPELT methods")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise TypeError("apply_unipelt: expects a transformers PreTrainedModel")
+    snap = _Snapshot(model)
+    try:
+        _apply(model, cfg, backend, snap)
+    except BaseException:
+        snap.restore()
+        raise
+    return model
+
+
+def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) -> None:
+    dims = _dims(model.config)
+    family = _family(dims["model_type"])
+    attns = _attention_modules(model, family)
+    ffns = _ffn_targets(model, family)
+    if len(attns) != dims["n_layers"] or (cfg.adapter is not None and len(ffns) != len(attns)):
+        raise NotImplementedError(
+            f"apply_unipelt: found {len(attns)} attention and {len(ffns)} FFN blocks for "
+            f"{dims['n_layers']} layers in this {dims['model_type']} model; supported: BERT, "
+            "RoBERTa, GPT-2 and LLaMA-family models"
+        )
+    dtype, device = _model_dtype_device(model)
+    T = len(cfg.tasks)
+
+    # 1. freeze; BitFit; task heads trained in full (kept as ordinary modules)
+    heads = cfg.modules_to_save if cfg.modules_to_save is not None else _DEFAULT_HEADS
+    head_mods = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in heads
+    ]
+    head_tree = [  # bitfit swaps modules inside the heads too (RoBERTa's head has two)
+        (parent, name, child)
+        for _, _, head in head_mods
+        for parent in head.modules()
+        for name, child in parent.named_children()
+    ]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.bitfit:
+        bitfit(model, backend=backend)
+    for parent, name, child in [*head_mods, *head_tree]:
+        setattr(parent, name, child)
+    for _, _, head in head_mods:
+        for p in head.parameters():
+            p.requires_grad_(True)
+
+    root = UniPELTRoot(cfg, dims, backend)
+    new_modules: list[nn.Module] = [root]
+
+    # 2. LoRA on the query/value projections
+    if cfg.lora is not None:
+        for attn in attns:
+            for parent, attr, slices in _lora_targets(attn, family, cfg.lora.targets, dims):
+                base = getattr(parent, attr)
+                d_in, d_out = _linear_dims(base)
+                w = GatedLoRA(
+                    base,
+                    d_in,
+                    d_out,
+                    r=cfg.lora.r,
+                    alpha=cfg.lora.alpha,
+                    n_tasks=T,
+                    gate=cfg.lora.gate,
+                    gate_mode=cfg.gate_mode,
+                    out_slices=slices,
+                )
+                _tag(w, snap, _unipelt_root=root)
+                setattr(parent, attr, w)
+                new_modules.append(w.units)
+
+    # 3. adapters after the FFN outputs
+    if cfg.adapter is not None:
+        ac = cfg.adapter
+        r = ac.bottleneck or max(1, dims["hidden"] // 16)
+        for parent, attr in ffns:
+            adapters = nn.ModuleList(
+                GatedAdapter(
+                    dims["hidden"],
+                    r,
+                    activation=ac.activation,
+                    gate=ac.gate,
+                    gate_mode=cfg.gate_mode,
+                    scaling=ac.scaling,
+                    backend=backend,
+                )
+                for _ in range(T)
+            )
+            w = AdapterWrapper(getattr(parent, attr), adapters)
+            _tag(w, snap, _unipelt_root=root)
+            setattr(parent, attr, w)
+            new_modules.append(adapters)
+
+    # 4. soft prompt
+    if cfg.prompt is not None:
+        emb = model.get_input_embeddings().weight
+        gen = torch.Generator().manual_seed(0)
+        rows = torch.randint(0, emb.shape[0], (T * cfg.prompt.length,), generator=gen)
+        init = None if emb.device.type == "meta" else emb.detach()[rows.to(emb.device)].float()
+        root.prompt = SoftPrompt(
+            T,
+            cfg.prompt.length,
+            dims["hidden"],
+            gate=cfg.prompt.gate,
+            gate_mode=cfg.gate_mode,
+            init=None if init is None else init.cpu(),
+        )
+
+    # 5. prefix: attention function + per-layer tags + gate pre-hooks
+    if cfg.prefix is not None:
+        _register()
+        legacy = not _uses_attention_interface(attns[0])
+        if legacy and family != "bert":
+            raise NotImplementedError(
+                f"apply_unipelt: {type(attns[0]).__name__} does not use transformers' attention "
+                "registry; upgrade transformers"
+            )
+        for i, attn in enumerate(attns):
+            _tag(attn, snap, _unipelt_root=root, _unipelt_layer=i)
+            if legacy:
+                _tag(attn, snap, forward=types.MethodType(_legacy_bert_forward, attn))
+            if root.prefix_gates is not None:
+                snap.handles.append(
+                    attn.register_forward_pre_hook(_attn_pre_hook, with_kwargs=True)
+                )
+        if not legacy:
+            model.config._attn_implementation = ATTN_NAME
+
+    for m in new_modules:
+        m.to(device=device, dtype=dtype)
+        for p in m.parameters():
+            p.requires_grad_(True)
+    model.unipelt = root
+    snap.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
+    root._handles = snap.handles
+    # Reentrant gradient checkpointing only backpropagates into a checkpointed block when its
+    # input requires grad; with a frozen embedding it would not (and the PELT gradients would
+    # silently be lost), so make the embedding output require grad (what peft does too).
+    if hasattr(model, "enable_input_require_grads") and device.type != "meta":
+        model.enable_input_require_grads()
+        snap.handles.append(getattr(model, "_require_grads_hook", None) or _NoHandle())
+
+
+class _NoHandle:
+    def remove(self) -> None:
+        pass

@@ -1,0 +1,133 @@
+"""The "unipelt" attention function registered with transformers, and its BERT 4.x shim."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from .masks import _convert_mask
+
+ATTN_NAME = "unipelt"
+
+
+def _fallback_attention():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def unipelt_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """The "unipelt" attention function: prefix attention for tagged self-attention modules,
+    sdpa for everything else (cross-attention). Returns HF's (B, Lq, H, D) layout."""
+    root = module.__dict__.get("_unipelt_root")
+    layer = module.__dict__.get("_unipelt_layer")
+    if root is None or layer is None or root.prefix is None:
+        return _fallback_attention()(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    causal = bool(getattr(module, "is_causal", False))
+    if attention_mask is None and kwargs.get("is_causal") is not None:
+        causal = bool(kwargs["is_causal"])
+    kpm, causal, key, value = _convert_mask(attention_mask, causal, query, key, value)
+    pk, pv = root.layer_prefix(layer)
+    gate = module.__dict__.pop("_unipelt_gate", None)
+    B = query.shape[0]
+    if gate is not None and gate.shape[0] != B:
+        if B % gate.shape[0]:  # never drop the gate silently
+            raise ValueError(
+                f"unipelt attention: the prefix gate has {gate.shape[0]} rows for a batch of {B}"
+            )
+        gate = gate.repeat_interleave(B // gate.shape[0], 0)  # e.g. expanded beams
+    out = ops.prefix_attention(
+        query,
+        key,
+        value,
+        pk.to(query.dtype) if not torch.is_autocast_enabled(query.device.type) else pk,
+        pv.to(query.dtype) if not torch.is_autocast_enabled(query.device.type) else pv,
+        prefix_index=root.prefix_index(B, query.device),
+        prefix_gate=gate,
+        key_padding_mask=kpm,
+        causal=causal,
+        softmax_scale=scaling,
+        backend=root.backend,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    """Does this attention module dispatch through transformers' attention registry? (BERT
+    and RoBERTa do from transformers 5; on 4.x they compute attention themselves.)"""
+    mod = sys.modules.get(type(module).__module__)
+    return mod is not None and hasattr(mod, "ALL_ATTENTION_FUNCTIONS")
+
+
+def _legacy_bert_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    past_key_values=None,
+    output_attentions: bool = False,
+    *args,
+    **kwargs,
+):
+    """BertSelfAttention.forward for transformers 4.x (encoder self-attention), on
+    :func:`unipelt_attention`. Returns (context, None) like the original."""
+    if encoder_hidden_states is not None or past_key_values is not None:
+        raise NotImplementedError("unipelt: legacy BERT attention with a cache/cross-attention")
+    if output_attentions or head_mask is not None:
+        raise NotImplementedError("unipelt: output_attentions / head_mask with the prefix")
+    if getattr(self, "position_embedding_type", "absolute") != "absolute":
+        raise NotImplementedError("unipelt: relative position embeddings with the prefix")
+    B, L, _ = hidden_states.shape
+    H, D = self.num_attention_heads, self.attention_head_size
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(B, L, H, D).transpose(1, 2)
+
+    q, k, v = (
+        heads(self.query(hidden_states)),
+        heads(self.key(hidden_states)),
+        heads(self.value(hidden_states)),
+    )
+    out, _ = unipelt_attention(self, q, k, v, attention_mask, scaling=D**-0.5)
+    return out.reshape(B, L, H * D), None
+
+
+_registered = False
+
+
+def _register() -> None:
+    """Register the attention and mask functions with transformers (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, unipelt_attention)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:  # older masking: models build their own 4-D masks, converted above
+        pass
+    else:
+        sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+        def unipelt_mask(*args, **kwargs):
+            kwargs["allow_is_causal_skip"] = False  # keep padding visible to the converter
+            return sdpa_mask(*args, **kwargs)
+
+        AttentionMaskInterface.register(ATTN_NAME, unipelt_mask)
+    _registered = True

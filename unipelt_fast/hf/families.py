@@ -1,0 +1,80 @@
+"""Per-family wiring tables: where each model family keeps its attention, FFN and projections."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+_DEFAULT_HEADS = ("classifier", "score", "qa_outputs")
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+
+
+def _dims(config) -> dict:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return {
+        "model_type": config.model_type,
+        "hidden": hidden,
+        "n_layers": config.num_hidden_layers,
+        "n_heads": heads,
+        "n_kv_heads": kv,
+        "head_dim": head_dim,
+        "vocab_size": getattr(config, "vocab_size", None),
+    }
+
+
+def _family(model_type: str) -> str:
+    if model_type in _BERT_LIKE:
+        return "bert"
+    if model_type == "gpt2":
+        return "gpt2"
+    return "llama"  # q_proj/k_proj/v_proj + mlp: LLaMA, Mistral, Qwen2 and relatives
+
+
+def _attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
+    found = []
+    for m in model.modules():
+        if getattr(m, "is_cross_attention", False):
+            continue
+        if family == "bert":
+            ok = all(hasattr(m, a) for a in ("query", "key", "value", "attention_head_size"))
+            ok = ok and "Cross" not in type(m).__name__
+        elif family == "gpt2":
+            ok = hasattr(m, "c_attn") and hasattr(m, "c_proj")
+        else:
+            ok = all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if ok:
+            found.append(m)
+    return found
+
+
+def _ffn_targets(model: nn.Module, family: str) -> list[tuple[nn.Module, str]]:
+    out = []
+    for m in model.modules():
+        if family == "bert":
+            if hasattr(m, "intermediate") and hasattr(getattr(m, "output", None), "dense"):
+                out.append((m.output, "dense"))
+        elif hasattr(m, "mlp") and (hasattr(m, "attn") or hasattr(m, "self_attn")):
+            out.append((m, "mlp"))
+    return out
+
+
+def _linear_dims(mod: nn.Module) -> tuple[int, int]:
+    if hasattr(mod, "in_features"):
+        return mod.in_features, mod.out_features
+    w = mod.weight  # HF Conv1D: (d_in, d_out)
+    return w.shape[0], w.shape[1]
+
+
+def _lora_targets(attn: nn.Module, family: str, roles, dims) -> list:
+    """(parent, attribute, out_slices) per LoRA target of one attention module."""
+    if family == "gpt2":
+        d = dims["hidden"]
+        pos = {"query": 0, "key": 1, "value": 2}
+        slices = sorted((pos[r] * d, (pos[r] + 1) * d) for r in roles)
+        return [(attn, "c_attn", slices)]
+    names = {"query": "query", "key": "key", "value": "value"}
+    if family != "bert":
+        names = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
+    return [(attn, names[r], None) for r in roles]

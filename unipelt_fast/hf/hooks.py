@@ -1,0 +1,95 @@
+"""Forward pre-hooks: model entry (task ids, 2-D mask, soft prompt) and per-layer prefix gates."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+
+from .._tasks import run_per_task, select
+from .root import UniPELTRoot
+
+
+def _attn_pre_hook(module: nn.Module, args, kwargs):
+    """Compute this layer's prefix gate G_P from the attention module's input."""
+    root = module.__dict__["_unipelt_root"]
+    h = kwargs.get("hidden_states", args[0] if args else None)
+    if h is None or root.prefix_gates is None:
+        return None
+    gates = root.prefix_gates[module.__dict__["_unipelt_layer"]]
+    mask = root.mask_for(h)
+    dt = gates[0].proj.weight.dtype
+
+    def one(t: int, idx: torch.Tensor | None) -> torch.Tensor:
+        return gates[t](select(h, idx).to(dt), select(mask, idx))
+
+    module.__dict__["_unipelt_gate"] = run_per_task(
+        one, root.task_ids_for(h.shape[0]), root.default_task
+    )
+    return None
+
+
+_SIGS: dict[type, list[str]] = {}
+
+
+def _positional_names(model: nn.Module) -> list[str]:
+    cls = type(model)
+    if cls not in _SIGS:
+        params = inspect.signature(model.forward).parameters.values()
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        _SIGS[cls] = [p.name for p in params if p.kind in kinds]
+    return _SIGS[cls]
+
+
+def _model_pre_hook(model: nn.Module, args, kwargs):
+    """Capture task ids and the 2-D mask; prepend the soft prompt."""
+    root: UniPELTRoot = model.unipelt
+    if args:
+        kwargs = {**dict(zip(_positional_names(model), args, strict=False)), **kwargs}
+        args = ()
+    task_ids = kwargs.pop("task_ids", None)
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if task_ids is not None:
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long, device=ref.device).reshape(-1)
+        if ref is not None and task_ids.shape[0] != ref.shape[0]:
+            raise ValueError(
+                f"task_ids has {task_ids.shape[0]} entries for {ref.shape[0]} examples"
+            )
+        n = len(root.cfg.tasks)
+        if bool(((task_ids < 0) | (task_ids >= n)).any()):
+            raise ValueError(f"task_ids must be in [0, {n})")
+    root.task_ids = task_ids
+    mask = kwargs.get("attention_mask")
+    if root.prompt is not None and ref is not None:
+        kwargs, mask = _prepend_prompt(model, root, kwargs, task_ids, mask)
+    root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    return args, kwargs
+
+
+def _prepend_prompt(model, root, kwargs, task_ids, mask):
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+        raise NotImplementedError("unipelt: the soft prompt does not support KV-cache decoding")
+    if kwargs.get("position_ids") is not None:
+        raise NotImplementedError("unipelt: the soft prompt does not take position_ids")
+    ids = kwargs.pop("input_ids", None)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = model.get_input_embeddings()(ids)
+    B, L = embeds.shape[:2]
+    if mask is None:
+        mask = torch.ones(B, L, dtype=torch.long, device=embeds.device)
+    P = root.prompt.length
+    prompt = root.prompt(embeds, mask.bool(), task_ids, root.default_task)
+    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
+    mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+    kwargs["attention_mask"] = mask
+    tt = kwargs.get("token_type_ids")
+    if tt is not None:
+        kwargs["token_type_ids"] = torch.cat([tt.new_zeros(B, P), tt], dim=1)
+    labels = kwargs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == L:
+        kwargs["labels"] = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
+    return kwargs, mask

@@ -1,0 +1,99 @@
+"""Task selection, eject and the trainable-parameter report."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..lora import GatedLoRA
+from .families import _DEFAULT_HEADS
+from .root import _root
+from .wrappers import AdapterWrapper
+
+
+def set_active_task(model: nn.Module, task: str | int) -> None:
+    """The task used by forwards that pass no ``task_ids`` (e.g. inside ``generate()``)."""
+    root = _root(model)
+    tasks = root.cfg.tasks
+    idx = tasks.index(task) if isinstance(task, str) else int(task)
+    if not 0 <= idx < len(tasks):
+        raise ValueError(f"unknown task {task!r}; tasks are {tasks}")
+    root.default_task = idx
+
+
+def eject(model: nn.Module) -> nn.Module:
+    """Replace the prefix MLP by its fixed per-layer K/V (for inference). Outputs are
+    unchanged. Returns the model."""
+    root = _root(model)
+    if root.prefix is not None and not root.prefix.is_ejected:
+        root.prefix.eject()
+    return model
+
+
+def _method_of_params(model: nn.Module) -> dict[int, str]:
+    owner: dict[int, str] = {}
+    root = _root(model)
+    inner = getattr(model, "module", model)
+    for m in inner.modules():
+        what = None
+        if isinstance(m, AdapterWrapper):
+            what, ps = "adapter", m.adapters.parameters()
+        elif isinstance(m, GatedLoRA):
+            what, ps = "lora", m.units.parameters()
+        if what is not None:
+            for p in ps:
+                owner[id(p)] = what
+    for name, sub in (("prefix", root.prefix), ("prefix", root.prefix_gates)):
+        if sub is not None:
+            for p in sub.parameters():
+                owner[id(p)] = name
+    if root.prompt is not None:
+        for p in root.prompt.parameters():
+            owner[id(p)] = "prompt"
+    return owner
+
+
+def trainable_report(model: nn.Module) -> str:
+    """Trainable / total parameters and %, per method, plus what an inference copy adds."""
+    root = _root(model)
+    owner = _method_of_params(model)
+    inner = getattr(model, "module", model)
+    heads = root.cfg.modules_to_save
+    heads = _DEFAULT_HEADS if heads is None else heads
+    seen: set[int] = set()
+    total = 0
+    per: dict[str, int] = {}
+    for name, p in inner.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if not p.requires_grad:
+            continue
+        what = owner.get(id(p))
+        if what is None:
+            in_head = any(part in heads for part in name.split("."))
+            what = "bitfit" if name.endswith("bias") and not in_head else "head"
+        per[what] = per.get(what, 0) + p.numel()
+    trainable = sum(per.values())
+    base = total - sum(n for w, n in per.items() if w in ("adapter", "lora", "prefix", "prompt"))
+    lines = [
+        f"UniPELT ({root.dims['model_type']}, tasks={list(root.cfg.tasks)}, "
+        f"gate_mode={root.cfg.gate_mode!r}, backend={root.backend!r})",
+        f"trainable: {trainable:,} of {total:,} parameters "
+        f"({100 * trainable / max(total, 1):.3f}%)",
+    ]
+    for what in ("bitfit", "adapter", "prefix", "lora", "prompt", "head"):
+        if what in per:
+            lines.append(f"  {what:<8} {per[what]:>12,}  ({100 * per[what] / max(total, 1):.3f}%)")
+    if root.prefix is not None and root.prefix.reparam:
+        d = root.dims
+        kv = len(root.cfg.tasks) * root.prefix.prefix_len * d["n_layers"] * 2
+        kv *= d["n_kv_heads"] * d["head_dim"]
+        mlp = sum(p.numel() for p in root.prefix.parameters())
+        added = trainable - mlp + kv - per.get("head", 0)
+        lines.append(
+            f"after eject(): the prefix MLP ({mlp:,}) becomes {kv:,} fixed K/V values; "
+            f"tuned parameters excluding heads: {added:,} ({100 * added / max(base, 1):.3f}% "
+            "of the base model)"
+        )
+    return "\n".join(lines)

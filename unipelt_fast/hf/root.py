@@ -1,0 +1,98 @@
+"""Per-model UniPELT state: the root module (prefix encoder, gates, prompt, runtime state)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import UniPELTConfig
+from ..modules import PrefixEncoder, PrefixGate
+
+
+class UniPELTRoot(nn.Module):
+    """Holds the prefix encoder, prefix gates and soft prompt, plus the runtime state."""
+
+    def __init__(self, cfg: UniPELTConfig, dims: dict, backend: str) -> None:
+        super().__init__()
+        self.cfg, self.dims, self.backend = cfg, dict(dims), backend
+        self.default_task = 0
+        self.task_ids: torch.Tensor | None = None
+        self.mask2d: torch.Tensor | None = None
+        T, L = len(cfg.tasks), dims["n_layers"]
+        gm = "masked_mean" if cfg.gate_mode == "token" else cfg.gate_mode
+        self.prefix = self.prefix_gates = self.prompt = None
+        if cfg.prefix is not None:
+            pc = cfg.prefix
+            self.prefix = PrefixEncoder(
+                pc.length,
+                L,
+                dims["n_kv_heads"],
+                dims["head_dim"],
+                hidden_size=pc.mlp_hidden,
+                embed_dim=pc.embed_dim,
+                n_tasks=T,
+                reparam=pc.reparam,
+                backend=backend,
+            )
+            if pc.gate:
+                self.prefix_gates = nn.ModuleList(
+                    nn.ModuleList(PrefixGate(dims["hidden"], gm) for _ in range(T))
+                    for _ in range(L)
+                )
+        self._handles: list = []
+
+    # runtime state ---------------------------------------------------------------------------
+    def task_ids_for(self, batch: int) -> torch.Tensor | None:
+        t = self.task_ids
+        if t is None or t.shape[0] == batch:
+            return t
+        if batch % t.shape[0] == 0:  # generate() with beams / num_return_sequences
+            return t.repeat_interleave(batch // t.shape[0])
+        raise ValueError(f"unipelt: task_ids has {t.shape[0]} entries for a batch of {batch}")
+
+    def prefix_index(self, batch: int, device: torch.device) -> torch.Tensor:
+        t = self.task_ids_for(batch)
+        if t is None:
+            return torch.full((batch,), self.default_task, dtype=torch.long, device=device)
+        return t
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (B, L) real-token mask for a (B, L, d) activation: the last L columns of the
+        forward's 2-D mask (with a KV cache the mask also covers the cached tokens)."""
+        m = self.mask2d
+        if m is None or x.dim() != 3:
+            return None
+        B, L = x.shape[0], x.shape[1]
+        if m.shape[1] < L:
+            return None
+        m = m[:, m.shape[1] - L :]
+        if m.shape[0] != B and B % m.shape[0] == 0:
+            m = m.repeat_interleave(B // m.shape[0], dim=0)
+        return m if m.shape[0] == B else None
+
+    # prefix ----------------------------------------------------------------------------------
+    def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's (T, Hkv, P, D) prefix K/V; with the MLP, only that layer's rows of its
+        output layer are computed (so each layer's prefix is recomputed with its layer under
+        gradient checkpointing, and the MLP graph is never shared between layers)."""
+        enc = self.prefix
+        if enc.is_ejected or not enc.reparam:
+            return enc()[layer]
+        T, P, Hkv, D = enc.n_tasks, enc.prefix_len, enc.n_kv_heads, enc.head_dim
+        emb = enc.embedding.weight.view(T, P, -1)
+        h = enc.mlp[1](enc.mlp[0](emb))
+        out = enc.mlp[2]
+        n = 2 * Hkv * D
+        rows = slice(layer * n, (layer + 1) * n)
+        flat = F.linear(h, out.weight[rows], out.bias[rows])  # (T, P, 2*Hkv*D)
+        kv = flat.view(T, P, 2, Hkv, D).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+
+def _root(model: nn.Module) -> UniPELTRoot:
+    inner = getattr(model, "module", model)  # DDP
+    root = getattr(inner, "unipelt", None)
+    if not isinstance(root, UniPELTRoot):
+        raise ValueError("this model has no UniPELT methods: call apply_unipelt first")
+    return root

@@ -52,9 +52,10 @@ __global__ void gate_mean_kernel(const float* __restrict__ s, const bool* __rest
   const int64_t base = static_cast<int64_t>(blockIdx.x) * L;
   float acc = 0.f, cnt = 0.f;
   for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-    const float w = mask == nullptr ? 1.f : (mask[base + l] ? 1.f : 0.f);
-    acc += w * uf::sigmoidf_(s[base + l]);
-    cnt += w;
+    const bool on = mask == nullptr || mask[base + l];
+    // Skip, not multiply by 0: a NaN in an excluded token must not reach the mean.
+    if (on) acc += uf::sigmoidf_(s[base + l]);
+    cnt += on ? 1.f : 0.f;
   }
   acc = uf::block_sum(acc, shm);
   cnt = uf::block_sum(cnt, shm);
@@ -130,9 +131,9 @@ __global__ void gate_mean_bwd_kernel(const float* __restrict__ s, const bool* __
   cnt = uf::block_sum(cnt, shm);
   const float k = acc / fmaxf(cnt, 1.f);
   for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-    const float w = mask == nullptr ? 1.f : (mask[base + l] ? 1.f : 0.f);
+    const bool on = mask == nullptr || mask[base + l];
     const float sg = uf::sigmoidf_(s[base + l]);
-    ds[base + l] = k * w * sg * (1.f - sg);
+    ds[base + l] = on ? k * sg * (1.f - sg) : 0.f;
   }
 }
 

@@ -352,7 +352,8 @@ def _gate_rows(
     if m is None:
         gb = sig.mean(dim=1)
     else:
-        gb = (sig * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        # where, not sig * m: a NaN in an excluded token must not reach the mean.
+        gb = torch.where(gate_mask, sig, 0.0).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
     return gb[:, None].expand(B, L).reshape(-1), sig, m
 
 
@@ -487,7 +488,7 @@ def backward(
             dgb = dg.view(B, L).sum(dim=1, keepdim=True)  # every token of b uses g_b
             ds = dgb / count * dsig
             if m is not None:
-                ds = ds * m
+                ds = torch.where(gate_mask, ds, 0.0)
             ds = ds.reshape(-1)
         ds = ds.contiguous()
 

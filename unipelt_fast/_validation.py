@@ -6,6 +6,8 @@ the same ValueError/TypeError, naming the argument, whichever backend would have
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Kernels support these; float64 is accepted by the eager reference only (for gradcheck).
@@ -91,7 +93,8 @@ def _check_index(index: torch.Tensor, name: str, op: str, size: int, upper: int)
         )
     # The range check syncs with the device; under torch.compile it is skipped (no data-
     # dependent branches in a traced graph) and the kernels clamp instead.
-    if index.numel() and not torch.compiler.is_compiling():
+    # Meta tensors hold no values to check.
+    if index.numel() and index.device.type != "meta" and not torch.compiler.is_compiling():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= upper:
             raise ValueError(
@@ -163,8 +166,10 @@ def validate_prefix_attention(
             raise TypeError(
                 f"{op}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}"
             )
-        if not softmax_scale > 0:
-            raise ValueError(f"{op}: softmax_scale must be positive, got {softmax_scale}")
+        if not (softmax_scale > 0 and math.isfinite(softmax_scale)):
+            raise ValueError(
+                f"{op}: softmax_scale must be positive and finite, got {softmax_scale}"
+            )
 
 
 def validate_gated_adapter(
@@ -228,6 +233,8 @@ def validate_gated_adapter(
     check_activation(activation, op)
     if isinstance(scaling, bool) or not isinstance(scaling, int | float):
         raise TypeError(f"{op}: scaling must be a float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{op}: scaling must be finite, got {scaling}")
 
 
 def validate_bias_only_linear(x, weight, bias, activation) -> None:

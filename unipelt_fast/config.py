@@ -8,11 +8,64 @@ LoRA r=8 on the query and value projections, and a gate on every method.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._validation import ACTIVATIONS
 from .modules import GATE_MODES
+
+LORA_TARGETS = ("query", "key", "value")
+
+
+# --- field checks: every config field is type- and range-checked here, in one place -------
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int subclass
+
+
+def _check_bool(owner: str, name: str, v: object) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{owner}.{name} must be True or False, got {v!r}")
+
+
+def _check_int(owner: str, name: str, v: object, lo: int, optional: bool = False) -> None:
+    if v is None and optional:
+        return
+    if not _is_int(v):
+        none = " or None" if optional else ""
+        raise TypeError(f"{owner}.{name} must be an int{none}, got {type(v).__name__} {v!r}")
+    if v < lo:
+        raise ValueError(f"{owner}.{name} must be >= {lo}, got {v}")
+
+
+def _check_float(owner: str, name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError(f"{owner}.{name} must be a float, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{owner}.{name} must be finite, got {v}")
+
+
+def _check_choice(owner: str, name: str, v: object, choices: tuple) -> None:
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {choices}, got {v!r}")
+
+
+def _check_names(owner: str, name: str, v: object, choices: tuple | None = None) -> tuple:
+    """A tuple of distinct, non-empty strings (a single string means one name)."""
+    if isinstance(v, str):
+        v = (v,)
+    if not isinstance(v, list | tuple):
+        raise TypeError(f"{owner}.{name} must be a tuple of names, got {type(v).__name__}")
+    for n in v:
+        if not isinstance(n, str) or not n:
+            raise TypeError(f"{owner}.{name} must hold non-empty strings, got {n!r}")
+        if choices is not None and n not in choices:
+            raise ValueError(f"{owner}.{name}: {n!r} is not one of {choices}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"{owner}.{name} must hold distinct names, got {tuple(v)}")
+    return tuple(v)
 
 
 @dataclass
@@ -23,6 +76,16 @@ class AdapterConfig:
     activation: str = "relu"
     scaling: float = 1.0
     gate: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        o = "AdapterConfig"
+        _check_int(o, "bottleneck", self.bottleneck, 1, optional=True)
+        _check_choice(o, "activation", self.activation, ACTIVATIONS)
+        _check_float(o, "scaling", self.scaling)
+        _check_bool(o, "gate", self.gate)
 
 
 @dataclass
@@ -42,6 +105,17 @@ class PrefixConfig:
     embed_dim: int | None = None
     gate: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        o = "PrefixConfig"
+        _check_int(o, "length", self.length, 1)
+        _check_bool(o, "reparam", self.reparam)
+        _check_int(o, "mlp_hidden", self.mlp_hidden, 1)
+        _check_int(o, "embed_dim", self.embed_dim, 1, optional=True)
+        _check_bool(o, "gate", self.gate)
+
 
 @dataclass
 class LoRAConfig:
@@ -56,6 +130,18 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("query", "value")
     gate: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        o = "LoRAConfig"
+        _check_int(o, "r", self.r, 1)
+        _check_float(o, "alpha", self.alpha)
+        self.targets = _check_names(o, "targets", self.targets, LORA_TARGETS)
+        if not self.targets:
+            raise ValueError(f"{o}.targets must name at least one of {LORA_TARGETS}")
+        _check_bool(o, "gate", self.gate)
+
 
 @dataclass
 class PromptConfig:
@@ -63,6 +149,13 @@ class PromptConfig:
 
     length: int = 10
     gate: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_int("PromptConfig", "length", self.length, 1)
+        _check_bool("PromptConfig", "gate", self.gate)
 
 
 _SUB = {
@@ -109,29 +202,27 @@ class UniPELTConfig:
                     f"got {type(v).__name__}"
                 )
             setattr(self, name, v)
-        if self.gate_mode not in GATE_MODES:
-            raise ValueError(f"UniPELTConfig.gate_mode must be one of {GATE_MODES}")
-        if isinstance(self.tasks, str):
-            self.tasks = (self.tasks,)
-        self.tasks = tuple(self.tasks)
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError("UniPELTConfig.tasks must be non-empty distinct names")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (also the sub-configs'); apply_unipelt calls this again, so a
+        field changed after construction is checked before anything changes."""
+        o = "UniPELTConfig"
+        _check_bool(o, "bitfit", self.bitfit)
+        for name, cls in _SUB.items():
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, cls):
+                raise TypeError(f"{o}.{name} must be None or {cls.__name__}, got {v!r}")
+            if v is not None:
+                v.validate()
+        _check_choice(o, "gate_mode", self.gate_mode, GATE_MODES)
+        self.tasks = _check_names(o, "tasks", self.tasks)
+        if not self.tasks:
+            raise ValueError(f"{o}.tasks must name at least one task")
         if self.modules_to_save is not None:
-            self.modules_to_save = tuple(self.modules_to_save)
-        if self.adapter is not None:
-            if self.adapter.activation not in ACTIVATIONS:
-                raise ValueError(f"AdapterConfig.activation must be one of {ACTIVATIONS}")
-            if self.adapter.bottleneck is not None and self.adapter.bottleneck < 1:
-                raise ValueError("AdapterConfig.bottleneck must be >= 1")
-        if self.prefix is not None and (self.prefix.length < 1 or self.prefix.mlp_hidden < 1):
-            raise ValueError("PrefixConfig.length and mlp_hidden must be >= 1")
-        if self.lora is not None:
-            self.lora.targets = tuple(self.lora.targets)
-            bad = set(self.lora.targets) - {"query", "key", "value"}
-            if self.lora.r < 1 or bad or not self.lora.targets:
-                raise ValueError("LoRAConfig: r >= 1 and targets within query/key/value")
-        if self.prompt is not None and self.prompt.length < 1:
-            raise ValueError("PromptConfig.length must be >= 1")
+            self.modules_to_save = _check_names(o, "modules_to_save", self.modules_to_save)
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"{o}.extra must be a dict, got {type(self.extra).__name__}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -38,8 +38,10 @@ class Gate(nn.Module):
             )
         if self.mode == "mean" or mask is None:
             return g.mean(dim=-2, keepdim=True)
-        m = mask.unsqueeze(-1).to(g.dtype)
-        return (g * m).sum(dim=-2, keepdim=True) / m.sum(dim=-2, keepdim=True).clamp_min(1.0)
+        m = mask.unsqueeze(-1).bool()
+        # where, not g * m: a NaN in an excluded (padding) token must not reach the mean.
+        total = torch.where(m, g, torch.zeros_like(g)).sum(dim=-2, keepdim=True)
+        return total / m.sum(dim=-2, keepdim=True).clamp_min(1).to(g.dtype)
 
 
 class PrefixGate(Gate):

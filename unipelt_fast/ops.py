@@ -79,7 +79,10 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Under autocast (on the first tensor's device), cast floating inputs to the autocast
     dtype: custom ops are not autocast-aware, and validation rejects mixed dtypes."""
     first = tensors[0]
-    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+    # Meta tensors (shape inference) have no autocast: asking would raise before validation.
+    if not isinstance(first, Tensor) or first.device.type == "meta":
+        return tensors
+    if not torch.is_autocast_enabled(first.device.type):
         return tensors
     dt = torch.get_autocast_dtype(first.device.type)
     return tuple(

@@ -150,8 +150,10 @@ def adapter_gate(
         return g
     if gate_mask is None:
         return g.mean(dim=-2, keepdim=True)
-    m = gate_mask.unsqueeze(-1).to(g.dtype)
-    return (g * m).sum(dim=-2, keepdim=True) / m.sum(dim=-2, keepdim=True).clamp_min(1.0)
+    m = gate_mask.unsqueeze(-1)
+    # where, not g * m: a NaN/inf in an excluded (padding) token must not reach the mean.
+    total = torch.where(m, g, torch.zeros_like(g)).sum(dim=-2, keepdim=True)
+    return total / m.sum(dim=-2, keepdim=True).clamp_min(1).to(g.dtype)
 
 
 def gated_adapter(

@@ -89,6 +89,7 @@ def apply_unipelt(
     cfg = UniPELTConfig() if cfg is None else cfg
     if not isinstance(cfg, UniPELTConfig):
         raise TypeError("apply_unipelt: cfg must be a UniPELTConfig")
+    cfg.validate()  # again: a field may have been changed since construction
     if backend not in BACKENDS:
         raise ValueError(f"apply_unipelt: backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(getattr(model, "unipelt", None), UniPELTRoot):
@@ -96,6 +97,7 @@ def apply_unipelt(
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise TypeError("apply_unipelt: expects a transformers PreTrainedModel")
+    _check_modules_to_save(model, cfg.modules_to_save)
     snap = _Snapshot(model)
     try:
         _apply(model, cfg, backend, snap)
@@ -103,6 +105,21 @@ def apply_unipelt(
         snap.restore()
         raise
     return model
+
+
+def _check_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> None:
+    """Every name in modules_to_save must be a submodule name (a typo would leave that head
+    frozen silently)."""
+    if names is None:
+        return
+    present = {n for m in model.modules() for n, _ in m.named_children()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        valid = sorted(n for n in present if not n.isdigit())
+        raise ValueError(
+            f"apply_unipelt: modules_to_save names {missing} match no submodule of this "
+            f"{type(model).__name__}; its submodule names are {valid}"
+        )
 
 
 def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) -> None:

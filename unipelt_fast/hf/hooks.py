@@ -52,7 +52,7 @@ def _model_pre_hook(model: nn.Module, args, kwargs):
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     ref = ids if ids is not None else embeds
     if task_ids is not None:
-        task_ids = torch.as_tensor(task_ids, dtype=torch.long, device=ref.device).reshape(-1)
+        task_ids = _task_ids_tensor(task_ids, root.cfg.tasks, None if ref is None else ref.device)
         if ref is not None and task_ids.shape[0] != ref.shape[0]:
             raise ValueError(
                 f"task_ids has {task_ids.shape[0]} entries for {ref.shape[0]} examples"
@@ -66,6 +66,37 @@ def _model_pre_hook(model: nn.Module, args, kwargs):
         kwargs, mask = _prepend_prompt(model, root, kwargs, task_ids, mask)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     return args, kwargs
+
+
+def _task_ids_tensor(task_ids, tasks: tuple[str, ...], device) -> torch.Tensor:
+    """task_ids as a LongTensor (B,): an integer tensor, or a list of task names (or ints).
+
+    Floats and bools are refused rather than truncated; an unknown name lists the tasks."""
+    if isinstance(task_ids, torch.Tensor):
+        if task_ids.is_floating_point() or task_ids.is_complex() or task_ids.dtype == torch.bool:
+            raise TypeError(
+                f"task_ids must be an integer tensor (LongTensor) or a list of task names "
+                f"{tasks}, got a {task_ids.dtype} tensor"
+            )
+        return task_ids.to(device=device, dtype=torch.long).reshape(-1)
+    if isinstance(task_ids, str) or not isinstance(task_ids, list | tuple):
+        raise TypeError(
+            f"task_ids must be an integer tensor (LongTensor) or a list of task names {tasks}, "
+            f"got {type(task_ids).__name__}"
+        )
+    ids = []
+    for t in task_ids:
+        if isinstance(t, str):
+            if t not in tasks:
+                raise ValueError(f"task_ids: unknown task {t!r}; the tasks are {tasks}")
+            ids.append(tasks.index(t))
+        elif isinstance(t, int) and not isinstance(t, bool):
+            ids.append(t)
+        else:
+            raise TypeError(
+                f"task_ids entries must be task names {tasks} or ints, got {type(t).__name__} {t!r}"
+            )
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def _prepend_prompt(model, root, kwargs, task_ids, mask):

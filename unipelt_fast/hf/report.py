@@ -14,9 +14,20 @@ def set_active_task(model: nn.Module, task: str | int) -> None:
     """The task used by forwards that pass no ``task_ids`` (e.g. inside ``generate()``)."""
     root = _root(model)
     tasks = root.cfg.tasks
-    idx = tasks.index(task) if isinstance(task, str) else int(task)
-    if not 0 <= idx < len(tasks):
-        raise ValueError(f"unknown task {task!r}; tasks are {tasks}")
+    if isinstance(task, str):
+        if task not in tasks:
+            raise ValueError(f"set_active_task: unknown task {task!r}; the tasks are {tasks}")
+        idx = tasks.index(task)
+    elif isinstance(task, int) and not isinstance(task, bool):
+        idx = task
+        if not 0 <= idx < len(tasks):
+            raise ValueError(
+                f"set_active_task: task index {task} is out of range; the tasks are {tasks}"
+            )
+    else:
+        raise TypeError(
+            f"set_active_task: task must be a task name {tasks} or an int, got {task!r}"
+        )
     root.default_task = idx
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,6 +93,7 @@ def test_quick_json_and_csv(tmp_path):
     assert eager["available"] and eager["reason"] is None
     for k in ("fwd_ms", "bwd_ms", "fwdbwd_ms"):
         assert eager[k] > 0
+        assert 0 < eager[f"{k}_p25"] <= eager[k] <= eager[f"{k}_p75"]  # the spread
     assert eager["speedup_fwdbwd"] == 1.0
     assert eager["saved_extra_bytes"] == _gated_adapter_extra_bytes(shape.params, 4)
     assert eager["saved_bytes"] > eager["saved_extra_bytes"]
@@ -109,6 +111,7 @@ def test_quick_json_and_csv(tmp_path):
     assert list(crow[0]) == list(report.OP_COLUMNS)
     assert [r["impl"] for r in crow] == ["eager", "triton", "cuda"]
     assert float(crow[0]["fwdbwd_ms"]) == pytest.approx(eager["fwdbwd_ms"])
+    assert float(crow[0]["fwdbwd_ms_p75"]) == pytest.approx(eager["fwdbwd_ms_p75"])
     assert int(crow[0]["saved_bytes"]) == eager["saved_bytes"]
     assert "torch=" + torch.__version__ in crow[0]["versions"]
 
@@ -282,3 +285,87 @@ def test_model_fractions_with_a_stand_in_unipelt(tmp_path, monkeypatch):
     assert train["frac_of_baseline"] == fr["unipelt_eager_train_frac_of_full_ft"]
     assert full["frac_of_baseline"] == 1.0
     assert not rows[("unipelt_fused", "train")]["available"]
+
+
+def test_cpu_timer_spread_is_the_iqr_of_the_repeats(monkeypatch):
+    """The CPU timer's p25/p75 are the quartiles of torch.utils.benchmark's per-run times."""
+    from torch.utils import benchmark
+
+    from unipelt_fast.bench.runners import TimerCfg, make_timer
+
+    class FakeMeasurement:
+        times = [0.004, 0.001, 0.003, 0.002, 0.005]  # seconds per run, as benchmark gives
+
+    monkeypatch.setattr(
+        benchmark.Timer, "blocked_autorange", lambda self, min_run_time: FakeMeasurement()
+    )
+    _, timer = make_timer(torch.device("cpu"), TimerCfg())
+    t = timer(lambda: None)
+    assert float(t) == pytest.approx(3.0) and (t.p25, t.p75) == pytest.approx((2.0, 4.0))
+
+
+def _bench_out(capsys, ops, impls, *extra):
+    argv = ["bench", "--quick", "--ops", ops, "--impls", impls, "--no-progress"]
+    assert main(argv + ["--device", "cpu", *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_default_table_fits_120_columns_and_wide_has_every_column(capsys):
+    out = _bench_out(capsys, "gated_adapter", "eager,triton,cuda")
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    assert "gated_adapter" in out and "±" in out
+    assert re.search(r"^\[\d\] unavailable: needs a CUDA GPU", out, re.M)  # footnoted notes
+    wide = _bench_out(capsys, "bias_only_layer_norm", "eager,cuda", "--wide")
+    head = next(line for line in wide.splitlines() if line.startswith("op "))
+    for col in ("shape", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", "saved MiB", "peak MiB"):
+        assert col in head
+    assert "unavailable: needs a CUDA GPU" in wide  # the full note, inline
+
+
+def test_version_no_args_and_help_markup(capsys):
+    from unipelt_fast import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"unipelt-fast {__version__}"
+    assert main([]) == 2  # no command: the help, not argparse's error
+    out = capsys.readouterr()
+    assert "usage: unipelt-fast" in out.out and "bench" in out.out
+    assert "required" not in out.err
+    for argv in (["--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert "``" not in text, text
+    assert "--wide" in text
+
+
+def test_plot_shows_every_row_and_says_why_timings_are_missing(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    figs = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda self, *a, **k: (figs.append(self), save(self, *a, **k)),
+    )
+    j = tmp_path / "p.json"
+    argv = ["bench", "--quick", "--ops", "gated_adapter", "--impls", "eager,triton,cuda"]
+    assert main(argv + ["--device", "cpu", "--plot", str(tmp_path), "--json", str(j)]) == 0
+    rows = _load_strict(j)["rows"]
+    (fig,) = figs
+    time_ax, mem_ax = fig.axes[:2]
+    labels = [t.get_text() for t in time_ax.get_xticklabels()]
+    assert labels == ["eager", "triton", "cuda"]  # every row, available or not
+    no_time = [t for t in time_ax.texts if t.get_text() == "no time"]
+    assert len(no_time) == sum(r.get("fwdbwd_ms") is None for r in rows) == 2
+    foot = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert "No timing for" in foot and "cuda: needs a CUDA GPU" in foot
+    with_bytes = [r for r in rows if r.get("saved_bytes")]
+    assert len(mem_ax.patches) == len(with_bytes)  # saved-bytes bars, also the interpreter's
+    heights = sorted(p.get_height() for p in mem_ax.patches)
+    assert heights == pytest.approx(sorted(r["saved_bytes"] / 2**20 for r in with_bytes))

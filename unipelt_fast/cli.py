@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 
 
@@ -23,11 +24,18 @@ def _split(value: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .bench import MODELS, OPS
     from .bench.runners import DTYPES
 
-    parser = argparse.ArgumentParser(prog="unipelt-fast", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = argparse.ArgumentParser(
+        prog="unipelt-fast",
+        description="unipelt-fast: fused kernels for UniPELT-style PEFT. Commands: bench "
+        "(latency and memory benchmarks).",
+        epilog="Example: unipelt-fast bench --quick",
+    )
+    parser.add_argument("--version", action="version", version=f"unipelt-fast {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     b = sub.add_parser(
         "bench",
         help="latency and memory benchmarks against eager and peers",
@@ -35,7 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         "torch.compile of eager, triton, cuda, and peers), and optionally whole models. "
         "Prints a table; writes JSON / CSV / markdown / PNGs on request.",
     )
-    b.add_argument("--quick", action="store_true", help="small shapes (about a minute on CPU)")
+    b.add_argument("--quick", action="store_true", help="small shapes, short timing windows")
+    b.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every column with full notes (the default table fits 120 columns; the "
+        "JSON/CSV always hold every column)",
+    )
     b.add_argument(
         "--ops",
         default=None,
@@ -115,6 +129,10 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _wrap(text: str, wide: bool) -> str:
+    return text if wide else "\n".join(textwrap.wrap(text, 120, break_on_hyphens=False))
 
 
 def bench(args, parser, argv) -> int:
@@ -272,7 +290,9 @@ def _bench(args, parser, argv) -> int:
     doc["meta"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
     flush()
 
-    print(f"\nunipelt-fast bench on {dev_name}; " + report._version_str(vers))
+    print(
+        "\n" + _wrap(f"unipelt-fast bench on {dev_name}; " + report._version_str(vers), args.wide)
+    )
     lim = doc["limits"]
     if lim:
         peaks = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in lim["peak_flops_per_s"].items())
@@ -282,17 +302,20 @@ def _bench(args, parser, argv) -> int:
         )
     for table in (report.op_table(rows), report.model_table(rows)):
         if len(table) > 1:
-            print(report.render(table))
+            print(report.render(table, max_note=10**6) if args.wide else report.compact(table))
             print()
+    if any(r.get("fwd_ms_p25") is not None or r.get("time_ms_p25") is not None for r in rows):
+        print(_wrap(report.SPREAD_NOTE, args.wide))
     for name, fr in doc["summary"]["models"].items():
         if fr:
-            print(f"{name}: " + ", ".join(f"{k} = {100 * v:.0f}%" for k, v in fr.items()))
+            line = f"{name}: " + ", ".join(f"{k} = {100 * v:.0f}%" for k, v in fr.items())
+            print(_wrap(line, args.wide))
     if models:
         print(
             "(paper: UniPELT train time 55-67% of full fine-tuning, inference 118-127% of the base)"
         )
     for n in notes:
-        print(n)
+        print(_wrap(n, args.wide))
     if args.markdown:
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w") as f:
@@ -307,6 +330,9 @@ def _bench(args, parser, argv) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.cmd is None:  # no command: the help, not argparse's "arguments are required"
+        parser.print_help()
+        return 2
     if args.cmd == "bench":
         return bench(args, parser, argv)
     parser.error(f"unknown command {args.cmd!r}")  # pragma: no cover - argparse catches it

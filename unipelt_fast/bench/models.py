@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .runners import first_line, saved_bytes
+from .runners import first_line, record, saved_bytes
 from .shapes import MODEL_SIZES
 
 # (row name, what is timed, how the model is adapted)
@@ -170,7 +170,7 @@ def run_model_row(
             fn()
             torch.cuda.synchronize()
             res["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated())
-        res["time_ms"] = timer(fn)
+        record(res, "time_ms", timer(fn))
         res["available"] = True
     except Exception as e:  # noqa: BLE001 - any failure makes the row unavailable, with why
         res["available"] = False

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 
 import torch
 
@@ -26,8 +27,14 @@ OP_COLUMNS = (
     "note",
     "timer",
     "fwd_ms",
+    "fwd_ms_p25",
+    "fwd_ms_p75",
     "bwd_ms",
+    "bwd_ms_p25",
+    "bwd_ms_p75",
     "fwdbwd_ms",
+    "fwdbwd_ms_p25",
+    "fwdbwd_ms_p75",
     "speedup_fwd",
     "speedup_bwd",
     "speedup_fwdbwd",
@@ -44,6 +51,8 @@ OP_COLUMNS = (
     "floor_frac_fwdbwd",
     "pass",
     "time_ms",
+    "time_ms_p25",
+    "time_ms_p75",
     "frac_of_baseline",
     "params",
     "trainable_params",
@@ -153,6 +162,21 @@ def _ms(x) -> str:
     return f"{x:.3f}" if x < 100 else f"{x:.1f}"
 
 
+def _ms_spread(r: dict, key: str) -> str:
+    """The median and, when known, +-half its interquartile range as % of the median."""
+    med, lo, hi = r.get(key), r.get(f"{key}_p25"), r.get(f"{key}_p75")
+    if med is None or lo is None or hi is None or not med > 0:
+        return _ms(med)
+    return f"{_ms(med)} ±{50 * (hi - lo) / med:.0f}%"
+
+
+SPREAD_NOTE = (
+    "± = half the interquartile range over the repeats, as % of the median (JSON/CSV: "
+    "*_p25, *_p75); fwd, bwd and fwd+bwd are timed separately, so fwd + bwd need not equal "
+    "fwd+bwd."
+)
+
+
 def _mib(x) -> str:
     return "-" if x is None else f"{x / 2**20:.2f}"
 
@@ -194,9 +218,9 @@ def op_table(rows: list[dict]) -> list[list[str]]:
                 r["shape"],
                 r["dtype"],
                 r["impl"],
-                _ms(r.get("fwd_ms")),
-                _ms(r.get("bwd_ms")),
-                _ms(r.get("fwdbwd_ms")),
+                _ms_spread(r, "fwd_ms"),
+                _ms_spread(r, "bwd_ms"),
+                _ms_spread(r, "fwdbwd_ms"),
                 _x(r.get("speedup_fwdbwd")),
                 _mib(r.get("saved_bytes")),
                 _mib(r.get("saved_extra_bytes")),
@@ -225,7 +249,7 @@ def model_table(rows: list[dict]) -> list[list[str]]:
                 r["dtype"],
                 r["impl"],
                 r["pass"],
-                _ms(r.get("time_ms")),
+                _ms_spread(r, "time_ms"),
                 _pct(r.get("frac_of_baseline")),
                 _mib(r.get("peak_mem_bytes")),
                 _mib(r.get("saved_extra_bytes")),
@@ -245,6 +269,42 @@ def render(table: list[list[str]], max_note: int = 70) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def compact(table: list[list[str]], group: int = 3, width: int = 120) -> str:
+    """The default table, at most ``width`` columns: rows sharing their first ``group``
+    cells (op, shape, dtype) get one heading line; columns that are "-" in every row are
+    dropped; notes become footnote marks, their text printed below (wrapped)."""
+    head, body = table[0], table[1:]
+    if not body:
+        return ""
+    cols = [i for i in range(group, len(head) - 1) if any(row[i] not in ("-", "") for row in body)]
+    notes: list[str] = []
+    rows, lines = [], []
+    for row in body:
+        mark = ""
+        if row[-1]:
+            if row[-1] not in notes:
+                notes.append(row[-1])
+            mark = f"[{notes.index(row[-1]) + 1}]"
+        rows.append((tuple(row[:group]), [row[i] for i in cols] + [mark]))
+    sub_head = [head[i] for i in cols] + ["note"]
+    widths = [max(len(c) for c in col) for col in zip(sub_head, *(r for _, r in rows), strict=True)]
+    fmt = lambda cells: (
+        "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+    ).rstrip()
+    lines += [fmt(sub_head), "  " + "  ".join("-" * w for w in widths)]
+    last = None
+    for key, cells in rows:
+        if key != last:
+            lines.append("  ".join(k for k in key if k and k != "-"))
+            last = key
+        lines.append(fmt(cells))
+    for i, n in enumerate(notes):
+        lines += textwrap.wrap(
+            f"[{i + 1}] {n}", width, subsequent_indent="    ", break_on_hyphens=False
+        )
+    return "\n".join(line[:width] for line in lines)
 
 
 def markdown(doc: dict) -> str:
@@ -295,9 +355,18 @@ def require_matplotlib() -> None:
         ) from e
 
 
+def _missing_time(r: dict) -> str:
+    """Why a row has no timing (for the plot's footnote)."""
+    if not r.get("available"):
+        return r.get("reason") or "unavailable"
+    return r.get("note") or "not timed"
+
+
 def plot(rows: list[dict], outdir: str) -> list[str]:
-    """One PNG per (op, dtype) (time and saved bytes per impl, one panel pair per shape)
-    and one per model. Returns the paths written."""
+    """One PNG per (op, dtype) (time and memory per impl, one panel pair per shape) and one
+    per model. Every row is on the x axis: a row with no timing (a kernel on a CPU, the
+    interpreter's saved-bytes rows) is marked "no time" and the figure says why; memory
+    bars are drawn wherever a memory figure exists. Returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,39 +376,83 @@ def plot(rows: list[dict], outdir: str) -> list[str]:
     written = []
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
-        if r.get("available"):
+        if r.get("kind") in ("op", "model"):
             groups.setdefault((r["kind"], r["op"], r["dtype"]), []).append(r)
     for (kind, op, dtype), rs in sorted(groups.items()):
         shapes = list(dict.fromkeys(r.get("shape") or "" for r in rs))
-        fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.2 * len(shapes)), squeeze=False)
+        fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.4 * len(shapes)), squeeze=False)
+        why: dict[str, str] = {}
         for i, shape in enumerate(shapes):
             sr = [r for r in rs if (r.get("shape") or "") == shape]
+            tax, max_ = axes[i]
             if kind == "op":
                 labels = [r["impl"] for r in sr]
-                times = [[r.get(k) or 0.0 for r in sr] for k in ("fwd_ms", "bwd_ms", "fwdbwd_ms")]
+                keys = (("fwd", "fwd_ms"), ("bwd", "bwd_ms"), ("fwd+bwd", "fwdbwd_ms"))
                 width = 0.27
-                for j, (name, ts) in enumerate(zip(("fwd", "bwd", "fwd+bwd"), times, strict=True)):
-                    axes[i][0].bar(
-                        [x + (j - 1) * width for x in range(len(sr))], ts, width, label=name
-                    )
-                axes[i][0].legend(fontsize=7)
-                mem = [(r.get("peak_mem_bytes") or r.get("saved_bytes") or 0) / 2**20 for r in sr]
-                mem_label = "peak MiB (fwd+bwd)" if sr[0].get("peak_mem_bytes") else "saved MiB"
+                for j, (name, k) in enumerate(keys):
+                    xs = [x + (j - 1) * width for x, r in enumerate(sr) if r.get(k) is not None]
+                    ts = [r[k] for r in sr if r.get(k) is not None]
+                    err = [
+                        [r[k] - r.get(f"{k}_p25", r[k]) for r in sr if r.get(k) is not None],
+                        [r.get(f"{k}_p75", r[k]) - r[k] for r in sr if r.get(k) is not None],
+                    ]
+                    tax.bar(xs, ts, width, label=name, yerr=err, capsize=2)
+                timed = [r.get("fwdbwd_ms") is not None for r in sr]
+                mem = [r.get("peak_mem_bytes") or r.get("saved_bytes") for r in sr]
+                mem_label = (
+                    "peak MiB (fwd+bwd)"
+                    if any(r.get("peak_mem_bytes") for r in sr)
+                    else "saved MiB"
+                )
             else:
                 labels = [f"{r['impl']}\n{r['pass']}" for r in sr]
-                axes[i][0].bar(range(len(sr)), [r.get("time_ms") or 0.0 for r in sr])
-                mem = [
-                    (r.get("peak_mem_bytes") or r.get("saved_extra_bytes") or 0) / 2**20 for r in sr
+                xs = [x for x, r in enumerate(sr) if r.get("time_ms") is not None]
+                ts = [r["time_ms"] for r in sr if r.get("time_ms") is not None]
+                err = [
+                    [
+                        r["time_ms"] - r.get("time_ms_p25", r["time_ms"])
+                        for r in sr
+                        if r.get("time_ms") is not None
+                    ],
+                    [
+                        r.get("time_ms_p75", r["time_ms"]) - r["time_ms"]
+                        for r in sr
+                        if r.get("time_ms") is not None
+                    ],
                 ]
-                mem_label = "peak MiB" if sr[0].get("peak_mem_bytes") else "saved activations MiB"
-            axes[i][0].set_ylabel("median ms")
-            axes[i][1].bar(range(len(sr)), mem, color="tab:gray")
-            axes[i][1].set_ylabel(mem_label)
+                tax.bar(xs, ts, yerr=err, capsize=2, label="time")
+                timed = [r.get("time_ms") is not None for r in sr]
+                mem = [r.get("peak_mem_bytes") or r.get("saved_extra_bytes") for r in sr]
+                mem_label = (
+                    "peak MiB"
+                    if any(r.get("peak_mem_bytes") for r in sr)
+                    else "saved activations MiB"
+                )
+            for x, (r, ok) in enumerate(zip(sr, timed, strict=True)):
+                if not ok:
+                    tax.text(x, 0, "no time", rotation=90, ha="center", va="bottom", fontsize=7)
+                    why.setdefault(r["impl"], _missing_time(r))
+            if any(timed):
+                tax.legend(fontsize=7)
+            tax.set_ylabel("median ms (bars: IQR)")
+            mx = [x for x, m in enumerate(mem) if m is not None]
+            max_.bar(mx, [mem[x] / 2**20 for x in mx], color="tab:gray")
+            for x, m in enumerate(mem):
+                if m is None:
+                    max_.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7)
+            max_.set_ylabel(mem_label)
             for ax in axes[i]:
                 ax.set_xticks(range(len(sr)))
                 ax.set_xticklabels(labels, fontsize=7, rotation=20)
+                ax.set_xlim(-0.6, len(sr) - 0.4)
                 ax.set_title(f"{op} {dtype} {shape}", fontsize=8)
-        fig.tight_layout()
+        foot = [f"{impl}: {reason}" for impl, reason in why.items()]
+        if foot:
+            text = "No timing for " + "; ".join(foot)
+            fig.text(0.01, 0.005, "\n".join(textwrap.wrap(text, 150)), fontsize=7, va="bottom")
+            fig.tight_layout(rect=(0, 0.04 + 0.02 * (len(text) // 150), 1, 1))
+        else:
+            fig.tight_layout()
         path = os.path.join(outdir, f"{kind}_{op}_{dtype}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)

@@ -281,6 +281,27 @@ def cuda_peak_bytes(case: OpCase, fn: Callable[[], torch.Tensor]) -> int:
     return int(peak)
 
 
+class Timing(float):
+    """A median in ms that also carries the spread over the repeats: ``p25`` / ``p75``, the
+    interquartile range (both equal the median when there was a single repeat)."""
+
+    def __new__(cls, median: float, p25: float | None = None, p75: float | None = None):
+        t = super().__new__(cls, median)
+        t.p25 = float(median if p25 is None else p25)
+        t.p75 = float(median if p75 is None else p75)
+        return t
+
+
+def _iqr(times: list[float], scale: float = 1.0) -> Timing:
+    """Median and quartiles of repeated timings (``scale`` converts them to ms)."""
+    times = [t * scale for t in times]
+    med = statistics.median(times)
+    if len(times) < 2:
+        return Timing(med)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(med, q1, q3)
+
+
 @dataclass
 class TimerCfg:
     """do_bench warmup / rep in ms on a GPU; torch.utils.benchmark's min run time on CPU."""
@@ -291,7 +312,8 @@ class TimerCfg:
 
 
 def make_timer(device: torch.device, cfg: TimerCfg) -> tuple[str, Callable]:
-    """``(name, timer)`` where ``timer(fn, grad_to_none=None) -> median ms``."""
+    """``(name, timer)`` where ``timer(fn, grad_to_none=None) -> Timing`` (median ms, with
+    its interquartile range over the repeats)."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -307,9 +329,11 @@ def make_timer(device: torch.device, cfg: TimerCfg) -> tuple[str, Callable]:
                     warmup=cfg.warmup_ms,
                     rep=cfg.rep_ms,
                     grad_to_none=grad_to_none,
-                    quantiles=[0.5],
+                    quantiles=[0.5, 0.25, 0.75],
                 )
-                return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
+                if not isinstance(ms, (list, tuple)):
+                    return Timing(float(ms))
+                return Timing(*(float(m) for m in ms[:3]))
 
             return "triton.testing.do_bench", t_gpu
 
@@ -325,7 +349,7 @@ def make_timer(device: torch.device, cfg: TimerCfg) -> tuple[str, Callable]:
                 torch.cuda.synchronize()
                 if i >= 5:
                     times.append(a.elapsed_time(b))
-            return statistics.median(times)
+            return _iqr(times)
 
         return "cuda events", t_events
 
@@ -342,19 +366,30 @@ def make_timer(device: torch.device, cfg: TimerCfg) -> tuple[str, Callable]:
         timer = benchmark.Timer(
             stmt="stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads()
         )
-        return timer.blocked_autorange(min_run_time=cfg.cpu_min_run_s).median * 1e3
+        m = timer.blocked_autorange(min_run_time=cfg.cpu_min_run_s)
+        return _iqr(list(m.times), 1e3)  # per-run seconds of each block
 
     return "torch.utils.benchmark", t_cpu
 
 
+def record(row: dict, key: str, t: float) -> None:
+    """``row[key]`` = the median; ``key_p25`` / ``key_p75`` = its spread, when known."""
+    row[key] = float(t)
+    if isinstance(t, Timing):
+        row[f"{key}_p25"], row[f"{key}_p75"] = t.p25, t.p75
+
+
 def time_passes(case: OpCase, fn: Callable[[], torch.Tensor], timer) -> dict[str, float]:
-    """Median ms of forward (with autograd recording), backward and forward + backward."""
+    """Median ms (and quartiles) of forward (with autograd recording), backward and
+    forward + backward, each timed on its own (so fwd + bwd need not equal fwd+bwd)."""
     g = case.grad_out
-    res = {"fwd_ms": timer(fn)}
-    res["fwdbwd_ms"] = timer(lambda: fn().backward(g), grad_to_none=case.leaves)
+    res: dict = {}
+    record(res, "fwd_ms", timer(fn))
+    record(res, "fwdbwd_ms", timer(lambda: fn().backward(g), grad_to_none=case.leaves))
     try:
         out = fn()
-        res["bwd_ms"] = timer(lambda: out.backward(g, retain_graph=True), grad_to_none=case.leaves)
+        bwd = timer(lambda: out.backward(g, retain_graph=True), grad_to_none=case.leaves)
+        record(res, "bwd_ms", bwd)
         out = None
     except RuntimeError:  # a graph that cannot be retained: fwd+bwd minus fwd
         res["bwd_ms"] = max(res["fwdbwd_ms"] - res["fwd_ms"], 0.0)

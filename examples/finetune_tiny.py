@@ -4,7 +4,10 @@ No downloads: the model is built from a config and the data is synthetic. Two ta
 one model: task "copy" classifies a sequence by its first token's parity, task "count" by
 whether token 7 occurs in it. Each batch mixes both tasks (``task_ids``).
 
-    python examples/finetune_tiny.py [--steps 40] [--family bert|gpt2|llama]
+At the end it prints what the gates chose (``gate_report``) and, with matplotlib installed,
+saves the heatmap (``plot_gates``) to ``--gates-png``.
+
+    python examples/finetune_tiny.py [--steps 40] [--family bert|gpt2|llama] [--gates-png P]
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--family", default="bert", choices=["bert", "gpt2", "llama"])
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--gates-png", default="gates.png", help="where plot_gates writes")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -82,6 +86,12 @@ def main(argv: list[str] | None = None) -> float:
             print(f"step {step:4d}  loss {avg:.4f}  ({time.time() - t0:.1f}s)")
 
     model.eval()
+    report = up.gate_report(model, **make_batch(32, 10, gen))  # one no-grad forward
+    print(report)
+    try:
+        print(f"wrote {up.plot_gates(report, args.gates_png)}")
+    except ImportError as e:
+        print(e)
     up.eject(model)  # inference: the prefix MLP becomes fixed K/V
     with tempfile.TemporaryDirectory() as d:
         up.save_unipelt(model, d)

@@ -45,9 +45,15 @@ def test_hf_trainer_steps(tmp_path):
     assert any("prefix" in n for n in moved) and any("adapters" in n for n in moved)
 
 
-def test_example_script_loss_goes_down():
+def test_example_script_loss_goes_down(tmp_path, capsys):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "finetune_tiny.py")
     spec = importlib.util.spec_from_file_location("finetune_tiny", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--steps", "25", "--family", "llama", "--backend", "eager"]) < 0
+    png = tmp_path / "gates.png"
+    argv = ["--steps", "25", "--family", "llama", "--backend", "eager", "--gates-png", str(png)]
+    assert mod.main(argv) < 0
+    out = capsys.readouterr().out
+    assert "task 'copy'" in out and "task 'count'" in out  # the gate report
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,8 @@ Public ops (pinned signatures): :func:`prefix_attention`, :func:`gated_adapter`,
 ``backend=`` "auto" | "eager" | "triton" | "cuda".
 
 UniPELT for Hugging Face models: :func:`apply_unipelt` with a :class:`UniPELTConfig`,
-:func:`trainable_report`, :func:`save_unipelt` / :func:`load_unipelt`, :func:`eject`.
+:func:`trainable_report`, :func:`save_unipelt` / :func:`load_unipelt`, :func:`eject`,
+:func:`gate_report` / :func:`plot_gates` (what the gates chose).
 """
 
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
@@ -13,6 +14,7 @@ from ._version import __version__
 from .bitfit import bitfit
 from .checkpoint import UniPELTCheckpointError, load_unipelt, save_unipelt
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, PromptConfig, UniPELTConfig
+from .gates import GateReport, gate_report, plot_gates
 from .hf import apply_unipelt, eject, set_active_task, trainable_report
 from .lora import GatedLoRA
 from .modules import (
@@ -29,6 +31,7 @@ from .prompt import SoftPrompt
 __all__ = [
     "AdapterConfig",
     "BACKENDS",
+    "GateReport",
     "GatedLoRA",
     "LoRAConfig",
     "PrefixConfig",
@@ -38,7 +41,9 @@ __all__ = [
     "UniPELTConfig",
     "apply_unipelt",
     "eject",
+    "gate_report",
     "load_unipelt",
+    "plot_gates",
     "save_unipelt",
     "set_active_task",
     "trainable_report",

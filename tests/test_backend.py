@@ -21,9 +21,9 @@ def clean(monkeypatch):
 
 def test_auto_cpu(clean):
     clean.setenv("TRITON_INTERPRET", "0")
-    assert uf.resolve_backend("auto", CPU, "op") == "eager"
+    assert uf.resolve_backend("auto", CPU, "op") == "torch"
     clean.setenv("TRITON_INTERPRET", "1")
-    expect = "triton" if _backend.triton_import_error() is None else "eager"
+    expect = "triton" if _backend.triton_import_error() is None else "torch"
     assert uf.resolve_backend("auto", CPU, "op") == expect
 
 

@@ -1,6 +1,8 @@
 """Backend selection: which implementation runs an op.
 
 "eager"  -- the plain-PyTorch reference (the spec), any device.
+"torch"  -- composites of fused torch ops (``unipelt_fast/composite.py``), any device: prefix
+            attention through SDPA; the other ops as eager. The CPU default.
 "triton" -- the fused Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 "cuda"   -- the CUDA C++ fallback, JIT-built with ninja on first use.
 "auto"   -- see :func:`resolve_backend`.
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("auto", "eager", "triton", "cuda")
+BACKENDS = ("auto", "eager", "torch", "triton", "cuda")
 
 # Which issue delivers each (backend, op) pair: named in NotImplementedError messages.
 _ISSUE = {
@@ -98,7 +100,7 @@ def resolve_backend(
 
     "auto" (after applying :func:`set_backend` / ``UNIPELT_BACKEND``):
     CUDA tensors -> triton if it imports, else the CUDA extension if built, else eager;
-    CPU tensors -> triton when ``TRITON_INTERPRET=1``, else eager. float64 inputs (which
+    CPU tensors -> triton when ``TRITON_INTERPRET=1``, else torch. float64 inputs (which
     only the eager reference supports) always resolve to eager under "auto".
     """
     _check_name(backend, "backend")
@@ -113,8 +115,10 @@ def resolve_backend(
             if cuda_extension_built():
                 return "cuda"
             return "eager"
-        if device.type == "cpu" and triton_interpret() and triton_import_error() is None:
-            return "triton"
+        if device.type == "cpu":
+            if triton_interpret() and triton_import_error() is None:
+                return "triton"
+            return "torch"
         return "eager"
     if backend == "triton":
         err = triton_import_error()

@@ -66,7 +66,7 @@ def check_optional(t: object, name: str, op: str, **kw) -> torch.Tensor | None:
 
 
 def check_backend_dtype(dtype: torch.dtype, backend: str, op: str) -> None:
-    if backend != "eager" and dtype not in KERNEL_DTYPES:
+    if backend not in ("eager", "torch") and dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"{op}: backend={backend!r} supports float16, bfloat16 and float32, got {dtype}; "
             "float64 runs on backend='eager' only"

@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--impls",
         default=None,
-        help="only these rows (comma list of eager, compile, triton, cuda, sdpa_preconcat, "
-        "concat_mask_sdpa). Speedups need eager",
+        help="only these rows (comma list of eager, compile, torch, triton, cuda, "
+        "sdpa_preconcat, concat_mask_sdpa). Speedups need eager",
     )
     b.add_argument(
         "--dtype",
@@ -152,7 +152,15 @@ def _bench(args, parser, argv) -> int:
     from .bench.floors import measure_limits
     from .bench.runners import DTYPE_ALIASES, DTYPES, TimerCfg, interpreter_on, make_timer
 
-    impl_names = ("eager", "compile", "triton", "cuda", "sdpa_preconcat", "concat_mask_sdpa")
+    impl_names = (
+        "eager",
+        "compile",
+        "torch",
+        "triton",
+        "cuda",
+        "sdpa_preconcat",
+        "concat_mask_sdpa",
+    )
     ops_arg = args.ops if args.ops is not None else ("none" if args.model else "all")
     ops = (
         []

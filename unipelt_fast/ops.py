@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import composite, reference
 from ._backend import kernel_impl, resolve_backend
 from ._validation import (
     check_activation,
@@ -292,7 +292,7 @@ def prefix_attention(
         causal: token key j is visible to query i iff j <= i + (Lk - Lq). Prefix keys are
             always visible.
         softmax_scale: defaults to D ** -0.5.
-        backend: "auto", "eager", "triton" or "cuda".
+        backend: "auto", "eager", "torch", "triton" or "cuda".
 
     Returns:
         (B, H, Lq, D) in q's dtype. A query row with no visible key gives 0.
@@ -312,8 +312,9 @@ def prefix_attention(
     )
     be = resolve_backend(backend, q.device, "prefix_attention", q.dtype)
     check_backend_dtype(q.dtype, be, "prefix_attention")
-    if be == "eager":
-        return reference.prefix_attention(
+    if be in ("eager", "torch"):
+        impl = reference if be == "eager" else composite
+        return impl.prefix_attention(
             q,
             k,
             v,
@@ -574,7 +575,7 @@ def gated_adapter(
             example with none gets g = 0.
         activation: relu, gelu, gelu_tanh, silu, tanh or identity.
         scaling: a constant multiplier.
-        backend: "auto", "eager", "triton" or "cuda".
+        backend: "auto", "eager", "torch", "triton" or "cuda".
     """
     x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate = _autocast(
         x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate
@@ -595,7 +596,7 @@ def gated_adapter(
     )
     be = resolve_backend(backend, x.device, "gated_adapter", x.dtype)
     check_backend_dtype(x.dtype, be, "gated_adapter")
-    if be == "eager":
+    if be in ("eager", "torch"):  # the torch backend runs this op as eager
         return reference.gated_adapter(
             x,
             w_down,
@@ -698,14 +699,14 @@ def bias_only_linear(
     Args:
         x: (..., d_in). weight: (d_out, d_in), frozen (ValueError if it requires grad).
         bias: (d_out,). activation: None, relu, gelu, gelu_tanh, silu, tanh or identity.
-        backend: "auto", "eager", "triton" or "cuda".
+        backend: "auto", "eager", "torch", "triton" or "cuda".
     """
     x, weight, bias = _autocast(x, weight, bias)
     validate_bias_only_linear(x, weight, bias, activation)
     act = check_activation(activation, "bias_only_linear", allow_none=True)
     be = resolve_backend(backend, x.device, "bias_only_linear", x.dtype)
     check_backend_dtype(x.dtype, be, "bias_only_linear")
-    if be == "eager":
+    if be in ("eager", "torch"):  # the torch backend runs this op as eager
         return reference.bias_only_linear(x, weight, bias, activation=activation)
     y, _ = _bias_only_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, act, be)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -777,13 +778,13 @@ def bias_only_layer_norm(
 
     Args:
         x: (..., d). weight: (d,), must not require grad (ValueError). bias: (d,).
-        eps: added to the variance. backend: "auto", "eager", "triton" or "cuda".
+        eps: added to the variance. backend: "auto", "eager", "torch", "triton" or "cuda".
     """
     x, weight, bias = _autocast(x, weight, bias)
     validate_bias_only_layer_norm(x, weight, bias, eps)
     be = resolve_backend(backend, x.device, "bias_only_layer_norm", x.dtype)
     check_backend_dtype(x.dtype, be, "bias_only_layer_norm")
-    if be == "eager":
+    if be in ("eager", "torch"):  # the torch backend runs this op as eager
         return reference.bias_only_layer_norm(x, weight, bias, eps)
     y, _, _ = _bias_only_layer_norm_op(x.reshape(-1, x.shape[-1]), weight, bias, float(eps), be)
     return y.view(x.shape)

@@ -37,9 +37,15 @@ def suite_env() -> tuple[torch.device, bool, torch.dtype]:
     return torch.device("cuda" if cuda else "cpu"), not cuda, DTYPES[name]
 
 
+# The torch backend differs from eager only for prefix attention (SDPA); elsewhere it is eager.
+COMPOSITE_OPS = ("prefix_attention",)
+
+
 def impls_for(op: str) -> tuple[str, ...]:
-    """Row order: eager first (the speedup baseline), compile, kernels, peers."""
-    return ("eager", "compile", *KERNEL_BACKENDS, *PEERS.get(op, ()))
+    """Row order: eager first (the speedup baseline), compile, the torch composite, kernels,
+    peers."""
+    composite = ("torch",) if op in COMPOSITE_OPS else ()
+    return ("eager", "compile", *composite, *KERNEL_BACKENDS, *PEERS.get(op, ()))
 
 
 def dtype_name(dt: torch.dtype) -> str:
@@ -64,7 +70,7 @@ class OpCase:
 
     def runner(self, impl: str) -> Callable[[], torch.Tensor]:
         """The zero-argument callable for ``impl`` (raises if it cannot be built)."""
-        if impl in ("eager", *KERNEL_BACKENDS):
+        if impl in ("eager", "torch", *KERNEL_BACKENDS):
             return _op_call(self, impl)
         if impl == "compile":
             # A fresh dynamo cache per row: every row's closure shares one code object,

@@ -35,7 +35,7 @@ class OpTask:
 
 
 def impl_kind(impl: str) -> str:
-    if impl in ("eager", *KERNEL_BACKENDS):
+    if impl in ("eager", "torch", *KERNEL_BACKENDS):
         return "backend"
     return "compile" if impl == "compile" else "peer"
 

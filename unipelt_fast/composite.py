@@ -1,0 +1,62 @@
+"""The ``torch`` backend: composites of fused torch ops, fast on a CPU (not the spec).
+
+prefix_attention runs ``F.scaled_dot_product_attention`` on ``[gated prefix ; tokens]``
+with an explicit boolean mask, so torch's fused attention kernel runs in the inputs' dtype
+and never builds the fp32 probability matrix the eager reference does (twice). The other
+ops are the eager reference itself (already a single fused torch call or close to it).
+Autograd is torch's own. Inputs arrive validated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .reference import select_prefix, split_prefix_gate, token_key_visibility
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    prefix_index: torch.Tensor | None = None,
+    prefix_gate: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Same result as ``reference.prefix_attention`` (rows with no visible key give 0)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    pk = select_prefix(prefix_k, prefix_index, B)
+    pv = select_prefix(prefix_v, prefix_index, B)
+    P = pk.shape[2]
+    if P + Lk == 0:  # no key at all (SDPA would give NaN): the reference's zeros
+        return reference.prefix_attention(
+            q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_gate=prefix_gate,
+            key_padding_mask=key_padding_mask, causal=causal, softmax_scale=softmax_scale,
+        )  # fmt: skip
+    if prefix_gate is not None:
+        gk, gv = split_prefix_gate(prefix_gate.to(q.dtype), B)
+        pk = pk * gk[:, None, None, None]
+        pv = pv * gv[:, None, None, None]
+    keys = torch.cat([pk, k], dim=2)
+    values = torch.cat([pv, v], dim=2)
+
+    mask = empty = None
+    if key_padding_mask is not None or causal:
+        tok = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device)
+        if P == 0:  # only then can a row see no key: let SDPA see all, zero the row after
+            empty = ~tok.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1)
+            tok = tok | empty
+        mask = torch.cat([tok.new_ones(B, 1, Lq, P), tok], dim=-1)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=softmax_scale, enable_gqa=H != Hkv
+    )
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out

@@ -154,3 +154,54 @@ def test_read_counter_counts_package_reads(monkeypatch):
     idx = torch.tensor([0, 1])
     hits = _count_reads(monkeypatch, (), lambda: _validation._check_index(idx, "i", "op", 2, 2))
     assert len(hits) == 2, hits  # int(min), int(max): CPU, readable
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_step_matches_eager():
+    """A tiny UniPELT LLaMA's forward+backward captured in a CUDA graph: replaying it on
+    new inputs (copied into the static batch) gives eager's loss and gradients. Any host
+    sync inside the step would make the capture fail."""
+    from unipelt_fast.testing import assert_close
+
+    dev = torch.device("cuda")
+    cfg = uf.UniPELTConfig(lora=True, adapter=ADAPTER, gate_mode="masked_mean")
+    m = uf.apply_unipelt(tiny_model("llama"), cfg, backend="triton").to(dev)
+    perturb(m)
+    m.train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    batches = [{k: v.to(dev) for k, v in batch("llama", seed=s).items()} for s in (1, 2)]
+    static = {k: v.clone() for k, v in batches[0].items()}
+
+    def step(b):
+        out = m(**b, use_cache=False)
+        out.loss.backward()
+        return out.loss
+
+    def eager(b):
+        m.zero_grad(set_to_none=True)
+        loss = step(b).detach().clone()
+        return loss, [None if p.grad is None else p.grad.clone() for p in params]
+
+    expected = [eager(b) for b in batches]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: kernel compiles and allocator pools
+        for _ in range(2):
+            m.zero_grad(set_to_none=True)
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    m.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(static)
+    for b, (ref_loss, ref_grads) in zip(batches, expected, strict=True):
+        for k in static:
+            static[k].copy_(b[k])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(loss, ref_loss, torch.float32, "loss")
+        for p, g in zip(params, ref_grads, strict=True):
+            assert_close(p.grad, g, torch.float32, "grad")

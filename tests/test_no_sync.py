@@ -205,3 +205,53 @@ def test_cuda_graph_training_step_matches_eager():
         assert_close(loss, ref_loss, torch.float32, "loss")
         for p, g in zip(params, ref_grads, strict=True):
             assert_close(p.grad, g, torch.float32, "grad")
+
+
+# ---- HF mask conversion: once per forward -----------------------------------------------------
+
+
+class _Root:
+    def __init__(self, mask2d):
+        self.mask2d, self.mask_cache = mask2d, {}
+
+
+def test_layer_masks_from_the_2d_mask_without_inspecting_the_4d(monkeypatch):
+    from unipelt_fast.hf import masks
+
+    calls = []
+    monkeypatch.setattr(masks, "_convert_mask", lambda *a: calls.append(a) or None)
+    B, H, L, D = 2, 2, 5, 8
+    q = torch.randn(B, H, L, D)
+    m2 = torch.ones(B, L, dtype=torch.bool)
+    m2[1, 3:] = False
+    root = _Root(m2)
+    four_d = torch.zeros(B, 1, L, L)  # never looked at
+    for _ in range(3):  # three layers
+        kpm, causal, k, _ = masks.layer_masks(root, four_d, True, q, q, q)
+        assert torch.equal(kpm, m2) and causal and k is q
+    assert not calls
+    # beams: the batch is a multiple of the mask's
+    q4 = torch.randn(2 * B, H, L, D)
+    kpm, *_ = masks.layer_masks(root, None, True, q4, q4, q4)
+    assert torch.equal(kpm, m2.repeat_interleave(2, 0))
+
+
+def test_layer_masks_inspect_a_4d_mask_once_per_forward(monkeypatch):
+    from unipelt_fast.hf import masks
+
+    calls = []
+    real = masks._convert_mask
+    monkeypatch.setattr(masks, "_convert_mask", lambda *a: calls.append(1) or real(*a))
+    B, H, L, D = 2, 2, 5, 8
+    q = torch.randn(B, H, L, D)
+    vis = torch.ones(L, L, dtype=torch.bool).tril().expand(B, 1, L, L).clone()
+    vis[1, :, :, 3:] = False
+    for root, window in ((_Root(None), None), (_Root(torch.ones(B, L, dtype=torch.bool)), 3)):
+        calls.clear()
+        for _ in range(3):  # three layers of one forward
+            kpm, causal, _, _ = masks.layer_masks(root, vis, True, q, q, q, window)
+        assert len(calls) == 1  # no 2-D mask / a window shorter than the keys: the 4-D mask
+        assert causal and torch.equal(kpm, vis[:, 0, -1])
+        root.mask_cache = {}  # the next forward (the model pre-hook resets it)
+        masks.layer_masks(root, vis, True, q, q, q, window)
+        assert len(calls) == 2

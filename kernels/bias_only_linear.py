@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unipelt_fast._alloc import new_output
+from unipelt_fast._alloc import new_output, on_input_device
 
 # activation codes (constexpr in the kernels)
 _ACT = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
@@ -85,7 +85,7 @@ def _act_grad(g, s, ACT: tl.constexpr):
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])  # row counts vary per batch
 def _act_fwd_kernel(
     pre_ptr,  # (numel,) contiguous pre-activation (the GEMM result, bias included)
     y_ptr,  # (numel,) contiguous; may alias pre_ptr (relu: overwritten in place)
@@ -99,7 +99,7 @@ def _act_fwd_kernel(
     tl.store(y_ptr + offs, _act_fwd(z, ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_prog"])  # row counts vary per batch
 def _act_bias_bwd_kernel(
     gy_ptr,  # (M, N) contiguous
     s_ptr,  # (M, N) contiguous saved tensor (pre, or y for relu); unused for identity
@@ -144,6 +144,7 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: few programs keep it fast
 
 
+@on_input_device
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +166,7 @@ def forward(
     return y, (pre if save_pre else x.new_empty((0,)))
 
 
+@on_input_device
 def backward(
     grad_y: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unipelt_fast._alloc import new_output
+from unipelt_fast._alloc import new_output, on_input_device
 
 Tensor = torch.Tensor
 
@@ -85,7 +85,7 @@ def _act_grad(z, ACT: tl.constexpr):
     return dy
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "L"])  # row counts vary per batch
 def _ga_fwd_kernel(
     x_ptr, res_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, wg_ptr, bg_ptr, gv_ptr,
     out_ptr, z_ptr, s_ptr,
@@ -178,7 +178,7 @@ def _ga_fwd_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # row counts vary per batch
 def _ga_bwd_rows_kernel(
     dy_ptr, z_ptr, gv_ptr, wu_ptr, bu_ptr, dz_ptr, dg_ptr,
     M, D, R, scaling, swu_d, swu_r,
@@ -225,7 +225,7 @@ def _ga_bwd_rows_kernel(
         tl.store(dg_ptr + rows64, dg, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "L", "blocks_per_split"])  # row counts vary per batch
 def _ga_bwd_cols_kernel(
     dy_ptr, x_ptr, z_ptr, dz_ptr, gv_ptr, ds_ptr, wd_ptr, wg_ptr,
     dx_ptr, pwu_ptr, pbu_ptr, pwd_ptr, pwg_ptr,
@@ -357,6 +357,7 @@ def _gate_rows(
     return gb[:, None].expand(B, L).reshape(-1), sig, m
 
 
+@on_input_device
 def forward(
     x: Tensor,
     w_down: Tensor,
@@ -420,6 +421,7 @@ def forward(
     return out, z, s
 
 
+@on_input_device
 def backward(
     grad_out: Tensor,
     x: Tensor,

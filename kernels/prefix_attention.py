@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unipelt_fast._alloc import new_output
+from unipelt_fast._alloc import new_output, on_input_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -98,6 +98,13 @@ def _load_d(ptrs, mask_d, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _task(IDX, b, T):
+    """Example b's task, clamped to [0, T - 1]: validation reads the range only where that
+    needs no device sync (see _validation._check_index), so no index may read out of bounds."""
+    return tl.minimum(tl.maximum(tl.load(IDX + b).to(tl.int64), 0), T - 1)
+
+
+@triton.jit(do_not_specialize=["LQ", "LK", "P"])
 def _fwd_kernel(
     Q,
     K,
@@ -136,6 +143,7 @@ def _fwd_kernel(
     LQ,
     LK,
     P,
+    T,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -147,18 +155,21 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
+    # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    hk = h // GROUP
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)  # 64-bit offsets inside one example's slice too
+    bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM  # head dims that are not a power of two: padded, masked
     row_ok = offs_m < LQ
 
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    rows64 = offs_m.to(tl.int64)
+    q_ptrs = Q + b * sqb + h * sqh + rows64[:, None] * sqm + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -172,7 +183,7 @@ def _fwd_kernel(
     else:
         gk = 1.0
         gv = 1.0
-    t = tl.load(IDX + b).to(tl.int64)
+    t = _task(IDX, b, T)
     pk_base = PK + t * spkt + hk * spkh
     pv_base = PV + t * spvt + hk * spvh
     for start_n in range(0, P, BLOCK_N):
@@ -197,8 +208,9 @@ def _fwd_kernel(
     # no per-element mask, only the per-column padding mask if any.
     for start_n in range(0, full, BLOCK_N):
         cols = start_n + offs_n
-        kb = _load_d(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
-        vb = _load_d(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
+        c64 = cols.to(tl.int64)
+        kb = _load_d(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
+        vb = _load_d(v_base + c64[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
         if HAS_MASK:
             vis = (tl.load(KPM + b * smb + cols * smn) != 0)[None, :]
         else:
@@ -211,8 +223,9 @@ def _fwd_kernel(
         cols = start_n + offs_n
         col_ok = cols < LK
         kv_mask = col_ok[:, None] & mask_d[None, :]
-        kb = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        vb = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        c64 = cols.to(tl.int64)
+        kb = tl.load(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        vb = tl.load(v_base + c64[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         if HAS_MASK:
             col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
         vis = col_ok[None, :]
@@ -227,11 +240,9 @@ def _fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = (
-        OUT + pid_bh.to(tl.int64) * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    )
+    o_ptrs = OUT + bh * LQ * HEAD_DIM + rows64[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh * LQ + offs_m, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +250,7 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LQ"])
 def _bwd_preprocess(
     OUT,
     DO,
@@ -255,19 +266,22 @@ def _bwd_preprocess(
     BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < LQ) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(
-        OUT + pid_bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        OUT + bh * LQ * HEAD_DIM + rows64[:, None] * HEAD_DIM + offs_d[None, :],
         mask=mask,
         other=0.0,
     )
-    do_base = DO + (pid_bh // H) * sdb + (pid_bh % H) * sdh
-    do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    do_base = DO + b * sdb + h * sdh
+    do = tl.load(do_base + rows64[:, None] * sdm + offs_d[None, :] * sdd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh * LQ + offs_m, delta, mask=offs_m < LQ)
+    tl.store(DELTA + bh * LQ + offs_m, delta, mask=offs_m < LQ)
 
 
 @triton.jit
@@ -308,10 +322,9 @@ def _dkdv_rows(
         rows = start_m + offs_m
         row_ok = rows < LQ
         rd_mask = row_ok[:, None] & mask_d[None, :]
-        qb = tl.load(q_base + rows[:, None] * sqm + offs_d[None, :] * sqd, mask=rd_mask, other=0.0)
-        dob = tl.load(
-            do_base + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=rd_mask, other=0.0
-        )
+        r64 = rows.to(tl.int64)
+        qb = tl.load(q_base + r64[:, None] * sqm + offs_d[None, :] * sqd, mask=rd_mask, other=0.0)
+        dob = tl.load(do_base + r64[:, None] * sdm + offs_d[None, :] * sdd, mask=rd_mask, other=0.0)
         lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
         # -inf marks a row with no visible key (or no row): +inf makes its P exactly 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -388,7 +401,7 @@ def _dkdv_loop(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LQ", "LK"])
 def _bwd_dkdv_kernel(
     Q,
     K,
@@ -432,23 +445,24 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Token keys: one program per (key block, example, kv head)."""
+    """Token keys: one program per (key block, kv head, example)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    hk = pid_bh % HKV
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bhk = b * HKV + hk
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
+    c64 = cols.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < LK
     kv_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     kb = tl.load(
-        K + b * skb + hk * skh + cols[:, None] * skn + offs_d[None, :] * skd,
+        K + b * skb + hk * skh + c64[:, None] * skn + offs_d[None, :] * skd,
         mask=kv_mask,
         other=0.0,
     )
     vb = tl.load(
-        V + b * svb + hk * svh + cols[:, None] * svn + offs_d[None, :] * svd,
+        V + b * svb + hk * svh + c64[:, None] * svn + offs_d[None, :] * svd,
         mask=kv_mask,
         other=0.0,
     )
@@ -469,12 +483,12 @@ def _bwd_dkdv_kernel(
         col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
         dk = tl.where(col_ok[:, None], dk, 0.0)
         dv = tl.where(col_ok[:, None], dv, 0.0)
-    out_off = pid_bh.to(tl.int64) * LK * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    out_off = bhk * LK * HEAD_DIM + c64[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LQ", "LK", "P"])
 def _bwd_prefix_dkdv_kernel(
     Q,
     PK,
@@ -509,6 +523,7 @@ def _bwd_prefix_dkdv_kernel(
     LQ,
     LK,
     P,
+    T,
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
@@ -521,9 +536,9 @@ def _bwd_prefix_dkdv_kernel(
     """Prefix keys: one program per (prefix block, example, kv head). Writes this example's
     fp32 partials d prefix_k/v (B, Hkv, P, D) and gate partials (B, Hkv, n_blocks, 2)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    hk = pid_bh % HKV
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bhk = b * HKV + hk
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < P
@@ -534,7 +549,7 @@ def _bwd_prefix_dkdv_kernel(
     else:
         gk = 1.0
         gv = 1.0
-    t = tl.load(IDX + b).to(tl.int64)
+    t = _task(IDX, b, T)
     kb = tl.load(
         PK + t * spkt + hk * spkh + cols[:, None] * spkn + offs_d[None, :] * spkd,
         mask=kv_mask,
@@ -555,18 +570,18 @@ def _bwd_prefix_dkdv_kernel(
     # Rows past P hold garbage (possibly inf); zero them before the gate reductions.
     dkey = tl.where(col_ok[:, None], dk * sm_scale, 0.0)  # d loss / d (gk * pk)
     dv = tl.where(col_ok[:, None], dv, 0.0)
-    out_off = pid_bh.to(tl.int64) * P * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    out_off = bhk * P * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DPK + out_off, dkey * gk, mask=kv_mask)
     tl.store(DPV + out_off, dv * gv, mask=kv_mask)
     if HAS_GATE:  # d gk = sum pk . d(gk pk); d gv = sum pv . d(gv pv)
         dgk = tl.sum(tl.sum(kb.to(tl.float32) * dkey, 1), 0)
         dgv = tl.sum(tl.sum(vb.to(tl.float32) * dv, 1), 0)
-        g_off = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n) * 2
+        g_off = (bhk * tl.num_programs(0) + pid_n) * 2
         tl.store(DG + g_off, dgk)
         tl.store(DG + g_off + 1, dgv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _task_sum_kernel(PART, IDX, OUT, B, N, BLOCK: tl.constexpr):
     """OUT[t] = sum over examples b with IDX[b] == t of PART[b], in increasing b: a fixed
     order, so the result is bit-reproducible (no atomics)."""
@@ -577,13 +592,15 @@ def _task_sum_kernel(PART, IDX, OUT, B, N, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], tl.float32)
     ptrs = PART + offs  # advanced by N per example: 64-bit pointer arithmetic
     for b in range(0, B):
-        sel = (tl.zeros([BLOCK], tl.int64) + tl.load(IDX + b)) == t
+        # clamped as in the other kernels: an out-of-range index counts as task 0 or T - 1
+        tb = _task(IDX, b, tl.num_programs(1))
+        sel = (tl.zeros([BLOCK], tl.int64) + tb) == t
         acc += tl.load(ptrs, mask=mask & sel, other=0.0)
         ptrs += N
     tl.store(OUT + t.to(tl.int64) * N + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LQ", "LK", "P"])
 def _bwd_dq_kernel(
     Q,
     K,
@@ -628,6 +645,7 @@ def _bwd_dq_kernel(
     LQ,
     LK,
     P,
+    T,
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
@@ -640,28 +658,31 @@ def _bwd_dq_kernel(
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
+    # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    hk = h // GROUP
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)  # 64-bit offsets inside one example's slice too
+    bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     row_ok = offs_m < LQ
     rd_mask = row_ok[:, None] & mask_d[None, :]
+    rows64 = offs_m.to(tl.int64)
     qb = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        Q + b * sqb + h * sqh + rows64[:, None] * sqm + offs_d[None, :] * sqd,
         mask=rd_mask,
         other=0.0,
     )
     dob = tl.load(
-        DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+        DO + b * sdb + h * sdh + rows64[:, None] * sdm + offs_d[None, :] * sdd,
         mask=rd_mask,
         other=0.0,
     )
-    row_base = pid_bh.to(tl.int64) * LQ
+    row_base = bh * LQ
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
@@ -674,7 +695,7 @@ def _bwd_dq_kernel(
     else:
         gk = 1.0
         gv = 1.0
-    t = tl.load(IDX + b).to(tl.int64)
+    t = _task(IDX, b, T)
     pk_base = PK + t * spkt + hk * spkh
     pv_base = PV + t * spvt + hk * spvh
     for start_n in range(0, P, BLOCK_N):
@@ -699,8 +720,9 @@ def _bwd_dq_kernel(
     v_base = V + b * svb + hk * svh
     for start_n in range(0, full, BLOCK_N):
         cols = start_n + offs_n
-        kb = _load_d(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
-        vb = _load_d(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
+        c64 = cols.to(tl.int64)
+        kb = _load_d(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
+        vb = _load_d(v_base + c64[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if HAS_MASK:
@@ -712,8 +734,9 @@ def _bwd_dq_kernel(
         cols = start_n + offs_n
         col_ok = cols < LK
         kv_mask = col_ok[:, None] & mask_d[None, :]
-        kb = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        vb = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        c64 = cols.to(tl.int64)
+        kb = tl.load(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        vb = tl.load(v_base + c64[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         if HAS_MASK:
             col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
         vis = col_ok[None, :]
@@ -725,9 +748,7 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
 
-    dq_ptrs = (
-        DQ + pid_bh.to(tl.int64) * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    )
+    dq_ptrs = DQ + bh * LQ * HEAD_DIM + rows64[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rd_mask)
 
 
@@ -744,25 +765,39 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _configs(q: torch.Tensor, D: int) -> dict[str, tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Interpreter: 16x16 blocks (fast,
-    and small shapes still span several blocks). GPU: every tl.dot dim >= 16; smaller tiles
-    for fp32 and for D > 128 so that shared memory and registers stay within an sm80/sm90."""
-    if _interpreting(q):
-        c = (16, 16, 1, 1)
-        return {"fwd": c, "dkdv": c, "dq": c}
+SUM_BLOCK = 1024  # _task_sum_kernel's block
+
+
+def gpu_configs(dtype: torch.dtype, D: int) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on a GPU ("pre": the backward
+    preprocess, "sum": _task_sum_kernel, BLOCK_N unused there), warps/stages included where
+    they are Triton's defaults (4, 3). Every tl.dot dim >= 16; smaller tiles for fp32 and for
+    D > 128 so that shared memory and registers stay within an sm80/sm90. The launch and
+    ``unipelt-fast resources`` both read this, so the report is of what is launched."""
     bd = _block_d(D)
-    if q.element_size() == 4:  # IEEE fp32 dots run on FMA units: small tiles avoid spills
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles avoid spills
         if bd <= 64:
-            return {"fwd": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
-        if bd <= 128:
-            return {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
-        return {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
-    if bd <= 64:
-        return {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
-    if bd <= 128:
-        return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}
-    return {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
+            c = {"fwd": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
+        elif bd <= 128:
+            c = {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
+        else:
+            c = {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
+    elif bd <= 64:
+        c = {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+    elif bd <= 128:
+        c = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}
+    else:
+        c = {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
+    return {**c, "pre": (c["dq"][0], 0, 4, 3), "sum": (SUM_BLOCK, 0, 4, 3)}
+
+
+def _configs(q: torch.Tensor, D: int) -> dict[str, tuple[int, int, int, int]]:
+    """The GPU's configs, or 16x16 blocks under the interpreter (fast, and small shapes still
+    span several blocks) unless UNIPELT_GPU_CONFIGS=1 asks for the GPU's there too (tests)."""
+    if _interpreting(q) and os.environ.get("UNIPELT_GPU_CONFIGS") != "1":
+        c = (16, 16, 1, 1)
+        return {"fwd": c, "dkdv": c, "dq": c, "pre": c, "sum": (SUM_BLOCK, 0, 1, 1)}
+    return gpu_configs(q.dtype, D)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -778,6 +813,7 @@ def _check_head_dim(q: torch.Tensor, D: int) -> None:
         )
 
 
+@on_input_device
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -801,13 +837,13 @@ def forward(
     BM, BN, warps, stages = _configs(q, D)["fwd"]
     gate = q if prefix_gate is None else prefix_gate  # a placeholder pointer when unused
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
-    grid = (triton.cdiv(Lq, BM), B * H)
+    grid = (triton.cdiv(Lq, BM), H, B)
     _fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         kpm.stride(0) if key_padding_mask is not None else 0,
         kpm.stride(1) if key_padding_mask is not None else 0,
-        H, H // Hkv, Lq, Lk, P, softmax_scale * LOG2E,
+        H, H // Hkv, Lq, Lk, P, prefix_k.shape[0], softmax_scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
         HAS_GATE=prefix_gate is not None, HAS_MASK=key_padding_mask is not None,
         CAUSAL=causal, PRECISION=_precision(q), EVEN_D=_block_d(D) == D,
@@ -816,6 +852,7 @@ def forward(
     return out, lse
 
 
+@on_input_device
 def backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -858,14 +895,15 @@ def backward(
     do_strides = grad_out.stride()
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
-    BM = cfg["dq"][0]
-    _bwd_preprocess[(triton.cdiv(Lq, BM), B * H)](
-        out, grad_out, delta, *do_strides, H, Lq, HEAD_DIM=D, BLOCK_M=BM, BLOCK_D=BD
-    )
+    BM, _, warps, stages = cfg["pre"]
+    _bwd_preprocess[(triton.cdiv(Lq, BM), H, B)](
+        out, grad_out, delta, *do_strides, H, Lq, HEAD_DIM=D, BLOCK_M=BM, BLOCK_D=BD,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
 
     BM, BN, warps, stages = cfg["dkdv"]
     if Lk > 0:
-        _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), B * Hkv)](
+        _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), Hkv, B)](
             q, k, v, grad_out, lse, delta, kpm, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do_strides, *km_strides,
             H, Hkv, H // Hkv, Lq, Lk, qk_scale, softmax_scale,
@@ -879,28 +917,30 @@ def backward(
         # Per-example fp32 partials, then a fixed-order sum per task (deterministic).
         part_k = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
         part_v = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
-        _bwd_prefix_dkdv_kernel[(n_pblocks, B * Hkv)](
+        _bwd_prefix_dkdv_kernel[(n_pblocks, Hkv, B)](
             q, prefix_k, prefix_v, prefix_index, gate, grad_out, lse, delta,
             part_k, part_v, dg_part,
             *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *do_strides,
-            H, Hkv, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale,
+            H, Hkv, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
             PRECISION=prec, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         N = Hkv * P * D
-        SB = 1024
+        SB, _, sw, ss = cfg["sum"]
         for part, dst in ((part_k, dpk), (part_v, dpv)):
-            _task_sum_kernel[(triton.cdiv(N, SB), T)](part, prefix_index, dst, B, N, BLOCK=SB)
+            _task_sum_kernel[(triton.cdiv(N, SB), T)](
+                part, prefix_index, dst, B, N, BLOCK=SB, num_warps=sw, num_stages=ss
+            )
     else:
         dpk.zero_()
         dpv.zero_()
 
     BM, BN, warps, stages = cfg["dq"]
-    _bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
+    _bwd_dq_kernel[(triton.cdiv(Lq, BM), H, B)](
         q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         *do_strides, *km_strides,
-        H, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale,
+        H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
         HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
         num_warps=warps, num_stages=stages,

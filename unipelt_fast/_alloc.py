@@ -6,9 +6,15 @@ uninitialised memory, so an element a kernel forgets to write fails every parity
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 NAN_FILL = os.environ.get("UNIPELT_NAN_FILL", "0") == "1"
 
@@ -20,3 +26,23 @@ def new_output(
     if NAN_FILL and dtype.is_floating_point:
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def device_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA device, else nothing to enter."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(fn: F) -> F:
+    """Run a launcher with its first tensor argument's GPU current: Triton launches on the
+    current device, which for a model split over GPUs (device_map="auto") may be another."""
+
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        t = next(a for a in args if isinstance(a, torch.Tensor))
+        with device_context(t.device):
+            return fn(*args, **kwargs)
+
+    return launcher  # type: ignore[return-value]

@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-ms", type=float, default=None, help="do_bench warmup (GPU)")
     b.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time (GPU)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    from . import resources
+
+    r = sub.add_parser(
+        "resources",
+        help="registers, spills, shared memory and occupancy of every Triton kernel (no GPU)",
+        description=resources.__doc__.split("\n")[0],
+    )
+    resources.add_arguments(r)
     return parser
 
 
@@ -343,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cmd == "bench":
         return bench(args, parser, argv)
+    if args.cmd == "resources":
+        from . import resources
+
+        resources.set_argv((argv if argv is not None else sys.argv[1:])[1:])
+        return resources.run(args)
     parser.error(f"unknown command {args.cmd!r}")  # pragma: no cover - argparse catches it
     return 2
 

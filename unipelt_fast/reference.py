@@ -28,7 +28,9 @@ def select_prefix(
 ) -> torch.Tensor:
     """Each example's prefix, (B, Hkv, P, D), from any of the three layouts."""
     if prefix_index is not None:
-        return prefix[prefix_index.long()]  # (T, Hkv, P, D) -> (B, Hkv, P, D)
+        # (T, Hkv, P, D) -> (B, Hkv, P, D). Out-of-range indices are clamped, as in every
+        # kernel (validation rejects them only where reading them needs no device sync).
+        return prefix[prefix_index.long().clamp(0, prefix.shape[0] - 1)]
     if prefix.dim() == 3:
         return prefix.unsqueeze(0).expand(batch, *prefix.shape)  # shared by the batch
     return prefix  # already one per example

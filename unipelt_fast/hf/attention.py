@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .masks import _convert_mask
+from .masks import layer_masks
 
 ATTN_NAME = "unipelt"
 
@@ -40,7 +40,8 @@ def unipelt_attention(
     causal = bool(getattr(module, "is_causal", False))
     if attention_mask is None and kwargs.get("is_causal") is not None:
         causal = bool(kwargs["is_causal"])
-    kpm, causal, key, value = _convert_mask(attention_mask, causal, query, key, value)
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    kpm, causal, key, value = layer_masks(root, attention_mask, causal, query, key, value, window)
     pk, pv = root.layer_prefix(layer)
     gate = module.__dict__.pop("_unipelt_gate", None)
     B = query.shape[0]

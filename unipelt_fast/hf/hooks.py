@@ -65,6 +65,7 @@ def _model_pre_hook(model: nn.Module, args, kwargs):
     if root.prompt is not None and ref is not None:
         kwargs, mask = _prepend_prompt(model, root, kwargs, task_ids, mask)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    root.mask_cache = {}  # masks are worked out once per forward (hf.masks.layer_masks)
     return args, kwargs
 
 

@@ -1,4 +1,9 @@
-"""HF attention masks -> ``key_padding_mask`` + bottom-right ``causal``, checked exact."""
+"""HF attention masks -> ``key_padding_mask`` + bottom-right ``causal``, checked exact.
+
+:func:`layer_masks` is what the attention function calls on every layer: it works the
+answer out once per forward (cached on the root, reset by the model pre-hook) and, where
+the model pre-hook captured a 2-D mask, from that mask without reading it on the host.
+"""
 
 from __future__ import annotations
 
@@ -59,3 +64,48 @@ def _convert_mask(
             )
         kpm, k, v = kpm[:, :n], k[:, :, :n], v[:, :, :n]
     return (None if bool(kpm.all()) else kpm), causal, k, v
+
+
+def layer_masks(
+    root,
+    mask: torch.Tensor | None,
+    causal: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sliding_window: int | None = None,
+):
+    """(key_padding_mask or None, causal, k, v) for one layer, with no host read per layer.
+
+    With the forward's 2-D mask covering every key (the usual case, KV cache included) the
+    padding mask is that mask and ``causal`` the module's: nothing is read on the host and
+    the 4-D mask HF built from it is not inspected. A 2-D mask is passed even when it has no
+    padding (knowing that would need a host read). Otherwise (a 4-D mask from the caller, a
+    static cache whose slots outnumber the mask, a sliding window shorter than the keys)
+    the 4-D mask is inspected with :func:`_convert_mask`, once per forward per mask.
+    """
+    B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
+    cache = root.mask_cache
+    m2 = root.mask2d
+    windowed = sliding_window is not None and Lk > sliding_window
+    if m2 is not None and m2.shape[1] == Lk and B % m2.shape[0] == 0 and not windowed:
+        key = ("2d", B, Lk, q.device)
+        kpm = cache.get(key)
+        if kpm is None:
+            kpm = m2.to(q.device)
+            if kpm.shape[0] != B:  # generate() with beams / num_return_sequences
+                kpm = kpm.repeat_interleave(B // kpm.shape[0], 0)
+            cache[key] = kpm
+        return kpm, causal, k, v
+    if mask is None:
+        return None, causal, k, v
+    key = ("4d", id(mask), B, Lq, Lk, causal)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not mask:  # the identity check: ids can be reused
+        kpm, c, k2, _ = _convert_mask(mask, causal, q, k, k)
+        hit = (mask, kpm, c, k2.shape[2])
+        cache[key] = hit
+    _, kpm, causal, n = hit
+    if n != Lk:  # a static cache's unwritten slots
+        k, v = k[:, :, :n], v[:, :, :n]
+    return kpm, causal, k, v

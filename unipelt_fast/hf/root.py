@@ -19,6 +19,7 @@ class UniPELTRoot(nn.Module):
         self.default_task = 0
         self.task_ids: torch.Tensor | None = None
         self.mask2d: torch.Tensor | None = None
+        self.mask_cache: dict = {}  # hf.masks.layer_masks, reset per forward
         T, L = len(cfg.tasks), dims["n_layers"]
         gm = "masked_mean" if cfg.gate_mode == "token" else cfg.gate_mode
         self.prefix = self.prefix_gates = self.prompt = None

@@ -1,0 +1,462 @@
+"""``unipelt-fast resources``: what each Triton kernel costs a GPU, computed without one.
+
+Every launcher (``unipelt_fast.kernels.*.forward``/``backward``) is run on small CPU tensors
+with its kernels replaced by recorders, with the launchers picking their GPU configs. Each
+recorded launch is then specialised by Triton's own launch binder (ints equal to 1 become
+constants, pointers/strides/sizes divisible by 16 get divisibility hints; num_warps and
+num_stages as launched, Triton's defaults where the launcher gives none) and compiled for
+sm_80 / sm_90 by Triton's compiler, which needs no GPU. ptxas reports registers and spills;
+Triton's metadata the shared memory. So the report is of exactly what a real launch
+compiles, and cannot drift from the launchers.
+
+Fields per row: op, kernel, arch, dtype, head_dim (None where it does not apply), config
+(the kernel's constexprs), regs (per thread), spill_bytes (spill stores), shared_bytes
+(per block), num_warps, num_stages, blocks_per_sm (occupancy bound from threads, registers
+and shared memory), fits (shared within the arch's per-block limit and regs <= 255).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+ARCHS = (80, 90)
+# Per-block shared memory a kernel may use (opt-in maximum) and per-SM resources.
+LIMITS = {
+    80: dict(shared_block=163 * 1024, shared_sm=164 * 1024),
+    90: dict(shared_block=227 * 1024, shared_sm=228 * 1024),
+}
+MAX_REGS = 255
+REGS_SM, MAX_THREADS_SM, MAX_BLOCKS_SM = 65536, 2048, 32
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+HEAD_DIMS = (64, 80, 128, 256)
+ADAPTER_D = (768, 4096)
+ADAPTER_R = (16, 64, 256)
+
+_KERNEL_MODULES = ("prefix_attention", "gated_adapter", "bias_only_linear", "bias_only_layer_norm")
+
+
+def _kmod(name: str):
+    return importlib.import_module(f"unipelt_fast.kernels.{name}")
+
+
+# ---- cases: launcher calls on CPU tensors ------------------------------------------------------
+
+
+class Case:
+    """One op variant: ``run()`` calls its launchers (forward and backward)."""
+
+    def __init__(self, op: str, dtype: str, head_dim: int | None, label: dict, run: Callable):
+        self.op, self.dtype, self.head_dim, self.label, self.run = op, dtype, head_dim, label, run
+
+
+def _attention_case(dt: str, D: int, gate: bool, mask: bool, causal: bool) -> Case:
+    def run():
+        kpa = _kmod("prefix_attention")
+        t = DTYPES[dt]
+        B, H, Hkv, L, T, P = 2, 32, 8, 128, 2, 16  # HF layout: (B, L, H, D).transpose(1, 2)
+        q = torch.zeros(B, L, H, D, dtype=t).transpose(1, 2)
+        k = torch.zeros(B, L, Hkv, D, dtype=t).transpose(1, 2)
+        pk = torch.zeros(T, Hkv, P, D, dtype=t)
+        idx = torch.zeros(B, dtype=torch.long)
+        g = torch.ones(B, 2) if gate else None
+        m = torch.ones(B, L, dtype=torch.bool) if mask else None
+        out, lse = kpa.forward(q, k, k, pk, pk, idx, g, m, causal, 0.1)
+        kpa.backward(out, q, k, k, pk, pk, idx, g, m, out, lse, causal, 0.1)
+
+    label = {"gate": gate, "mask": mask, "causal": causal}
+    return Case("prefix_attention", dt, D, label, run)
+
+
+def _adapter_case(dt: str, d: int, r: int, gate: str | None, act: str, bias: bool) -> Case:
+    def run():
+        kga = _kmod("gated_adapter")
+        t = DTYPES[dt]
+        B, L = 2, 128
+        x = torch.zeros(B, L, d, dtype=t)
+        wd, wu = torch.zeros(r, d, dtype=t), torch.zeros(d, r, dtype=t)
+        bd = torch.zeros(r, dtype=t) if bias else None
+        bu = torch.zeros(d, dtype=t) if bias else None
+        wg = torch.zeros(1, d, dtype=t) if gate else None
+        bg = torch.zeros(1, dtype=t) if gate and bias else None
+        mode = gate or "token"
+        gm = torch.ones(B, L, dtype=torch.bool) if gate == "mean" else None
+        res = None if gate == "mean" else torch.zeros(B, L, d, dtype=t)  # both residuals
+        out, z, s = kga.forward(x, wd, bd, wu, bu, res, wg, bg, gm, mode, act, 1.0)
+        kga.backward(out, x, wd, bd, wu, bu, res is None, wg, bg, gm, z, s, mode, act, 1.0)
+
+    label = {"d": d, "r": r, "gate": gate, "activation": act, "bias": bias}
+    return Case("gated_adapter", dt, None, label, run)
+
+
+def _linear_case(dt: str, n_in: int, n_out: int, act: str) -> Case:
+    def run():
+        k = _kmod("bias_only_linear")
+        t = DTYPES[dt]
+        x, w = torch.zeros(64, n_in, dtype=t), torch.zeros(n_out, n_in, dtype=t)
+        b = torch.zeros(n_out, dtype=t)
+        y, pre = k.forward(x, w, b, act)
+        k.backward(y, w, pre if act not in ("identity", "relu") else y, act)
+
+    return Case("bias_only_linear", dt, None, {"d_out": n_out, "activation": act}, run)
+
+
+def _layer_norm_case(dt: str, n: int) -> Case:
+    def run():
+        k = _kmod("bias_only_layer_norm")
+        t = DTYPES[dt]
+        x, w = torch.zeros(64, n, dtype=t), torch.ones(n, dtype=t)
+        y, mean, rstd = k.forward(x, w, torch.zeros(n, dtype=t), 1e-5)
+        k.backward(y, x, w, mean, rstd)
+
+    return Case("bias_only_layer_norm", dt, None, {"d": n}, run)
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """The report's matrix. Each flag that changes the compiled code (gate, mask, causal,
+    activation) is switched off one at a time from the all-on variant (the cross product
+    would double the compile time for rows that differ by one branch); the adapter's d
+    (768, 4096) changes no compiled code, so its rows share one compile. ``quick``: the
+    representative subset CI compiles (bf16 and fp32, the largest tiles of each op)."""
+    dts = ("bf16", "fp32") if quick else tuple(DTYPES)
+    out: list[Case] = []
+    attn_flags = [(True, True, True)]
+    if not quick:
+        attn_flags += [(False, True, True), (True, False, True), (True, True, False)]
+    for dt in dts:
+        for D in (128, 256) if quick else HEAD_DIMS:
+            out += [_attention_case(dt, D, *f) for f in attn_flags]
+    ad = [("token", "relu")]
+    if not quick:
+        ad += [(None, "relu"), ("mean", "relu"), ("token", "identity")]
+    for dt in dts:
+        for d in (4096,) if quick else ADAPTER_D:
+            for r in (256,) if quick else ADAPTER_R:
+                out += [_adapter_case(dt, d, r, g, a, True) for g, a in ad]
+    acts = ("gelu",) if quick else ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh")
+    for dt in dts:
+        out += [_linear_case(dt, 1024, 4096, a) for a in acts]
+        out += [_layer_norm_case(dt, n) for n in ((32768,) if quick else (768, 4096, 32768))]
+    return out
+
+
+# ---- capture and specialise ------------------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self, name: str, fn, launches: list):
+        self.name, self.fn, self.launches = name, fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: self.launches.append((self.name, self.fn, a, k))
+
+
+@contextlib.contextmanager
+def _recording(launches: list):
+    """Kernels replaced by recorders; the attention launcher picks its GPU configs."""
+    from triton.runtime.jit import JITFunction
+
+    saved = []
+    for mname in _KERNEL_MODULES:
+        mod = _kmod(mname)
+        for name, fn in vars(mod).copy().items():
+            if isinstance(fn, JITFunction) and (name.endswith("_kernel") or "preprocess" in name):
+                saved.append((mod, name, fn))
+                setattr(mod, name, _Recorder(name, fn, launches))
+    kpa = _kmod("prefix_attention")
+    saved.append((kpa, "_interpreting", kpa._interpreting))
+    kpa._interpreting = lambda t: False
+    try:
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def _specialise(fn, args, kwargs, arch: int):
+    """Triton's launch-time specialisation of one launch, for ``arch``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    return options.__dict__, signature, constexprs, attrs
+
+
+def _config(fn, constexprs: dict) -> dict:
+    """The kernel's declared constexprs (block sizes, flags), by name."""
+    names = fn.arg_names
+    out = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            v = constexprs.get((names.index(p.name),))
+            out[p.name] = v
+    return out
+
+
+# ---- compile (worker processes) ----------------------------------------------------------------
+
+
+def _worker_init(cache_dir: str) -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir  # a fresh dir: ptxas always runs (its log)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ.setdefault("TRITON_DISABLE_LINE_INFO", "1")  # no effect on registers/shared
+
+
+def _compile(job: dict) -> dict:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(_kmod(job["module"]), job["kernel"])
+    src = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
+    knobs.nvidia.dump_ptxas_log = True
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ck = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+    log = buf.getvalue()
+    regs = re.findall(r"Used (\d+) registers", log)
+    spill = re.findall(r"(\d+) bytes spill stores", log)
+    md = ck.metadata
+    return {
+        "regs": int(regs[-1]) if regs else None,
+        "spill_bytes": int(spill[-1]) if spill else None,
+        "shared_bytes": int(md.shared),
+        "num_warps": int(md.num_warps),
+        "num_stages": int(md.num_stages),
+    }
+
+
+def blocks_per_sm(arch: int, regs: int | None, shared: int, warps: int) -> int:
+    """Resident blocks per SM: threads, registers (allocated per warp in units of 256) and
+    shared memory (plus the 1 KB per block the driver reserves) each bound it."""
+    by_threads = MAX_THREADS_SM // (warps * 32)
+    per_warp = math.ceil(max(regs or 1, 1) * 32 / 256) * 256
+    by_regs = REGS_SM // (per_warp * warps)
+    by_shared = LIMITS[arch]["shared_sm"] // (shared + 1024) if shared else MAX_BLOCKS_SM
+    return max(0, min(by_threads, by_regs, by_shared, MAX_BLOCKS_SM))
+
+
+def fits(row: dict) -> bool:
+    regs = row["regs"] if row["regs"] is not None else 0
+    return row["shared_bytes"] <= LIMITS[row["arch_cc"]]["shared_block"] and regs <= MAX_REGS
+
+
+def _job_key(job: dict) -> str:
+    import triton
+
+    blob = json.dumps(
+        [triton.__version__, job["module"], job["kernel"], job["arch"], job["signature"],
+         sorted((str(k), repr(v)) for k, v in job["constexprs"].items()),
+         sorted((str(k), repr(v)) for k, v in job["attrs"].items()),
+         sorted((k, repr(v)) for k, v in job["options"].items())],
+        default=repr,
+    )  # fmt: skip
+    src = open(_kmod(job["module"]).__file__, "rb").read()
+    return hashlib.sha256(blob.encode() + src).hexdigest()[:32]
+
+
+def collect(
+    archs: Iterable[int] = ARCHS,
+    quick: bool = False,
+    jobs: int = 2,
+    cache: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Every row of the report (see the module docstring). ``cache``: a directory where
+    compiled results are kept between runs (keyed by triton version, kernel source and the
+    full specialisation)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("resources: run without TRITON_INTERPRET=1 (it compiles for GPUs)")
+    pending: dict[str, dict] = {}
+    rows: list[tuple[dict, str]] = []
+    for case in cases(quick):
+        launches: list = []
+        with _recording(launches):
+            case.run()
+        seen = set()
+        for name, fn, args, kwargs in launches:
+            for arch in archs:
+                options, sig, consts, attrs = _specialise(fn, args, kwargs, arch)
+                mod = fn.__module__.rsplit(".", 1)[-1]
+                job = dict(module=mod, kernel=name, arch=arch, signature=sig,
+                           constexprs=consts, attrs=attrs, options=options)  # fmt: skip
+                key = _job_key(job)
+                if (key, arch) in seen:  # e.g. the two _task_sum_kernel launches
+                    continue
+                seen.add((key, arch))
+                pending.setdefault(key, job)
+                row = {
+                    "op": case.op,
+                    "kernel": name,
+                    "arch": f"sm_{arch}",
+                    "dtype": case.dtype,
+                    "head_dim": case.head_dim,
+                    "variant": case.label,
+                    "config": _config(fn, consts),
+                    "arch_cc": arch,
+                }
+                rows.append((row, key))
+    results: dict[str, dict] = {}
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        for key in pending:
+            p = os.path.join(cache, key + ".json")
+            if os.path.exists(p):
+                with open(p) as f:
+                    results[key] = json.load(f)
+    todo = [(k, j) for k, j in pending.items() if k not in results]
+    with tempfile.TemporaryDirectory() as tcache:
+        if todo:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(
+                max_workers=max(1, jobs),
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(tcache,),
+            ) as pool:
+                done = pool.map(_compile, [j for _, j in todo])
+                for (key, job), res in zip(todo, done, strict=True):
+                    results[key] = res
+                    if cache:
+                        with open(os.path.join(cache, key + ".json"), "w") as f:
+                            json.dump(res, f)
+                    if progress:
+                        progress(f"{job['kernel']} sm_{job['arch']}")
+    out = []
+    for row, key in rows:
+        r = {**row, **results[key]}
+        r["blocks_per_sm"] = blocks_per_sm(
+            r["arch_cc"], r["regs"], r["shared_bytes"], r["num_warps"]
+        )
+        r["fits"] = fits(r)
+        out.append(r)
+    return out
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+_SHORT = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_D": "D", "BM": "M", "BD": "D", "RP": "R"}
+
+
+def _fmt_config(c: dict) -> str:
+    parts = []
+    for k, v in c.items():
+        if k in _SHORT:
+            parts.append(f"{_SHORT[k]}{v}")
+        elif v is True:
+            parts.append(k.lower())
+    return " ".join(parts)
+
+
+def _fmt_variant(v: dict) -> str:
+    return " ".join(f"{k}={val}" for k, val in v.items() if val not in (True,)) or "all on"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("op", "kernel", "arch", "dtype", "D", "variant", "config", "regs", "spill",
+            "smem KB", "warps", "stages", "blk/SM", "")  # fmt: skip
+    lines = [head]
+    for r in rows:
+        flag = "" if r["fits"] and not r["spill_bytes"] else ("SPILL" if r["fits"] else "NO FIT")
+        lines.append((
+            r["op"], r["kernel"], r["arch"], r["dtype"], str(r["head_dim"] or "-"),
+            _fmt_variant(r["variant"]), _fmt_config(r["config"]), str(r["regs"]),
+            str(r["spill_bytes"]), f"{r['shared_bytes'] / 1024:.1f}", str(r["num_warps"]),
+            str(r["num_stages"]), str(r["blocks_per_sm"]), flag,
+        ))  # fmt: skip
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    fmt = lambda x: "  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip()
+    return "\n".join(fmt(x) for x in lines)
+
+
+def public_row(r: dict) -> dict:
+    keys = ("op", "kernel", "arch", "dtype", "head_dim", "variant", "config", "regs",
+            "spill_bytes", "shared_bytes", "num_warps", "num_stages", "blocks_per_sm",
+            "fits")  # fmt: skip
+    return {k: r[k] for k in keys}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="sm_80,sm_90", help="comma list of sm_80, sm_90")
+    p.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    p.add_argument("--quick", action="store_true", help="the representative subset CI runs")
+    p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    p.add_argument(
+        "--cache",
+        default=os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+            "unipelt_fast",
+            "resources",
+        ),
+        help="results kept between runs ('' for none)",
+    )
+    p.add_argument("--only-problems", action="store_true", help="table: rows that spill or misfit")
+
+
+def run(args: argparse.Namespace) -> int:
+    archs = []
+    for a in (x.strip() for x in args.arch.split(",") if x.strip()):
+        cc = int(a.removeprefix("sm_")) if a.removeprefix("sm_").isdigit() else None
+        if cc not in ARCHS:
+            raise SystemExit(f"unipelt-fast resources: --arch {a!r}: choose from sm_80, sm_90")
+        archs.append(cc)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be real JIT functions
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "unipelt_fast.resources", *_ARGV], env=env)
+    n = [0]
+
+    def progress(desc: str) -> None:
+        n[0] += 1
+        print(f"[compiled {n[0]}] {desc}", file=sys.stderr, flush=True)
+
+    rows = collect(archs, args.quick, args.jobs, args.cache or None, progress)
+    shown = [r for r in rows if not r["fits"] or r["spill_bytes"]] if args.only_problems else rows
+    print(table(shown))
+    bad = [r for r in rows if not r["fits"]]
+    spills = [r for r in rows if r["spill_bytes"]]
+    print(f"{len(rows)} rows: {len(bad)} do not fit, {len(spills)} spill registers")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([public_row(r) for r in rows], f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+_ARGV: list[str] = []  # the subcommand's own arguments, to re-run without the interpreter
+
+
+def set_argv(argv: list[str]) -> None:
+    _ARGV[:] = argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="unipelt-fast resources", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    argv = sys.argv[1:] if argv is None else argv
+    set_argv(argv)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -55,7 +55,10 @@ setup(
     packages=[
         "unipelt_fast",
         "unipelt_fast.bench",
-        "unipelt_fast.hf", "unipelt_fast.kernels", "unipelt_fast.csrc"],
+        "unipelt_fast.hf",
+        "unipelt_fast.kernels",
+        "unipelt_fast.csrc",
+    ],
     package_dir={
         "unipelt_fast": "unipelt_fast",
         "unipelt_fast.kernels": "kernels",
@@ -73,7 +76,8 @@ setup(
     extras_require={
         # matplotlib: tests/test_cli.py checks that `bench --plot` writes PNGs.
         # accelerate: transformers.Trainer refuses to run without it (the Trainer test).
-        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7", "accelerate"],
+        # peft: the interop tests build peft models with peft itself (tests/test_interop_peft.py).
+        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7", "accelerate", "peft>=0.17"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
     },
     entry_points={"console_scripts": ["unipelt-fast=unipelt_fast.cli:main"]},

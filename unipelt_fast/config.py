@@ -1,8 +1,9 @@
 """peft-style configuration dataclasses for :func:`unipelt_fast.apply_unipelt`.
 
-Defaults follow UniPELT (Mao et al., 2022): a bottleneck adapter of hidden/16 with relu after
-the FFN output (Pfeiffer / seq_bn), a prefix of 10 positions with the MLP reparameterisation,
-LoRA r=8 on the query and value projections, and a gate on every method.
+Defaults follow UniPELT (Mao et al., 2022): a bottleneck adapter of hidden/16 with relu on the
+layer's output (AdapterHub's SeqBn with ``original_ln_before=True``, as in the UniPELT
+reference), a prefix of 10 positions with the MLP reparameterisation, LoRA r=8 on the query and
+value projections, and a gate on every method.
 """
 
 from __future__ import annotations
@@ -68,14 +69,45 @@ def _check_names(owner: str, name: str, v: object, choices: tuple | None = None)
     return tuple(v)
 
 
+def _check_layers(owner: str, v: object) -> tuple[int, ...] | None:
+    """Per-layer selection: None (every layer) or distinct layer indices >= 0, sorted."""
+    if v is None:
+        return None
+    if not isinstance(v, list | tuple | range) or not all(_is_int(i) for i in v):
+        raise TypeError(f"{owner}.layers must be None or a sequence of ints, got {v!r}")
+    if not v or min(v) < 0:
+        raise ValueError(f"{owner}.layers must be non-empty and >= 0, got {v!r}")
+    return tuple(sorted(set(v)))
+
+# Where the bottleneck adapter sits (h: the FFN's output, x: the FFN block's input on the
+# residual stream, N: the post-FFN LayerNorm of BERT-like models, identity for pre-LN models).
+# AdapterHub names in brackets; the README has the table.
+PLACEMENTS = (
+    "block_output",  # N(h + x + a(N(h + x)))  [SeqBn, original_ln_before=True; UniPELT]
+    "ffn_output",  # N(h + a(h) + x)  [SeqBn, original_ln_before=False]
+    "ffn_parallel",  # N(h + a(x) + x)  [ParBn]
+    "attn_and_ffn_output",  # "ffn_output" after the attention output too  [DoubleSeqBn]
+)
+PREFIX_POSITIONS = (
+    "tokens_only",  # tokens at positions 0..L-1 (the UniPELT reference)
+    "after_prefix",  # tokens at P..P+L-1, as if the prefix were P real tokens (peft)
+)
+
+
 @dataclass
 class AdapterConfig:
-    """Bottleneck adapter after each FFN output. ``bottleneck=None`` means hidden_size // 16."""
+    """Bottleneck adapter(s) per layer, at ``placement`` (see ``PLACEMENTS``).
+
+    ``bottleneck=None`` means hidden_size // 16. ``layers``: the layer indices that get an
+    adapter (None: every layer).
+    """
 
     bottleneck: int | None = None
     activation: str = "relu"
     scaling: float = 1.0
     gate: bool = True
+    placement: str = "block_output"
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +118,8 @@ class AdapterConfig:
         _check_choice(o, "activation", self.activation, ACTIVATIONS)
         _check_float(o, "scaling", self.scaling)
         _check_bool(o, "gate", self.gate)
+        _check_choice(o, "placement", self.placement, PLACEMENTS)
+        self.layers = _check_layers(o, self.layers)
 
 
 @dataclass
@@ -97,6 +131,11 @@ class PrefixConfig:
     ``length + 1``, so a narrow hidden layer (``mlp_hidden``) loses no expressiveness while
     keeping the training-time parameter count small (0.6M instead of 9.8M for BERT-base at
     512). ``embed_dim=None`` means the model's kv width.
+
+    ``positions``: "tokens_only" keeps the tokens at positions 0..L-1 (the UniPELT reference);
+    "after_prefix" counts the prefix as ``length`` virtual tokens, so tokens sit at
+    ``length..length+L-1`` in forward and ``generate()`` (peft's convention). ``layers``: the
+    layer indices that get a prefix (None: every layer); the encoder holds only those layers.
     """
 
     length: int = 10
@@ -104,6 +143,8 @@ class PrefixConfig:
     mlp_hidden: int = 32
     embed_dim: int | None = None
     gate: bool = True
+    positions: str = "tokens_only"
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +156,8 @@ class PrefixConfig:
         _check_int(o, "mlp_hidden", self.mlp_hidden, 1)
         _check_int(o, "embed_dim", self.embed_dim, 1, optional=True)
         _check_bool(o, "gate", self.gate)
+        _check_choice(o, "positions", self.positions, PREFIX_POSITIONS)
+        self.layers = _check_layers(o, self.layers)
 
 
 @dataclass
@@ -122,13 +165,17 @@ class LoRAConfig:
     """Gated LoRA: ``y = base(x) + g * (alpha / r) * B(A(x))`` on the listed projections.
 
     ``targets`` names roles, not module names: "query", "key", "value" (GPT-2's fused c_attn
-    gets the matching output slices).
+    gets the matching output slices). ``gate_replaces_scaling``: with a gate, drop alpha / r
+    (``y = base(x) + g * B(A(x))``, the adapters library's convention). ``layers``: the layer
+    indices that get LoRA (None: every layer).
     """
 
     r: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("query", "value")
     gate: bool = True
+    gate_replaces_scaling: bool = False
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,6 +188,8 @@ class LoRAConfig:
         if not self.targets:
             raise ValueError(f"{o}.targets must name at least one of {LORA_TARGETS}")
         _check_bool(o, "gate", self.gate)
+        _check_bool(o, "gate_replaces_scaling", self.gate_replaces_scaling)
+        self.layers = _check_layers(o, self.layers)
 
 
 @dataclass
@@ -230,6 +279,9 @@ class UniPELTConfig:
             d[k] = None if d[k] is None else list(d[k])
         if d["lora"] is not None:
             d["lora"]["targets"] = list(d["lora"]["targets"])
+        for name in ("adapter", "prefix", "lora"):
+            if d[name] is not None and d[name].get("layers") is not None:
+                d[name]["layers"] = list(d[name]["layers"])
         return d
 
     @classmethod
@@ -238,4 +290,7 @@ class UniPELTConfig:
         for name in _SUB:
             if d.get(name) is None:
                 d[name] = None
+        if isinstance(d.get("adapter"), dict) and "placement" not in d["adapter"]:
+            # written before placements existed: the adapter wrapped the FFN output
+            d["adapter"] = {**d["adapter"], "placement": "ffn_output"}
         return cls(**d)

@@ -16,6 +16,12 @@ from ._tasks import run_per_task, select
 from .modules import Gate
 
 
+def lora_scaling(alpha: float, r: int, gate: bool, gate_replaces_scaling: bool = False) -> float:
+    """The factor on ``B(A(x))``: alpha / r (peft, Hu et al.), or 1 for a gated LoRA whose
+    gate replaces it (the adapters library: ``hidden * gate``)."""
+    return 1.0 if (gate and gate_replaces_scaling) else alpha / r
+
+
 class LoRAUnit(nn.Module):
     """One task's A, B and gate. B starts at zero, so a fresh LoRA changes nothing."""
 
@@ -48,10 +54,12 @@ class GatedLoRA(nn.Module):
         gate: bool = True,
         gate_mode: str = "token",
         out_slices: list[tuple[int, int]] | None = None,
+        gate_replaces_scaling: bool = False,
     ) -> None:
         super().__init__()
         self.base = base
-        self.d_out, self.r, self.scaling = d_out, r, alpha / r
+        self.d_out, self.r = d_out, r
+        self.scaling = lora_scaling(alpha, r, gate, gate_replaces_scaling)
         self.out_slices = out_slices
         width = d_out if out_slices is None else sum(b - a for a, b in out_slices)
         self.units = nn.ModuleList(

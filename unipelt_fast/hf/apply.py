@@ -17,13 +17,17 @@ from .attention import ATTN_NAME, _legacy_bert_forward, _register, _uses_attenti
 from .families import (
     _DEFAULT_HEADS,
     _attention_modules,
+    _attn_output_target,
+    _bert_attn_outputs,
     _dims,
     _family,
+    _ffn_norm,
     _ffn_targets,
     _linear_dims,
     _lora_targets,
 )
 from .hooks import _attn_pre_hook, _model_pre_hook
+from .placements import PostLNOutputWrapper, PreLNMLPWrapper, _residual_pre_hook
 from .root import UniPELTRoot
 from .wrappers import AdapterWrapper
 
@@ -135,6 +139,16 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
         )
     dtype, device = _model_dtype_device(model)
     T = len(cfg.tasks)
+    for name in ("adapter", "prefix", "lora"):
+        sub = getattr(cfg, name)
+        if sub is not None and sub.layers is not None and sub.layers[-1] >= dims["n_layers"]:
+            raise ValueError(
+                f"apply_unipelt: {type(sub).__name__}.layers {list(sub.layers)} is out of range "
+                f"for a model with {dims['n_layers']} layers"
+            )
+
+    def chosen(sub) -> set[int]:
+        return set(range(dims["n_layers"]) if sub.layers is None else sub.layers)
 
     # 1. freeze; BitFit; task heads trained in full (kept as ordinary modules)
     heads = cfg.modules_to_save if cfg.modules_to_save is not None else _DEFAULT_HEADS
@@ -165,7 +179,10 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
 
     # 2. LoRA on the query/value projections
     if cfg.lora is not None:
-        for attn in attns:
+        lora_layers = chosen(cfg.lora)
+        for i, attn in enumerate(attns):
+            if i not in lora_layers:
+                continue
             for parent, attr, slices in _lora_targets(attn, family, cfg.lora.targets, dims):
                 base = getattr(parent, attr)
                 d_in, d_out = _linear_dims(base)
@@ -179,17 +196,20 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                     gate=cfg.lora.gate,
                     gate_mode=cfg.gate_mode,
                     out_slices=slices,
+                    gate_replaces_scaling=cfg.lora.gate_replaces_scaling,
                 )
                 _tag(w, snap, _unipelt_root=root)
                 setattr(parent, attr, w)
                 new_modules.append(w.units)
 
-    # 3. adapters after the FFN outputs
+    # 3. adapters at their placement (config.PLACEMENTS; hf/placements.py)
     if cfg.adapter is not None:
         ac = cfg.adapter
         r = ac.bottleneck or max(1, dims["hidden"] // 16)
-        for parent, attr in ffns:
-            adapters = nn.ModuleList(
+        adapter_layers = chosen(ac)
+
+        def make() -> nn.ModuleList:
+            return nn.ModuleList(
                 GatedAdapter(
                     dims["hidden"],
                     r,
@@ -201,10 +221,50 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                 )
                 for _ in range(T)
             )
-            w = AdapterWrapper(getattr(parent, attr), adapters)
+
+        def wrap(parent: nn.Module, attr: str, cls, *extra) -> nn.Module:
+            adapters = make()
+            w = cls(getattr(parent, attr), adapters, *extra)
             _tag(w, snap, _unipelt_root=root)
             setattr(parent, attr, w)
             new_modules.append(adapters)
+            return w
+
+        seq = ac.placement in ("ffn_output", "attn_and_ffn_output")
+        blocks = ffns
+        if not seq and family == "bert":  # the *Output module: dense -> LayerNorm(h + x)
+            blocks = [(_parent_of(model, p), _name_in_parent(model, p)) for p, _ in ffns]
+        for i, (parent, attr) in enumerate(blocks):
+            if i not in adapter_layers:
+                continue
+            if seq:
+                wrap(parent, attr, AdapterWrapper)
+            elif family == "bert":
+                wrap(parent, attr, PostLNOutputWrapper, ac.placement)
+            else:
+                norm = _ffn_norm(parent)
+                if norm is None:
+                    raise NotImplementedError(
+                        f"apply_unipelt: adapter placement {ac.placement!r} needs the pre-FFN "
+                        f"norm of {type(parent).__name__}"
+                    )
+                w = wrap(parent, attr, PreLNMLPWrapper, ac.placement)
+                snap.handles.append(
+                    norm.register_forward_pre_hook(_residual_pre_hook(w), with_kwargs=True)
+                )
+        if ac.placement == "attn_and_ffn_output":
+            outs = (
+                _bert_attn_outputs(model)
+                if family == "bert"
+                else [_attn_output_target(a, family) for a in attns]
+            )
+            if len(outs) != len(attns):
+                raise NotImplementedError(
+                    f"apply_unipelt: found {len(outs)} attention outputs for {len(attns)} layers"
+                )
+            for i, (parent, attr) in enumerate(outs):
+                if i in adapter_layers:
+                    wrap(parent, attr, AdapterWrapper)
 
     # 4. soft prompt
     if cfg.prompt is not None:
@@ -230,8 +290,10 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                 f"apply_unipelt: {type(attns[0]).__name__} does not use transformers' attention "
                 "registry; upgrade transformers"
             )
-        for i, attn in enumerate(attns):
-            _tag(attn, snap, _unipelt_root=root, _unipelt_layer=i)
+        prefix_layers = sorted(chosen(cfg.prefix))
+        for slot, i in enumerate(prefix_layers):  # slot: the layer's rows in the encoder
+            attn = attns[i]
+            _tag(attn, snap, _unipelt_root=root, _unipelt_layer=slot)
             if legacy:
                 _tag(attn, snap, forward=types.MethodType(_legacy_bert_forward, attn))
             if root.prefix_gates is not None:
@@ -254,6 +316,20 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
     if hasattr(model, "enable_input_require_grads") and device.type != "meta":
         model.enable_input_require_grads()
         snap.handles.append(getattr(model, "_require_grads_hook", None) or _NoHandle())
+
+
+def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if any(c is child for c in m.children()):
+            return m
+    raise AssertionError("module not found in model")
+
+
+def _name_in_parent(model: nn.Module, child: nn.Module) -> str:
+    for name, c in _parent_of(model, child).named_children():
+        if c is child:
+            return name
+    raise AssertionError("module not found in model")
 
 
 class _NoHandle:

@@ -78,3 +78,32 @@ def _lora_targets(attn: nn.Module, family: str, roles, dims) -> list:
     if family != "bert":
         names = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
     return [(attn, names[r], None) for r in roles]
+
+
+def _ffn_norm(block: nn.Module) -> nn.Module | None:
+    """A pre-LN block's norm before the FFN (its input is the residual stream)."""
+    for name in ("ln_2", "post_attention_layernorm"):
+        if isinstance(getattr(block, name, None), nn.Module):
+            return getattr(block, name)
+    return None
+
+
+def _attn_output_target(attn: nn.Module, family: str) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the attention output projection (AdapterHub's mh_adapter site);
+    for BERT-like models its ``*SelfOutput.dense``, found from the self-attention's parent."""
+    if family == "gpt2":
+        return attn, "c_proj"
+    if family == "llama":
+        return attn, "o_proj"
+    raise AssertionError("BERT-like attention outputs are found by _bert_attn_outputs")
+
+
+def _bert_attn_outputs(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [
+        (m.output, "dense")
+        for m in model.modules()
+        if hasattr(m, "self")
+        and not getattr(m.self, "is_cross_attention", False)
+        and hasattr(getattr(m, "output", None), "dense")
+        and hasattr(m.output, "LayerNorm")
+    ]

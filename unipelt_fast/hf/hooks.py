@@ -64,6 +64,8 @@ def _model_pre_hook(model: nn.Module, args, kwargs):
     mask = kwargs.get("attention_mask")
     if root.prompt is not None and ref is not None:
         kwargs, mask = _prepend_prompt(model, root, kwargs, task_ids, mask)
+    if root.prefix is not None and root.cfg.prefix.positions == "after_prefix":
+        _positions_after_prefix(model, root, kwargs)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     root.mask_cache = {}  # masks are worked out once per forward (hf.masks.layer_masks)
     return args, kwargs
@@ -125,3 +127,33 @@ def _prepend_prompt(model, root, kwargs, task_ids, mask):
     if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == L:
         kwargs["labels"] = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
     return kwargs, mask
+
+
+def _positions_after_prefix(model: nn.Module, root: UniPELTRoot, kwargs: dict) -> None:
+    """PrefixConfig.positions="after_prefix" (peft): the tokens' positions as if the P prefix
+    positions were P earlier tokens. Given position_ids (generate() passes them) move by P;
+    otherwise the model's own default is rebuilt with a past P longer."""
+    P = root.prefix.prefix_len
+    pos = kwargs.get("position_ids")
+    if pos is not None:
+        kwargs["position_ids"] = pos + P
+        return
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        return
+    B, L = ref.shape[:2]
+    past = kwargs.get("past_key_values")
+    past_len = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+    if root.dims["model_type"] in ("roberta", "xlm-roberta", "camembert"):
+        if ids is None:
+            raise NotImplementedError(
+                "unipelt: positions='after_prefix' on RoBERTa needs input_ids (its positions "
+                "come from the padding)"
+            )
+        pad = model.get_input_embeddings().padding_idx
+        real = ids.ne(pad).long()
+        kwargs["position_ids"] = (torch.cumsum(real, 1) + past_len + P) * real + pad
+        return
+    start = past_len + P
+    kwargs["position_ids"] = torch.arange(start, start + L, device=ref.device).expand(B, L)

@@ -7,6 +7,7 @@ import torch.nn as nn
 from ..lora import GatedLoRA
 from .families import _DEFAULT_HEADS
 from .root import _root
+from .placements import PostLNOutputWrapper, PreLNMLPWrapper
 from .wrappers import AdapterWrapper
 
 
@@ -46,7 +47,7 @@ def _method_of_params(model: nn.Module) -> dict[int, str]:
     inner = getattr(model, "module", model)
     for m in inner.modules():
         what = None
-        if isinstance(m, AdapterWrapper):
+        if isinstance(m, (AdapterWrapper, PostLNOutputWrapper, PreLNMLPWrapper)):
             what, ps = "adapter", m.adapters.parameters()
         elif isinstance(m, GatedLoRA):
             what, ps = "lora", m.units.parameters()
@@ -98,7 +99,7 @@ def trainable_report(model: nn.Module) -> str:
             lines.append(f"  {what:<8} {per[what]:>12,}  ({100 * per[what] / max(total, 1):.3f}%)")
     if root.prefix is not None and root.prefix.reparam:
         d = root.dims
-        kv = len(root.cfg.tasks) * root.prefix.prefix_len * d["n_layers"] * 2
+        kv = len(root.cfg.tasks) * root.prefix.prefix_len * root.prefix.n_layers * 2
         kv *= d["n_kv_heads"] * d["head_dim"]
         mlp = sum(p.numel() for p in root.prefix.parameters())
         added = trainable - mlp + kv - per.get("head", 0)

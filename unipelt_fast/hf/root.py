@@ -25,6 +25,7 @@ class UniPELTRoot(nn.Module):
         self.prefix = self.prefix_gates = self.prompt = None
         if cfg.prefix is not None:
             pc = cfg.prefix
+            L = L if pc.layers is None else len(pc.layers)  # only the chosen layers' rows
             self.prefix = PrefixEncoder(
                 pc.length,
                 L,

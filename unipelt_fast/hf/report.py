@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from ..lora import GatedLoRA
 from .families import _DEFAULT_HEADS
-from .root import _root
 from .placements import PostLNOutputWrapper, PreLNMLPWrapper
+from .root import _root
 from .wrappers import AdapterWrapper
 
 

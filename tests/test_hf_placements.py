@@ -1,0 +1,252 @@
+"""Adapter placements, gated-LoRA scaling and per-layer selection on tiny HF models, each
+against an independent formulation written here: the plain base model with hooks that apply
+the placement's formula (AdapterHub's SeqBn / ParBn / DoubleSeqBn) in plain torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unipelt_fast as up
+from tests.hf_tiny import batch, tiny_model
+
+KINDS = ("bert", "roberta", "gpt2", "llama")
+PLACEMENTS = ("block_output", "ffn_output", "ffn_parallel", "attn_and_ffn_output")
+
+
+def _adapter(z, ad):
+    """g * scaling * up(relu(down(z))), g the sequence mean of sigmoid(gate(z)) (AdapterHub)."""
+    out = F.linear(F.relu(F.linear(z, ad.down.weight, ad.down.bias)), ad.up.weight, ad.up.bias)
+    out = out * ad.scaling
+    if ad.gate is not None:
+        out = out * torch.sigmoid(F.linear(z, ad.gate.weight, ad.gate.bias)).mean(1, keepdim=True)
+    return out
+
+
+def _reference_hooks(base, kind, placement, adapters, layers):
+    """Hooks on the untouched ``base`` that compute the placement by its formula; ``adapters``
+    is the applied model's list of GatedAdapter in module order (attention site first)."""
+    it = iter(adapters)
+    handles = []
+    if kind in ("bert", "roberta"):
+        blocks = base.base_model.encoder.layer
+    elif kind == "gpt2":
+        blocks = base.transformer.h
+    else:
+        blocks = base.model.layers
+    for i, blk in enumerate(blocks):
+        if i not in layers:
+            continue
+        if kind in ("bert", "roberta"):
+            ffn_out, attn_out = blk.output, blk.attention.output
+            ln_ffn = ffn_out.LayerNorm
+        elif kind == "gpt2":
+            ffn_out, attn_out, ln_ffn = blk.mlp, blk.attn, blk.ln_2
+        else:
+            ffn_out, attn_out, ln_ffn = blk.mlp, blk.self_attn, blk.post_attention_layernorm
+        if placement == "attn_and_ffn_output":
+            a_attn = next(it)
+            if kind in ("bert", "roberta"):  # LN(h + a(h) + x) inside the SelfOutput
+                handles.append(
+                    attn_out.dense.register_forward_hook(
+                        lambda m, a, out, ad=a_attn: out + _adapter(out, ad)
+                    )
+                )
+            else:  # the attention block returns (o, ...); the layer adds x
+                handles.append(
+                    attn_out.register_forward_hook(
+                        lambda m, a, out, ad=a_attn: (out[0] + _adapter(out[0], ad), *out[1:])
+                    )
+                )
+        ad = next(it)
+        post_ln = kind in ("bert", "roberta")
+        if placement in ("ffn_output", "attn_and_ffn_output"):
+            tgt = ffn_out.dense if post_ln else ffn_out
+            handles.append(
+                tgt.register_forward_hook(lambda m, a, out, ad=ad: out + _adapter(out, ad))
+            )
+        elif post_ln:  # rewrite *Output: h = dense(hs); N(h + x + a(N(h + x) or x))
+
+            def fwd(m, args, out, ad=ad, ln=ln_ffn):
+                hs, x = args
+                h = m.dense(hs)
+                a_in = ln(h + x) if placement == "block_output" else x
+                return ln(h + x + _adapter(a_in, ad))
+
+            handles.append(ffn_out.register_forward_hook(fwd))
+        elif placement == "block_output":  # pre-LN: out = x + h; then out + a(out)
+            handles.append(
+                blk.register_forward_hook(
+                    lambda m, a, out, ad=ad: (
+                        out + _adapter(out, ad)
+                        if torch.is_tensor(out)
+                        else (out[0] + _adapter(out[0], ad), *out[1:])
+                    )
+                )
+            )
+        else:  # pre-LN parallel: x + h + a(x), x = the pre-FFN norm's input
+            seen = {}
+            handles.append(
+                ln_ffn.register_forward_pre_hook(lambda m, a, seen=seen: seen.update(x=a[0]))
+            )
+            handles.append(
+                ffn_out.register_forward_hook(
+                    lambda m, a, out, ad=ad, seen=seen: out + _adapter(seen["x"], ad)
+                )
+            )
+    assert next(it, None) is None, "the applied model has more adapters than the reference"
+    return handles
+
+
+def _perturb(params, seed=2):
+    """Move the PELT parameters off their init (the heads stay the base model's)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _loss(model, b):
+    kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    logits = model(**kw).logits
+    return logits, (logits * torch.linspace(-1, 1, logits.shape[-1])).sum()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_placement_matches_formula(kind, placement):
+    gate = placement != "ffn_parallel"  # ungated once per family
+    layers = (0, 1) if placement != "ffn_output" else (1,)
+    cfg = up.UniPELTConfig(
+        bitfit=False,
+        prefix=False,
+        gate_mode="mean",
+        adapter=up.AdapterConfig(bottleneck=8, placement=placement, gate=gate, layers=layers),
+    )
+    m = up.apply_unipelt(tiny_model(kind), cfg, backend="eager")
+    adapters = [mod for mod in m.modules() if isinstance(mod, up.GatedAdapter)]
+    n_sites = 2 if placement == "attn_and_ffn_output" else 1
+    assert len(adapters) == n_sites * len(layers)
+    params = [p for ad in adapters for p in ad.parameters()]
+    _perturb(params)
+    b = batch(kind)
+
+    base = tiny_model(kind)
+    handles = _reference_hooks(base, kind, placement, adapters, layers)
+    want, loss = _loss(base, b)
+    loss.backward()
+    want_g = [p.grad.clone() for p in params]
+    for h in handles:
+        h.remove()
+    for p in params:
+        p.grad = None
+
+    got, loss = _loss(m, b)
+    loss.backward()
+    real = b["attention_mask"].bool()
+    sel = real if got.dim() == 3 else slice(None)
+    assert (got[sel] - want[sel]).norm() <= 1e-5 * want[sel].norm()
+    for p, g in zip(params, want_g, strict=True):
+        assert (p.grad - g).norm() <= 1e-5 * g.norm() + 1e-12
+    with torch.no_grad():  # the adapters matter
+        assert (got - base(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)[
+            sel
+        ].abs().max() > 1e-3
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("placement", ("block_output", "ffn_parallel"))
+def test_placement_triton_equals_eager(placement):
+    cfg = up.UniPELTConfig(
+        bitfit=False,
+        prefix=False,
+        gate_mode="masked_mean",
+        adapter=up.AdapterConfig(bottleneck=16, placement=placement),
+    )
+    outs = []
+    for backend in ("eager", "triton"):
+        m = up.apply_unipelt(tiny_model("llama"), cfg, backend=backend)
+        _perturb([p for n, p in sorted(m.named_parameters()) if p.requires_grad])
+        b = batch("llama")
+        logits, loss = _loss(m, b)
+        loss.backward()
+        grads = [
+            p.grad
+            for mod in m.modules()
+            if isinstance(mod, up.GatedAdapter)
+            for p in mod.parameters()
+        ]
+        outs.append((logits.detach(), grads))
+    (le, ge), (lt, gt) = outs
+    assert (lt - le).norm() <= 2e-4 * le.norm()
+    for a, c in zip(ge, gt, strict=True):
+        assert (c - a).norm() <= 2e-4 * a.norm() + 1e-12
+
+
+@pytest.mark.parametrize("kind", ("bert", "gpt2", "llama"))
+@pytest.mark.parametrize("replace", (False, True))
+def test_gated_lora_scaling_convention(kind, replace):
+    """delta = g * B(A(x)) with gate_replaces_scaling (adapters), g * alpha/r * B(A(x)) without."""
+    cfg = up.UniPELTConfig(
+        bitfit=False,
+        adapter=False,
+        prefix=False,
+        gate_mode="mean",
+        lora=up.LoRAConfig(r=4, alpha=12.0, targets=("query",), gate_replaces_scaling=replace),
+    )
+    m = up.apply_unipelt(tiny_model(kind), cfg, backend="eager")
+    loras = [mod for mod in m.modules() if isinstance(mod, up.GatedLoRA)]
+    _perturb([p for lo in loras for p in lo.units.parameters()])
+    base = tiny_model(kind)
+    if kind == "bert":
+        projs = [blk.attention.self.query for blk in base.bert.encoder.layer]
+    elif kind == "gpt2":
+        projs = [blk.attn.c_attn for blk in base.transformer.h]
+    else:
+        projs = [blk.self_attn.q_proj for blk in base.model.layers]
+    scale = 1.0 if replace else 12.0 / 4
+    handles = []
+    for proj, lo in zip(projs, loras, strict=True):
+        u = lo.units[0]
+
+        def hook(mod, args, out, u=u):
+            x = args[0]
+            g = torch.sigmoid(F.linear(x, u.gate.proj.weight, u.gate.proj.bias)).mean(1, True)
+            d = g * scale * F.linear(F.linear(x, u.A.weight), u.B.weight)
+            if kind == "gpt2":  # query = the first third of c_attn's output
+                d = torch.cat([d, torch.zeros_like(out[..., d.shape[-1] :])], -1)
+            return out + d
+
+        handles.append(proj.register_forward_hook(hook))
+    b = batch(kind)
+    with torch.no_grad():
+        want = _loss(base, b)[0]
+        got = _loss(m, b)[0]
+    assert (got - want).norm() <= 1e-5 * want.norm()
+
+
+def test_layers_out_of_range_and_prefix_layers():
+    with pytest.raises(ValueError, match="layers"):
+        up.apply_unipelt(
+            tiny_model("llama"), up.UniPELTConfig(adapter=up.AdapterConfig(layers=(2,)))
+        )
+    with pytest.raises(ValueError, match="layers"):
+        up.UniPELTConfig(lora=up.LoRAConfig(layers=()))
+    with pytest.raises(TypeError, match="layers"):
+        up.UniPELTConfig(prefix=up.PrefixConfig(layers=3))
+    with pytest.raises(ValueError, match="placement"):
+        up.UniPELTConfig(adapter=up.AdapterConfig(placement="pfeiffer"))
+    with pytest.raises(ValueError, match="positions"):
+        up.UniPELTConfig(prefix=up.PrefixConfig(positions="peft"))
+    # a prefix on layer 1 only: layer 0's output is the base model's
+    cfg = up.UniPELTConfig(bitfit=False, adapter=False, prefix=up.PrefixConfig(layers=[1]))
+    m = up.apply_unipelt(tiny_model("llama"), cfg, backend="eager")
+    _perturb(list(m.unipelt.parameters()))
+    assert m.unipelt.prefix.n_layers == 1
+    base = tiny_model("llama")
+    b = batch("llama")
+    kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    with torch.no_grad():
+        hs = m(**kw, output_hidden_states=True).hidden_states
+        hb = base(**kw, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hs[1], hb[1])
+    assert (hs[2] - hb[2]).abs().max() > 1e-3

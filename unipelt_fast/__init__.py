@@ -7,6 +7,7 @@ Public ops (pinned signatures): :func:`prefix_attention`, :func:`gated_adapter`,
 UniPELT for Hugging Face models: :func:`apply_unipelt` with a :class:`UniPELTConfig`,
 :func:`trainable_report`, :func:`save_unipelt` / :func:`load_unipelt`, :func:`eject`,
 :func:`gate_report` / :func:`plot_gates` (what the gates chose).
+peft / adapters checkpoints: :func:`from_peft`, :func:`save_peft`, :func:`from_adapters`.
 """
 
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
@@ -16,6 +17,7 @@ from .checkpoint import UniPELTCheckpointError, load_unipelt, save_unipelt
 from .config import AdapterConfig, LoRAConfig, PrefixConfig, PromptConfig, UniPELTConfig
 from .gates import GateReport, gate_report, plot_gates
 from .hf import apply_unipelt, eject, set_active_task, trainable_report
+from .interop import InteropError, from_adapters, from_peft, save_peft
 from .lora import GatedLoRA
 from .modules import (
     BiasOnlyLayerNorm,
@@ -33,6 +35,7 @@ __all__ = [
     "BACKENDS",
     "GateReport",
     "GatedLoRA",
+    "InteropError",
     "LoRAConfig",
     "PrefixConfig",
     "PromptConfig",
@@ -41,9 +44,12 @@ __all__ = [
     "UniPELTConfig",
     "apply_unipelt",
     "eject",
+    "from_adapters",
+    "from_peft",
     "gate_report",
     "load_unipelt",
     "plot_gates",
+    "save_peft",
     "save_unipelt",
     "set_active_task",
     "trainable_report",

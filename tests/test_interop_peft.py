@@ -1,0 +1,260 @@
+"""from_peft / save_peft against the real peft: peft builds, runs and saves (or loads) the
+model itself; the logits and the tuned tensors' gradients must match (eval mode)."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import unipelt_fast as up
+from tests.hf_tiny import VOCAB, tiny_model
+
+peft = pytest.importorskip("peft")
+
+KINDS = ("bert", "roberta", "gpt2", "llama")  # tiny LLaMA has GQA (4 heads, 2 kv heads)
+DECODER = ("gpt2", "llama")
+P = 3
+TF5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _skip_peft_prefix_on_encoders(kind, method):
+    if TF5 and kind in ("bert", "roberta") and method.startswith("prefix"):
+        pytest.skip(
+            "peft refuses prefix tuning on BERT/RoBERTa under transformers 5 (their forward "
+            "takes no past_key_values); this runs in the transformers 4.57 venv"
+        )
+
+
+def _batch(kind, left: bool):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (3, 7), generator=g)
+    am = torch.ones(3, 7, dtype=torch.long)
+    if left:
+        am[1, :3] = 0
+    else:
+        am[1, 4:] = 0
+    if kind == "roberta":
+        ids = ids.masked_fill(am == 0, 1)  # RoBERTa's positions come from its padding id
+    return ids, am
+
+
+def _peft_cfg(kind, method):
+    task = "CAUSAL_LM" if kind in DECODER else "SEQ_CLS"
+    if method == "lora":
+        tm = {"bert": ["query", "value"], "roberta": ["query", "key", "value"]}
+        tm.update(gpt2=["c_attn"], llama=["q_proj", "v_proj"])
+        return peft.LoraConfig(
+            task_type=task,
+            r=4,
+            lora_alpha=12,
+            target_modules=tm[kind],
+            fan_in_fan_out=kind == "gpt2",
+            layers_to_transform=[1] if kind == "llama" else None,
+            use_rslora=kind == "bert",
+        )
+    if method == "prompt":
+        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=P)
+    return peft.PrefixTuningConfig(
+        task_type=task,
+        num_virtual_tokens=P,
+        prefix_projection=method == "prefix_mlp",
+        encoder_hidden_size=16,
+    )
+
+
+def _perturb(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda t: t[0]):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _run(model, ids, am):
+    logits = model(input_ids=ids, attention_mask=am).logits
+    if logits.dim() == 3:
+        logits = logits[:, -ids.shape[1] :]  # peft's prompt positions are not compared
+        sel = am.bool()
+        logits = logits[sel]
+    w = torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)
+    return logits, (logits * w).sum()
+
+
+def _tuned_pairs(pm, um, method):
+    """(peft tensor, our tensor) pairs of the tuned tensors (shapes may differ by a task dim)."""
+    if method in ("prefix", "prompt"):
+        ours = um.unipelt.prefix.prefix if method == "prefix" else um.unipelt.prompt.embeddings
+        pairs = [(pm.prompt_encoder["default"].embedding.weight, ours)]
+    elif method == "prefix_mlp":
+        pairs = []  # peft trains the MLP; here it is loaded flat (its output)
+    else:
+        pairs = []
+        for n, mod in um.named_modules():
+            if isinstance(mod, up.GatedLoRA):
+                pl = pm.base_model.model.get_submodule(n)
+                u = mod.units[0]
+                pairs += [(pl.lora_A["default"].weight, u.A.weight)]
+                pairs += [(pl.lora_B["default"].weight, u.B.weight)]
+    head = dict(um.named_parameters())
+    for n, p in pm.named_parameters():
+        if p.requires_grad and "modules_to_save" in n:
+            name = n.replace(".modules_to_save.default", "").removeprefix("base_model.")
+            pairs.append((p, head[name.removeprefix("model.")]))
+    return pairs
+
+
+def _close(a, b, tol=1e-5):
+    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
+    return (a - b).norm() <= tol * b.norm() + 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ("prefix", "prefix_mlp", "prompt", "lora"))
+def test_from_peft_matches_peft(kind, method, tmp_path):
+    _skip_peft_prefix_on_encoders(kind, method)
+    pm = peft.get_peft_model(tiny_model(kind), _peft_cfg(kind, method))
+    _perturb(pm)
+    pm.eval()
+    pm.save_pretrained(tmp_path)
+    um = up.from_peft(tiny_model(kind), str(tmp_path), backend="eager").eval()
+    for left in (False, True) if kind in DECODER else (False,):
+        ids, am = _batch(kind, left)
+        want, lw = _run(pm, ids, am)
+        got, lg = _run(um, ids, am)
+        assert _close(got, want), (left, (got - want).abs().max())
+        pm.zero_grad()
+        um.zero_grad()
+        lw.backward()
+        lg.backward()
+        pairs = _tuned_pairs(pm, um, method)
+        assert pairs or method == "prefix_mlp"
+        for a, b in pairs:
+            assert _close(b.grad, a.grad), (a.shape, b.shape)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ("roberta", "gpt2", "llama"))
+def test_from_peft_prefix_triton(kind, tmp_path):
+    _skip_peft_prefix_on_encoders(kind, "prefix")
+    pm = peft.get_peft_model(tiny_model(kind), _peft_cfg(kind, "prefix"))
+    _perturb(pm)
+    pm.eval().save_pretrained(tmp_path)
+    um = up.from_peft(tiny_model(kind), str(tmp_path), backend="triton").eval()
+    ids, am = _batch(kind, left=kind == "llama")
+    want, lw = _run(pm, ids, am)
+    got, lg = _run(um, ids, am)
+    assert _close(got, want, 2e-4)
+    lw.backward()
+    lg.backward()
+    for a, b in _tuned_pairs(pm, um, "prefix"):
+        assert _close(b.grad, a.grad, 2e-4)
+
+
+@pytest.mark.parametrize("kind", DECODER)
+def test_generate_matches_peft_prefix(kind, tmp_path):
+    """peft's positions P..P+L-1 hold in generate() too (left-padded, KV cache). The reference
+    is greedy decoding with peft's own forward on the whole sequence and the position ids that
+    generate() passes (peft 0.21's generate() drops the prefix under transformers 5.24, whose
+    models take the cache as ``cache=``, so it is not the reference)."""
+    pm = peft.get_peft_model(tiny_model(kind), _peft_cfg(kind, "prefix"))
+    _perturb(pm, seed=5)
+    pm.eval().save_pretrained(tmp_path)
+    um = up.from_peft(tiny_model(kind), str(tmp_path), backend="eager").eval()
+    ids, am = _batch(kind, left=True)
+    n = 5
+    got = um.generate(
+        input_ids=ids,
+        attention_mask=am,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    seq, mask = ids, am
+    with torch.no_grad():
+        for step in range(n):
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            logits = pm(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, -1]
+            assert _close(got.scores[step], logits)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
+    assert torch.equal(got.sequences, seq)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ("prefix", "prompt", "lora"))
+def test_save_peft_loads_in_peft(kind, method, tmp_path):
+    _skip_peft_prefix_on_encoders(kind, method)
+    sub = {"prefix": None, "prompt": None, "lora": None}
+    if method == "prefix":
+        sub["prefix"] = up.PrefixConfig(length=P, gate=False, positions="after_prefix")
+    elif method == "prompt":
+        sub["prompt"] = up.PromptConfig(length=P, gate=False)
+    else:
+        targets = ("query", "key", "value") if kind == "gpt2" else ("query", "value")
+        sub["lora"] = up.LoRAConfig(r=4, alpha=8.0, targets=targets, gate=False)
+    cfg = up.UniPELTConfig(bitfit=False, adapter=None, **sub)
+    um = up.apply_unipelt(tiny_model(kind), cfg, backend="eager")
+    _perturb(um)
+    um.eval()
+    up.save_peft(um, str(tmp_path))
+    assert json.load(open(tmp_path / "adapter_config.json"))["peft_type"]
+    pm = peft.PeftModel.from_pretrained(tiny_model(kind), str(tmp_path)).eval()
+    ids, am = _batch(kind, left=kind in DECODER)
+    with torch.no_grad():
+        assert _close(_run(um, ids, am)[0], _run(pm, ids, am)[0])
+
+
+def test_save_peft_names_what_peft_cannot_hold(tmp_path):
+    um = up.apply_unipelt(tiny_model("bert"), up.UniPELTConfig(), backend="eager")
+    with pytest.raises(up.InteropError, match="BitFit"):
+        up.save_peft(um, str(tmp_path))
+    cfg = up.UniPELTConfig(bitfit=False, adapter=None, prefix=up.PrefixConfig(gate=False))
+    um = up.apply_unipelt(tiny_model("llama"), cfg, backend="eager")
+    with pytest.raises(up.InteropError, match="tokens_only"):
+        up.save_peft(um, str(tmp_path))
+    cfg = up.UniPELTConfig(bitfit=False, adapter=None, prefix=None, lora=True)
+    um = up.apply_unipelt(tiny_model("llama"), cfg, backend="eager")
+    with pytest.raises(up.InteropError, match="lora gate"):
+        up.save_peft(um, str(tmp_path))
+    assert not os.path.exists(tmp_path / "adapter_config.json")
+
+
+def test_from_peft_bad_input_leaves_model_untouched(tmp_path):
+    pm = peft.get_peft_model(tiny_model("llama"), _peft_cfg("llama", "lora"))
+    pm.save_pretrained(tmp_path)
+    base = tiny_model("bert")  # wrong model: targets q_proj/v_proj
+    before = {n: p.clone() for n, p in base.state_dict().items()}
+    names = [n for n, _ in base.named_modules()]
+    with pytest.raises(up.InteropError, match="LoRA targets"):
+        up.from_peft(base, str(tmp_path))
+    assert [n for n, _ in base.named_modules()] == names
+    assert not hasattr(base, "unipelt")
+    assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())
+    # a corrupt weights file
+    with open(tmp_path / "adapter_model.safetensors", "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(up.InteropError, match="cannot read"):
+        up.from_peft(tiny_model("llama"), str(tmp_path))
+    # .bin holding more than tensors is refused (weights_only=True)
+    os.remove(tmp_path / "adapter_model.safetensors")
+    torch.save({"x": torch.zeros(1), "obj": object.__new__(_Evil)}, tmp_path / "adapter_model.bin")
+    with pytest.raises(up.InteropError, match="safely"):
+        up.from_peft(tiny_model("llama"), str(tmp_path))
+    # a mismatching tensor shape: everything is put back
+    torch.save({"prompt_embeddings": torch.zeros(2, 5)}, tmp_path / "adapter_model.bin")
+    json.dump(
+        {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2},
+        open(tmp_path / "adapter_config.json", "w"),
+    )
+    m = tiny_model("llama")
+    with pytest.raises(up.InteropError, match="shape"):
+        up.from_peft(m, str(tmp_path))
+    assert not hasattr(m, "unipelt")
+
+
+class _Evil:
+    pass

@@ -1,0 +1,306 @@
+"""peft checkpoints (``adapter_config.json`` + ``adapter_model.safetensors`` / ``.bin``).
+
+What maps, exactly (peft 0.17-0.21 formats):
+
+* PREFIX_TUNING -> a flat, ungated prefix with ``positions="after_prefix"`` (peft counts the
+  prefix as P virtual tokens). peft stores ``prompt_embeddings`` (P, layers*2*Hkv*D), the MLP's
+  output when ``prefix_projection=True``; its layout (layer, key/value, head, dim) is the
+  flat layout of :class:`~unipelt_fast.modules.PrefixEncoder`.
+* PROMPT_TUNING -> an ungated soft prompt (``prompt_embeddings`` (P, hidden)).
+* LORA -> ungated LoRA on query/key/value (BERT ``query``/``key``/``value``, LLaMA-family
+  ``q_proj``/``k_proj``/``v_proj``, GPT-2 ``c_attn`` = all three), ``lora_alpha / r`` (or
+  ``/ sqrt(r)`` with ``use_rslora``), ``layers_to_transform`` -> ``LoRAConfig.layers``.
+* Heads in ``modules_to_save`` load where their names are the model's own head parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+from ..config import LoRAConfig, PrefixConfig, PromptConfig, UniPELTConfig
+from ..hf import _dims, _root
+from ..hf.families import _family
+from ..lora import GatedLoRA
+from ._common import InteropError, apply_and_copy, head_pairs, lora_ab, need, read_json
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model"
+_ROLE_NAMES = {
+    "bert": {"query": "query", "key": "key", "value": "value"},
+    "llama": {"q_proj": "query", "k_proj": "key", "v_proj": "value"},
+}
+_LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    if name.endswith("ForQuestionAnswering"):
+        return "QUESTION_ANS"
+    return None
+
+
+def _split_heads(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def from_peft(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Module:
+    """Load the peft checkpoint directory ``path`` onto ``model`` (its plain base model), in
+    place: the methods are applied with the equivalent :class:`UniPELTConfig` and the tensors
+    copied. Raises :class:`~unipelt_fast.interop.InteropError` (the model untouched) on
+    anything that does not map exactly. Returns the model."""
+    from ._common import read_weights
+
+    who = "from_peft"
+    pc = read_json(os.path.join(path, CONFIG), who)
+    tensors = read_weights(path, (WEIGHTS,), who)
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    need(config is not None and hasattr(config, "model_type"), who, "expects an HF model")
+    dims = _dims(config)
+    family = _family(dims["model_type"])
+    ptype = pc.get("peft_type")
+    heads_to_save = tuple(dict.fromkeys(pc.get("modules_to_save") or ()))
+    kv = dims["n_kv_heads"] * dims["head_dim"]
+    if ptype in ("PREFIX_TUNING", "PROMPT_TUNING"):
+        need(
+            pc.get("num_transformer_submodules", 1) == 1,
+            who,
+            "encoder-decoder prompts (num_transformer_submodules=2) are not supported",
+        )
+        P = pc.get("num_virtual_tokens")
+        need(isinstance(P, int) and P >= 1, who, f"bad num_virtual_tokens {P!r}")
+        emb = tensors.get("prompt_embeddings")
+        need(emb is not None, who, "the weights hold no prompt_embeddings")
+        heads = _split_heads(tensors, "base_model.")
+        extra = set(tensors) - {"prompt_embeddings"} - {"base_model." + k for k in heads}
+        need(not extra, who, f"unexpected tensors {sorted(extra)[:5]}")
+        if ptype == "PREFIX_TUNING":
+            need(
+                pc.get("num_layers") == dims["n_layers"] and pc.get("token_dim") == kv,
+                who,
+                f"the prefix is for {pc.get('num_layers')} layers of width {pc.get('token_dim')}"
+                f", this model has {dims['n_layers']} of width {kv}",
+            )
+            need(
+                tuple(emb.shape) == (P, dims["n_layers"] * 2 * kv),
+                who,
+                f"prompt_embeddings has shape {tuple(emb.shape)}",
+            )
+            cfg = UniPELTConfig(
+                bitfit=False,
+                adapter=None,
+                prefix=PrefixConfig(length=P, reparam=False, gate=False, positions="after_prefix"),
+                modules_to_save=heads_to_save,
+            )
+
+            def targets(m: nn.Module) -> list:
+                return [(_root(m).prefix.prefix, emb[None])] + head_pairs(m, heads, who)
+        else:
+            need(
+                tuple(emb.shape) == (P, dims["hidden"]),
+                who,
+                f"prompt_embeddings has shape {tuple(emb.shape)}, expected {(P, dims['hidden'])}",
+            )
+            cfg = UniPELTConfig(
+                bitfit=False,
+                adapter=None,
+                prefix=None,
+                prompt=PromptConfig(length=P, gate=False),
+                modules_to_save=heads_to_save,
+            )
+
+            def targets(m: nn.Module) -> list:
+                return [(_root(m).prompt.embeddings, emb[None])] + head_pairs(m, heads, who)
+
+        return apply_and_copy(model, cfg, backend, targets, who)
+    if ptype == "LORA":
+        cfg, targets = _lora_plan(pc, tensors, dims, family, heads_to_save, who)
+        return apply_and_copy(model, cfg, backend, targets, who)
+    raise InteropError(
+        f"{who}: peft_type {ptype!r} is not supported (PREFIX_TUNING, PROMPT_TUNING, LORA)"
+    )
+
+
+def _lora_plan(pc, tensors, dims, family, heads_to_save, who):
+    for key, ok in (
+        ("use_dora", False),
+        ("lora_bias", False),
+        ("bias", "none"),
+        ("rank_pattern", {}),
+        ("alpha_pattern", {}),
+        ("layer_replication", None),
+        ("target_parameters", None),
+        ("trainable_token_indices", None),
+        ("alora_invocation_tokens", None),
+    ):
+        v = pc.get(key, ok)
+        need(v == ok or (ok == {} and not v), who, f"{key}={v!r} has no equivalent here")
+    r, alpha = pc.get("r"), pc.get("lora_alpha")
+    need(isinstance(r, int) and r >= 1, who, f"bad r {r!r}")
+    need(isinstance(alpha, (int, float)), who, f"bad lora_alpha {alpha!r}")
+    if pc.get("use_rslora"):
+        alpha = alpha * math.sqrt(r)  # alpha / sqrt(r) == (alpha * sqrt(r)) / r
+    tm = pc.get("target_modules")
+    need(isinstance(tm, list) and tm, who, f"target_modules must be a list of names, got {tm!r}")
+    if family == "gpt2":
+        need(set(tm) == {"c_attn"}, who, f"GPT-2 LoRA targets {tm}: only c_attn maps here")
+        roles = ("query", "key", "value")
+    else:
+        names = _ROLE_NAMES[family]
+        bad = sorted(set(tm) - set(names))
+        need(not bad, who, f"LoRA targets {bad} have no equivalent (supported: {list(names)})")
+        roles = tuple(r_ for n, r_ in names.items() if n in tm)
+    layers = pc.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    lora_t = {k: v for k, v in tensors.items() if ".lora_" in k}
+    heads = _split_heads({k: v for k, v in tensors.items() if k not in lora_t}, "base_model.model.")
+    extra = set(tensors) - set(lora_t) - {"base_model.model." + k for k in heads}
+    need(not extra, who, f"unexpected tensors {sorted(extra)[:5]}")
+    ab: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in lora_t.items():
+        m = _LORA_KEY.match(k)
+        need(m is not None, who, f"unexpected LoRA tensor {k}")
+        ab.setdefault(m.group(1), {})[m.group(2)] = v
+    cfg = UniPELTConfig(
+        bitfit=False,
+        adapter=None,
+        prefix=None,
+        lora=LoRAConfig(r=r, alpha=float(alpha), targets=roles, gate=False, layers=layers),
+        modules_to_save=heads_to_save,
+    )
+
+    def targets(model: nn.Module) -> list:
+        wrappers = {n: mod for n, mod in model.named_modules() if isinstance(mod, GatedLoRA)}
+        need(
+            set(wrappers) == set(ab),
+            who,
+            f"the checkpoint's LoRA modules {sorted(ab)[:4]}... are not this model's "
+            f"{sorted(wrappers)[:4]}...",
+        )
+        out = []
+        for n, w in wrappers.items():
+            need(set(ab[n]) == {"A", "B"}, who, f"{n} lacks lora_A or lora_B")
+            A, B = lora_ab(w)
+            out += [(A, ab[n]["A"]), (B, ab[n]["B"])]
+        return out + head_pairs(model, heads, who)
+
+    return cfg, targets
+
+
+def save_peft(model: nn.Module, path: str) -> None:
+    """Write ``model``'s UniPELT methods as a peft checkpoint directory ``path`` that
+    ``peft.PeftModel.from_pretrained(base, path)`` loads. peft holds one method per directory:
+    an ungated prefix (written flat) with ``positions="after_prefix"``, an ungated soft prompt,
+    or ungated LoRA; plus the trained heads. Anything else raises InteropError naming it."""
+    who = "save_peft"
+    inner = getattr(model, "module", model)
+    root = _root(inner)
+    cfg = root.cfg
+    dims = root.dims
+
+    def cannot(part: str) -> None:
+        raise InteropError(f"{who}: peft cannot hold {part}")
+
+    if cfg.bitfit:
+        cannot("BitFit biases (bitfit=True)")
+    if cfg.adapter is not None:
+        cannot("bottleneck adapters")
+    if len(cfg.tasks) != 1:
+        cannot(f"several tasks {list(cfg.tasks)} in one directory")
+    methods = [n for n in ("prefix", "prompt", "lora") if getattr(cfg, n) is not None]
+    if len(methods) != 1:
+        cannot(f"{' + '.join(methods) or 'no method'}: a peft directory holds exactly one")
+    for n in methods:
+        if getattr(cfg, n).gate:
+            cannot(f"the {n} gate")
+    state: dict[str, torch.Tensor] = {}
+    family = _family(dims["model_type"])
+    task = _task_type(inner)
+    common = {"task_type": task, "inference_mode": True, "base_model_name_or_path": None}
+    trained = {n: p for n, p in inner.named_parameters() if p.requires_grad}
+    if methods == ["lora"]:
+        lc = cfg.lora
+        if family == "gpt2" and set(lc.targets) != {"query", "key", "value"}:
+            cannot(f"a GPT-2 LoRA on {list(lc.targets)} only (peft's c_attn LoRA covers all of it)")
+        wrappers = {n: mod for n, mod in inner.named_modules() if isinstance(mod, GatedLoRA)}
+        names = set()
+        for n, w in wrappers.items():
+            A, B = lora_ab(w)
+            state[f"base_model.model.{n}.lora_A.weight"] = A
+            state[f"base_model.model.{n}.lora_B.weight"] = B
+            names.add(n.rsplit(".", 1)[-1])
+        lora_params = {id(p) for w in wrappers.values() for p in w.units.parameters()}
+        head_prefix = "base_model.model."
+        meta = {
+            "peft_type": "LORA",
+            "r": lc.r,
+            "lora_alpha": lc.alpha,
+            "target_modules": sorted(names),
+            "layers_to_transform": None if lc.layers is None else list(lc.layers),
+            "fan_in_fan_out": family == "gpt2",
+            "bias": "none",
+            "lora_dropout": 0.0,
+            "use_rslora": False,
+        }
+        own = lora_params
+    else:
+        P = cfg.prefix.length if methods == ["prefix"] else cfg.prompt.length
+        meta = {
+            "num_virtual_tokens": P,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": dims["n_heads"],
+            "num_layers": dims["n_layers"],
+        }
+        if methods == ["prefix"]:
+            pc = cfg.prefix
+            if pc.positions != "after_prefix":
+                cannot(
+                    "a prefix with positions='tokens_only' (peft counts the prefix as P "
+                    "positions; use PrefixConfig(positions='after_prefix'))"
+                )
+            if pc.layers is not None:
+                cannot(f"a prefix on some layers only ({list(pc.layers)})")
+            kv = dims["n_kv_heads"] * dims["head_dim"]
+            meta.update(
+                peft_type="PREFIX_TUNING",
+                token_dim=kv,
+                num_attention_heads=dims["n_kv_heads"],
+                encoder_hidden_size=dims["hidden"],
+                prefix_projection=False,
+            )
+            with torch.no_grad():
+                state["prompt_embeddings"] = root.prefix._flat()[0]
+            own = {id(p) for p in root.prefix.parameters()}
+        else:
+            meta.update(peft_type="PROMPT_TUNING", token_dim=dims["hidden"])
+            meta["prompt_tuning_init"] = "RANDOM"
+            state["prompt_embeddings"] = root.prompt.embeddings[0]
+            own = {id(root.prompt.embeddings)}
+        head_prefix = "base_model."
+    heads = {n: p for n, p in trained.items() if id(p) not in own}
+    if heads:
+        meta["modules_to_save"] = sorted({n.split(".")[0] for n in heads})
+        for n, p in heads.items():
+            state[head_prefix + n] = p
+    meta.update(common)
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()},
+        os.path.join(path, WEIGHTS + ".safetensors"),
+    )
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)

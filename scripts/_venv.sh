@@ -1,7 +1,8 @@
 # Sourced by scripts/test.sh and scripts/bench.sh (not run on its own): makes .venv on a
 # fresh machine, or reuses it, and installs CPU torch and the package into it, so either
 # command works first, in a fresh shell, with nothing activated.
-#   uf_venv EXTRAS   e.g. uf_venv test  ->  pip install -e ".[test]"
+#   uf_venv EXTRAS [PIP_ARGS...]   e.g. uf_venv test  ->  pip install -e ".[test]"
+#   (PIP_ARGS are installed in the same pip call; UNIPELT_VENV picks another venv dir)
 # Sets VENV. PYTHON picks the interpreter that makes the venv (default: the first python3
 # >= 3.11 on PATH, then a few usual places).
 
@@ -30,5 +31,7 @@ uf_venv() {
   if [ -n "$torch_spec" ]; then
     "$VENV/bin/python" -m pip install -q "$torch_spec"
   fi
-  "$VENV/bin/python" -m pip install -q -e ".[$1]"
+  local extras=$1
+  shift
+  "$VENV/bin/python" -m pip install -q -e ".[$extras]" "$@"
 }

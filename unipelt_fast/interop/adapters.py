@@ -162,7 +162,8 @@ def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.M
     need(
         meta.get("hidden_size") in (None, dims["hidden"]),
         who,
-        f"the adapter is for hidden size {meta.get('hidden_size')}, this model has {dims['hidden']}",
+        f"the adapter is for hidden size {meta.get('hidden_size')}, this model has "
+        f"{dims['hidden']}",
     )
     name = meta.get("name")
     c = meta.get("config")

@@ -40,6 +40,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save(grads, os.path.join(out_dir, "ddp.pt"))
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: with transformers 4.57 a worker once died at exit with
+    # "terminate called without an active exception" (SIGABRT from a C++ thread destructor)
+    # after its work was done. The result is on disk; a failure above still raises.
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -17,8 +17,10 @@ How it hooks in (transformers >= 4.57):
   attention mask captured by a pre-hook on the model's forward (the last L columns, so it also
   works with a KV cache). The prefix gate is per example, so gate_mode "token" falls back to
   "masked_mean" for it (and for the prompt gate).
-* **Adapter** -- wraps the FFN output (BERT/RoBERTa ``output.dense``, GPT-2 / LLaMA ``mlp``):
-  ``y + g * up(relu(down(y)))`` on :func:`unipelt_fast.gated_adapter`.
+* **Adapter** -- at ``AdapterConfig.placement`` (config.PLACEMENTS): "ffn_output" and the
+  attention-output adapter wrap the output projection (BERT/RoBERTa ``output.dense``, GPT-2 /
+  LLaMA ``mlp``); "block_output" / "ffn_parallel" replace BERT's ``*Output`` or wrap a pre-LN
+  ``mlp`` whose residual a pre-hook on the pre-FFN norm records (``placements.py``).
 * **LoRA** -- wraps the query/value projections (GPT-2: slices of ``c_attn``).
 * **BitFit** -- :func:`unipelt_fast.bitfit` (bias-only ops); task heads are trained in full.
 * **Tasks** -- ``model(..., task_ids=LongTensor[B])``: the prefix goes through

@@ -12,6 +12,7 @@ import torch
 
 import unipelt_fast as up
 from tests.hf_tiny import ADAPTER, batch, perturb, tiny_model
+from unipelt_fast.hf.placements import PostLNOutputWrapper, PreLNMLPWrapper
 from unipelt_fast.hf.wrappers import AdapterWrapper
 from unipelt_fast.lora import GatedLoRA
 
@@ -80,7 +81,7 @@ def _expected(m, b, task_ids):
     for t, g in enumerate(root.prompt.gates):
         handles.append(g.register_forward_pre_hook(gate_hook((t, None), False), with_kwargs=True))
     for name, mod in m.named_modules():
-        if isinstance(mod, AdapterWrapper):
+        if isinstance(mod, (AdapterWrapper, PostLNOutputWrapper, PreLNMLPWrapper)):
             for t, a in enumerate(mod.adapters):
                 hook = adapter_hook((t, _layer(name)))
                 handles.append(a.register_forward_pre_hook(hook, with_kwargs=True))

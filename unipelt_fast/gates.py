@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
+from .hf.placements import PostLNOutputWrapper, PreLNMLPWrapper
 from .hf.root import _root
 from .hf.wrappers import AdapterWrapper
 from .lora import GatedLoRA
@@ -155,7 +156,7 @@ def gate_report(model: nn.Module, **batch) -> GateReport:
                 hook = on_gate(t, None, ("prompt",))
                 handles.append(gate.register_forward_hook(hook, with_kwargs=True))
         for name, m in inner.named_modules():
-            if isinstance(m, AdapterWrapper):
+            if isinstance(m, (AdapterWrapper, PostLNOutputWrapper, PreLNMLPWrapper)):
                 for t, a in enumerate(m.adapters):
                     if a.gate is not None:
                         hook = on_adapter(t, _layer_of(name))

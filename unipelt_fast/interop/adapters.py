@@ -192,7 +192,12 @@ def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.M
         heads = read_weights(path, HEAD_WEIGHTS, who)
         # only task heads train in full here; an LM head (often tied to the embeddings) stays
         # the base model's
-        skipped = sorted(n for n in heads if n.split(".")[0] not in _DEFAULT_HEADS)
+        names = {n for n, _ in inner.named_children()}
+        skipped = sorted(
+            n
+            for n in heads
+            if n.split(".")[0] not in _DEFAULT_HEADS or n.split(".")[0] not in names
+        )
         if skipped:
             warnings.warn(f"{who}: skipped head tensors {skipped} (not a task head)", stacklevel=2)
         heads = {n: t for n, t in heads.items() if n not in skipped}

@@ -70,7 +70,10 @@ def from_peft(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Modul
     dims = _dims(config)
     family = _family(dims["model_type"])
     ptype = pc.get("peft_type")
-    heads_to_save = tuple(dict.fromkeys(pc.get("modules_to_save") or ()))
+    # peft lists the usual heads for a task type (e.g. classifier and score) and wraps the
+    # ones that exist; so do we
+    names = {n.rsplit(".", 1)[-1] for n, _ in inner.named_modules()}
+    heads_to_save = tuple(n for n in dict.fromkeys(pc.get("modules_to_save") or ()) if n in names)
     kv = dims["n_kv_heads"] * dims["head_dim"]
     if ptype in ("PREFIX_TUNING", "PROMPT_TUNING"):
         need(

@@ -49,7 +49,7 @@ FP32_PTRS = {
     "pwu_ptr", "pbu_ptr", "pwd_ptr", "pwg_ptr",
     "part_ptr", "mean_ptr", "rstd_ptr",  # bias-only
 }  # fmt: skip
-OTHER_PTRS = {"IDX": "*i64", "KPM": "*u8"}
+OTHER_PTRS = {"IDX": "*i64", "KPM": "*u8", "idx_ptr": "*i64"}
 FLOATS = {"qk_scale", "sm_scale", "scaling", "eps"}
 
 
@@ -70,7 +70,7 @@ def _signature(fn, dtype: torch.dtype, consts: dict) -> dict[str, str]:
             a.isupper()
             and a.isalpha()
             and len(a) <= 5
-            and a not in {"H", "HKV", "GROUP", "LQ", "LK", "P", "B", "N", "M", "L", "D", "R"}
+            and a not in {"H", "HKV", "GROUP", "LQ", "LK", "P", "B", "N", "M", "L", "D", "R", "T"}
         ):
             sig[a] = "*" + TY[dtype]
         elif a in FLOATS:
@@ -139,19 +139,26 @@ def test_gated_adapter_compiles(arch, dtype, r, act):
     M, D = 16384, 4096  # the launchers' GPU configs at a realistic size
     prec = ga._prec(dtype)
     bm, bd, warps = ga._fwd_cfg(M, D, rp)
-    for gate, load_z, store_out in [(1, False, True), (1, False, False), (2, True, True)]:
+    for gate, load_z, store_out, mixed in [
+        (1, False, True, False),
+        (1, False, False, False),
+        (2, True, True, False),
+        (1, False, True, True),
+        (2, True, True, True),
+    ]:
         consts = dict(GATE=gate, HAS_BD=True, HAS_BU=True, HAS_BG=True, SEP_RES=gate == 1,
-                      LOAD_Z=load_z, STORE_OUT=store_out, ACT=act, BM=bm, BD=bd, RP=rp,
-                      PREC=prec)  # fmt: skip
+                      LOAD_Z=load_z, STORE_OUT=store_out, HAS_IDX=mixed, ACT=act, BM=bm,
+                      BD=bd, RP=rp, PREC=prec)  # fmt: skip
         _compile("gated_adapter", "_ga_fwd_kernel", dtype, consts, arch, warps)
-    bm, bd, warps = ga._rows_cfg(M, D, rp)
-    _compile("gated_adapter", "_ga_bwd_rows_kernel", dtype,
-             dict(HAS_BU=True, NEED_DG=True, ACT=act, BM=bm, BD=bd, RP=rp, PREC=prec),
-             arch, warps)  # fmt: skip
-    bm, bd, warps = ga._cols_cfg(M, D, rp)
-    _compile("gated_adapter", "_ga_bwd_cols_kernel", dtype,
-             dict(HAS_GATE=True, HAS_BU=True, RES_IS_X=True, ACT=act, BM=bm, BD=bd, RP=rp,
-                  PREC=prec), arch, warps)  # fmt: skip
+    for mixed in (False, True):
+        bm, bd, warps = ga._rows_cfg(M, D, rp)
+        _compile("gated_adapter", "_ga_bwd_rows_kernel", dtype,
+                 dict(HAS_BU=True, NEED_DG=True, HAS_IDX=mixed, ACT=act, BM=bm, BD=bd, RP=rp,
+                      PREC=prec), arch, warps)  # fmt: skip
+        bm, bd, warps = ga._cols_cfg(M, D, rp)
+        _compile("gated_adapter", "_ga_bwd_cols_kernel", dtype,
+                 dict(HAS_GATE=True, HAS_BU=True, RES_IS_X=True, HAS_IDX=mixed, ACT=act, BM=bm,
+                      BD=bd, RP=rp, PREC=prec), arch, warps)  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", ARCHS)

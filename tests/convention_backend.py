@@ -111,7 +111,7 @@ def ga_backward(
     adapter_index=None,
 ):
     def f(x, wd, bd, wu, bu, wg, bg):
-        res = None if residual_is_x else torch.zeros_like(x)
+        res = None if residual_is_x else x.new_zeros(*x.shape[:-1], wu.shape[-2])
         return reference.gated_adapter(
             x,
             wd,

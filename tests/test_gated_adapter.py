@@ -298,6 +298,15 @@ MIXED_CASES = {
         lead=(3, 1), d=48, r=8, adapter_index=[2, 2, 0], tasks=6, activation="identity",
         scaling=0.5,
     ),
+    # LoRA's shapes: identity activation, no biases, an output width != d (GQA v_proj).
+    "lora-narrow-out": dict(
+        lead=(3, 17), d=48, r=8, d_out=20, adapter_index=[1, 0, 1], gate_mode="token",
+        activation="identity", bias_down=False, bias_up=False,
+    ),
+    "lora-wide-out-unmixed": dict(
+        lead=(2, 5), d=20, r=4, d_out=70, gate_mode="mean", activation="identity",
+        bias_down=False,
+    ),
 }  # fmt: skip
 
 

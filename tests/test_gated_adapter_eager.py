@@ -211,3 +211,15 @@ def test_cuda_backend_rejects_adapter_index_before_launch():
             x, wd, bd, wu, bu, None, None, None, None, "token", "relu", 1.0,
             adapter_index=case.kwargs["adapter_index"],
         )  # fmt: skip
+
+
+def test_other_output_width_needs_residual_and_matches_by_hand():
+    case = gated_adapter_case(lead=(2, 3), d=6, r=2, d_out=4, activation="identity")
+    x, wd, bd, wu, bu = case.args.values()
+    res = case.kwargs["residual"]
+    got = case.call(uf.gated_adapter, backend="eager")
+    assert_close(got, res + (x @ wd.T + bd) @ wu.T + bu, torch.float64, "out")
+    with pytest.raises(ValueError, match="d_out"):
+        uf.gated_adapter(x, wd, bd, wu, bu, backend="eager")
+    with pytest.raises(ValueError, match="residual"):
+        uf.gated_adapter(x, wd, bd, wu, bu, residual=x, backend="eager")

@@ -213,12 +213,25 @@ def validate_gated_adapter(
         raise ValueError(
             f"{op}: w_down must be ({t_}r, d) with d={d} and r >= 1, got {_shape(w_down)}"
         )
-    check_tensor(w_up, "w_up", op, shape=(*lead, d, r), dtype=dt, device=dev)
+    # The output width d_out may differ from d (LoRA on a non-square projection) only with
+    # a separate residual of that width.
+    check_tensor(w_up, "w_up", op, ndim=len(lead) + 2, dtype=dt, device=dev)
+    d_out = w_up.shape[-2]
+    if _shape(w_up) != (*lead, d_out, r) or d_out == 0:
+        raise ValueError(
+            f"{op}: w_up must be ({t_}d_out, r) with r={r} and d_out >= 1, got {_shape(w_up)}"
+        )
+    if d_out != d and residual is None:
+        raise ValueError(
+            f"{op}: w_up has d_out={d_out} != d={d}: pass a residual of width {d_out} "
+            "(without one the residual is x, so d_out must equal d)"
+        )
     check_optional(b_down, "b_down", op, shape=(*lead, r), dtype=dt, device=dev)
-    check_optional(b_up, "b_up", op, shape=(*lead, d), dtype=dt, device=dev)
+    check_optional(b_up, "b_up", op, shape=(*lead, d_out), dtype=dt, device=dev)
     if adapter_index is not None:
         _check_index(adapter_index, "adapter_index", op, x.shape[0], lead[0])
-    check_optional(residual, "residual", op, shape=_shape(x), dtype=dt, device=dev)
+    res_shape = (*_shape(x)[:-1], d_out)
+    check_optional(residual, "residual", op, shape=res_shape, dtype=dt, device=dev)
     if not isinstance(gate_mode, str) or gate_mode not in GATE_MODES:
         raise ValueError(f"{op}: gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
     if w_gate is None:

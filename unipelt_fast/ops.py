@@ -28,21 +28,24 @@ prefix_attention
 gated_adapter
     ``forward(x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate, gate_mask,
     gate_mode, activation, scaling, *, adapter_index=None) -> (out, z, s)``
-      x (B, L, d) any strides; residual None (meaning x) or (B, L, d). Biases, w_gate,
-      b_gate, gate_mask may be None; gate_mask only with gate_mode "mean".
+      x (B, L, d) any strides; residual None (meaning x) or (B, L, d_out), where d_out =
+      w_up's rows (d when residual is None). Biases, w_gate, b_gate, gate_mask may be None;
+      gate_mask only with gate_mode "mean".
       adapter_index None (weights w_down (r, d), b_down (r,), w_up (d, r), b_up (d,),
       w_gate (1, d), b_gate (1,)) or int64 (B,), the task of each example, with the same
-      weights stacked per task: (T, r, d), (T, r), (T, d, r), (T, d), (T, 1, d), (T, 1).
+      weights stacked per task: (T, r, d), (T, r), (T, d_out, r), (T, d_out), (T, 1, d),
+      (T, 1).
       Its range was checked under the same rule as prefix_index; a backend must still
       never read out of bounds for an out-of-range entry (clamp or guard). A backend
       without mixed-task support raises NotImplementedError naming adapter_index.
-      out: (B, L, d) contiguous, x's dtype. z: float32 (B*L, r), the pre-activation
+      out: (B, L, d_out) contiguous, x's dtype. z: float32 (B*L, r), the pre-activation
       bottleneck x @ w_down.T + b_down. s: float32 (B*L,) gate logits, or (0,) with no gate.
     ``backward(grad_out, x, w_down, b_down, w_up, b_up, residual_is_x, w_gate, b_gate,
     gate_mask, z, s, gate_mode, activation, scaling, *, adapter_index=None) -> (dx,
     dw_down, db_down, dw_up, db_up, dw_gate, db_gate)``
-      grad_out (B, L, d) contiguous. dx includes grad_out when residual_is_x. A gradient is
-      None where its parameter is None. (d residual is grad_out itself, handled here.)
+      grad_out (B, L, d_out) contiguous. dx (B, L, d) includes grad_out when
+      residual_is_x. A gradient is None where its parameter is None. (d residual is
+      grad_out itself, handled here.)
       With adapter_index the weight gradients have the stacked shapes, each task's summed
       deterministically over the examples that used it (zero for an unused task).
 
@@ -405,7 +408,7 @@ def _(
     r = w_down.shape[-2]
     s_len = 0 if w_gate is None else B * L
     return (
-        x.new_empty(B, L, d),
+        x.new_empty(B, L, w_up.shape[-2]),
         x.new_empty(B * L, r, dtype=torch.float32),
         x.new_empty(s_len, dtype=torch.float32),
     )
@@ -586,8 +589,9 @@ def gated_adapter(
     """``residual + g * scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)``.
 
     Args:
-        x: (..., d). w_down: (r, d), w_up: (d, r) (nn.Linear layout); either bias may be None.
-        residual: same shape as x; defaults to x.
+        x: (..., d). w_down: (r, d), w_up: (d_out, r) (nn.Linear layout); either bias may be
+            None. d_out is d unless a residual of another width is given.
+        residual: (..., d_out); defaults to x (LoRA passes the base projection's output).
         w_gate, b_gate: (1, d) and (1,): gate logits ``x @ w_gate.T + b_gate``. No w_gate: g = 1.
         gate_mode: "token" (sigmoid per token, the paper) or "mean" (sigmoid averaged over the
             sequence dim -2 of a (B, L, d) x, the reference code).
@@ -659,7 +663,7 @@ def gated_adapter(
         float(scaling),
         be,
     )
-    return out.view(x.shape)
+    return out.view(*x.shape[:-1], w_up.shape[-2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,6 +179,7 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                     gate=cfg.lora.gate,
                     gate_mode=cfg.gate_mode,
                     out_slices=slices,
+                    backend=backend,
                 )
                 _tag(w, snap, _unipelt_root=root)
                 setattr(parent, attr, w)

@@ -221,5 +221,5 @@ def test_other_output_width_needs_residual_and_matches_by_hand():
     assert_close(got, res + (x @ wd.T + bd) @ wu.T + bu, torch.float64, "out")
     with pytest.raises(ValueError, match="d_out"):
         uf.gated_adapter(x, wd, bd, wu, bu, backend="eager")
-    with pytest.raises(ValueError, match="residual"):
+    with pytest.raises(ValueError, match="w_up must have shape"):  # a width-d residual
         uf.gated_adapter(x, wd, bd, wu, bu, residual=x, backend="eager")

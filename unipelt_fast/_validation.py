@@ -217,6 +217,9 @@ def validate_gated_adapter(
     # a separate residual of that width.
     check_tensor(w_up, "w_up", op, ndim=len(lead) + 2, dtype=dt, device=dev)
     d_out = w_up.shape[-2]
+    square = w_up.shape[-1] != r if residual is None else _shape(residual)[-1:] == (d,)
+    if square:  # the usual adapter (d_out = d): say the exact shape wanted
+        check_tensor(w_up, "w_up", op, shape=(*lead, d, r))
     if _shape(w_up) != (*lead, d_out, r) or d_out == 0:
         raise ValueError(
             f"{op}: w_up must be ({t_}d_out, r) with r={r} and d_out >= 1, got {_shape(w_up)}"

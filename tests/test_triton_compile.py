@@ -70,7 +70,7 @@ def _signature(fn, dtype: torch.dtype, consts: dict) -> dict[str, str]:
             a.isupper()
             and a.isalpha()
             and len(a) <= 5
-            and a not in {"H", "HKV", "GROUP", "LQ", "LK", "P", "B", "N", "M", "L", "D", "R", "T"}
+            and a not in {"H", "HKV", "GROUP", "LQ", "LK", "P", "B", "N", "M", "L", "D", "DO", "R", "T"}
         ):
             sig[a] = "*" + TY[dtype]
         elif a in FLOATS:
@@ -139,18 +139,20 @@ def test_gated_adapter_compiles(arch, dtype, r, act):
     M, D = 16384, 4096  # the launchers' GPU configs at a realistic size
     prec = ga._prec(dtype)
     bm, bd, warps = ga._fwd_cfg(M, D, rp)
+    # The mixed-task (HAS_IDX) variants for bf16 only: they differ in indexing, not dtype,
+    # and each compile costs CI seconds.
+    with_idx = (False, True) if dtype == torch.bfloat16 else (False,)
     for gate, load_z, store_out, mixed in [
         (1, False, True, False),
         (1, False, False, False),
         (2, True, True, False),
-        (1, False, True, True),
-        (2, True, True, True),
+        *([(1, False, True, True), (2, True, True, True)] if True in with_idx else []),
     ]:
         consts = dict(GATE=gate, HAS_BD=True, HAS_BU=True, HAS_BG=True, SEP_RES=gate == 1,
                       LOAD_Z=load_z, STORE_OUT=store_out, HAS_IDX=mixed, ACT=act, BM=bm,
                       BD=bd, RP=rp, PREC=prec)  # fmt: skip
         _compile("gated_adapter", "_ga_fwd_kernel", dtype, consts, arch, warps)
-    for mixed in (False, True):
+    for mixed in with_idx:
         bm, bd, warps = ga._rows_cfg(M, D, rp)
         _compile("gated_adapter", "_ga_bwd_rows_kernel", dtype,
                  dict(HAS_BU=True, NEED_DG=True, HAS_IDX=mixed, ACT=act, BM=bm, BD=bd, RP=rp,

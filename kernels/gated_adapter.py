@@ -104,7 +104,7 @@ def _example_rows(pid, idx_ptr, L, T, BM: tl.constexpr):
 def _ga_fwd_kernel(
     x_ptr, res_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, wg_ptr, bg_ptr, gv_ptr,
     out_ptr, z_ptr, s_ptr, idx_ptr,
-    M, L, D, DO, R, T, scaling,
+    M, L, D, D_OUT, R, T, scaling,
     sxb, sxl, sxd, srb, srl, srd,
     swd_r, swd_d, swu_d, swu_r, swg,
     swd_t, swu_t, swg_t,
@@ -120,7 +120,7 @@ def _ga_fwd_kernel(
         wu_ptr += task * swu_t
         wg_ptr += task * swg_t
         bd_ptr += task * R  # stacked biases arrive contiguous (T, r), (T, d), (T, 1)
-        bu_ptr += task * DO
+        bu_ptr += task * D_OUT
         bg_ptr += task
     else:
         rows = pid * BM + tl.arange(0, BM)
@@ -178,9 +178,9 @@ def _ga_fwd_kernel(
         hc = h.to(out_ptr.dtype.element_ty)
         if SEP_RES:
             r_row = b * srb + l * srl
-        for d0 in range(0, DO, BD):  # output width DO (== D when the residual is x)
+        for d0 in range(0, D_OUT, BD):  # output width D_OUT (== D when the residual is x)
             cols = d0 + tl.arange(0, BD)
-            cmask = cols < DO
+            cmask = cols < D_OUT
             cols64 = cols.to(tl.int64)
             m2 = rmask[:, None] & cmask[None, :]
             wut = tl.load(  # Wu^T chunk (RP, BD)
@@ -197,7 +197,7 @@ def _ga_fwd_kernel(
                 res = tl.load(x_ptr + x_row[:, None] + cols64[None, :] * sxd, mask=m2, other=0.0)
             o = res.to(tl.float32) + G[:, None] * u
             tl.store(
-                out_ptr + rows64[:, None] * DO + cols64[None, :],
+                out_ptr + rows64[:, None] * D_OUT + cols64[None, :],
                 o.to(out_ptr.dtype.element_ty),
                 mask=m2,
             )
@@ -259,7 +259,7 @@ def _ga_bwd_rows_kernel(
 def _ga_bwd_cols_kernel(
     dy_ptr, x_ptr, z_ptr, dz_ptr, gv_ptr, ds_ptr, wd_ptr, wg_ptr,
     dx_ptr, pwu_ptr, pbu_ptr, pwd_ptr, pwg_ptr, idx_ptr,
-    M, L, D, DO, R, T, blocks_per_split,
+    M, L, D, D_OUT, R, T, blocks_per_split,
     sxb, sxl, sxd, swd_r, swd_d, swg, swd_t, swg_t,
     ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BU: tl.constexpr,
     RES_IS_X: tl.constexpr, HAS_IDX: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
@@ -274,7 +274,7 @@ def _ga_bwd_cols_kernel(
         wg_ptr += task * swg_t
     cols = pid_d * BD + tl.arange(0, BD)  # input cols (x, Wd, w_gate) and output cols (dY, Wu)
     cmask = cols < D
-    omask = cols < DO
+    omask = cols < D_OUT
     cols64 = cols.to(tl.int64)
     ks = tl.arange(0, RP)
     kmask = ks < R
@@ -306,7 +306,7 @@ def _ga_bwd_cols_kernel(
         z_offs = rows64[:, None] * R + ks[None, :]
         z_mask = rmask[:, None] & kmask[None, :]
         dyt = tl.load(
-            dy_ptr + rows64[:, None] * DO + cols64[None, :],
+            dy_ptr + rows64[:, None] * D_OUT + cols64[None, :],
             mask=rmask[:, None] & omask[None, :],
             other=0.0,
         )
@@ -332,15 +332,15 @@ def _ga_bwd_cols_kernel(
             dx += dyt.to(tl.float32)
         tl.store(dx_ptr + rows64[:, None] * D + cols64[None, :], dx.to(dt), mask=m2)
 
-    # Partials: (S, DO, R) for Wu, (S, R, D) for Wd (its own layout), (S, DO) / (S, D).
+    # Partials: (S, D_OUT, R) for Wu, (S, R, D) for Wd (its own layout), (S, D_OUT) / (S, D).
     p_mask = cmask[:, None] & kmask[None, :]
     po_mask = omask[:, None] & kmask[None, :]
-    base_o = pid_s.to(tl.int64) * DO * R
+    base_o = pid_s.to(tl.int64) * D_OUT * R
     base = pid_s.to(tl.int64) * D * R
     tl.store(pwu_ptr + base_o + cols64[:, None] * R + ks[None, :], acc_wu, mask=po_mask)
     tl.store(pwd_ptr + base + ks[None, :] * D + cols64[:, None], acc_wd, mask=p_mask)
     if HAS_BU:
-        tl.store(pbu_ptr + pid_s.to(tl.int64) * DO + cols64, acc_bu, mask=omask)
+        tl.store(pbu_ptr + pid_s.to(tl.int64) * D_OUT + cols64, acc_bu, mask=omask)
     if HAS_GATE:
         tl.store(pwg_ptr + pid_s.to(tl.int64) * D + cols64, acc_wg, mask=cmask)
 
@@ -441,22 +441,22 @@ def forward(
     R = w_down.shape[-2]
     M = B * L
     dev, dt = x.device, x.dtype
-    DO = w_up.shape[-2]  # output width: D unless a separate residual says otherwise
+    D_OUT = w_up.shape[-2]  # output width: D unless a separate residual says otherwise
     mixed = adapter_index is not None
     if mixed:
         b_down, b_up, b_gate = _contig(b_down), _contig(b_up), _contig(b_gate)
-    out = new_output((B, L, DO), dt, dev)
+    out = new_output((B, L, D_OUT), dt, dev)
     z = new_output((M, R), torch.float32, dev)
     has_gate = w_gate is not None
     s = new_output((M if has_gate else 0,), torch.float32, dev)
     if M == 0:
         return out, z, s
     rp = _rpad(R)
-    bm, bd, warps = _fwd_cfg(L if mixed else M, max(D, DO), rp)
+    bm, bd, warps = _fwd_cfg(L if mixed else M, max(D, D_OUT), rp)
     res = x if residual is None else residual
     dummy = z  # never read: its flag is off
     common = dict(
-        M=M, L=L, D=D, DO=DO, R=R, T=w_down.shape[0] if mixed else 1, scaling=float(scaling),
+        M=M, L=L, D=D, D_OUT=D_OUT, R=R, T=w_down.shape[0] if mixed else 1, scaling=float(scaling),
         sxb=x.stride(0), sxl=x.stride(1), sxd=x.stride(2),
         srb=res.stride(0), srl=res.stride(1), srd=res.stride(2),
         swd_r=w_down.stride(-2), swd_d=w_down.stride(-1),
@@ -514,7 +514,7 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     B, L, D = x.shape
     R = w_down.shape[-2]
-    DO = w_up.shape[-2]
+    D_OUT = w_up.shape[-2]
     M = B * L
     dev, dt = x.device, x.dtype
     mixed = adapter_index is not None
@@ -543,7 +543,7 @@ def backward(
         gv = (g_rows * scaling).contiguous()
 
     rp = _rpad(R)
-    bm, bd, warps = _rows_cfg(L if mixed else M, DO, rp)
+    bm, bd, warps = _rows_cfg(L if mixed else M, D_OUT, rp)
     prec = _prec(dt)
     dz = new_output((M, R), torch.float32, dev)
     dg = new_output((M if has_gate else 0,), torch.float32, dev)
@@ -551,7 +551,7 @@ def backward(
     grid = (B * triton.cdiv(L, bm),) if mixed else (triton.cdiv(M, bm),)
     _ga_bwd_rows_kernel[grid](
         grad_out, z, gv, w_up, z if b_up is None else b_up, dz, dg, idx,
-        M, L, DO, R, T, scaling, w_up.stride(-2), w_up.stride(-1),
+        M, L, D_OUT, R, T, scaling, w_up.stride(-2), w_up.stride(-1),
         w_up.stride(0) if mixed else 0,
         ACT=_ACT[activation], HAS_BU=b_up is not None, NEED_DG=has_gate, HAS_IDX=mixed,
         BM=bm, BD=bd, RP=rp, PREC=prec, num_warps=warps,
@@ -576,8 +576,8 @@ def backward(
         ds = ds.contiguous()
 
     # Column-parallel pass: dx and the weight-gradient partials.
-    bm, bd, warps = _cols_cfg(L if mixed else M, max(D, DO), rp)
-    n_dblocks = triton.cdiv(max(D, DO), bd)
+    bm, bd, warps = _cols_cfg(L if mixed else M, max(D, D_OUT), rp)
+    n_dblocks = triton.cdiv(max(D, D_OUT), bd)
     if mixed:  # one split per example: its partials belong to its task
         per_split, S = triton.cdiv(L, bm), B
     else:
@@ -588,15 +588,15 @@ def backward(
         per_split = triton.cdiv(n_mblocks, min(n_mblocks, want))
         S = triton.cdiv(n_mblocks, per_split)
     dx = new_output((B, L, D), dt, dev)
-    pwu = new_output((S, DO, R), torch.float32, dev)
+    pwu = new_output((S, D_OUT, R), torch.float32, dev)
     pwd = new_output((S, R, D), torch.float32, dev)
-    pbu = new_output((S, DO) if b_up is not None else (0,), torch.float32, dev)
+    pbu = new_output((S, D_OUT) if b_up is not None else (0,), torch.float32, dev)
     pwg = new_output((S, D) if has_gate else (0,), torch.float32, dev)
     _ga_bwd_cols_kernel[(n_dblocks, S)](
         grad_out, x, z, dz, gv, dz if ds is None else ds, w_down,
         w_gate if has_gate else dz,
         dx, pwu, pbu, pwd, pwg, idx,
-        M, L, D, DO, R, T, per_split,
+        M, L, D, D_OUT, R, T, per_split,
         x.stride(0), x.stride(1), x.stride(2), w_down.stride(-2), w_down.stride(-1),
         w_gate.stride(-1) if has_gate else 0,
         w_down.stride(0) if mixed else 0, w_gate.stride(0) if mixed and has_gate else 0,

@@ -51,6 +51,7 @@ FP32_PTRS = {
 }  # fmt: skip
 OTHER_PTRS = {"IDX": "*i64", "KPM": "*u8", "idx_ptr": "*i64"}
 FLOATS = {"qk_scale", "sm_scale", "scaling", "eps"}
+SIZES = {"H", "HKV", "GROUP", "LQ", "LK", "P", "B", "N", "M", "L", "D", "R", "T"}
 
 
 def _kernel(mod: str, name: str):
@@ -66,12 +67,7 @@ def _signature(fn, dtype: torch.dtype, consts: dict) -> dict[str, str]:
             sig[a] = OTHER_PTRS[a]
         elif a in FP32_PTRS:
             sig[a] = "*fp32"
-        elif a.endswith("_ptr") or (
-            a.isupper()
-            and a.isalpha()
-            and len(a) <= 5
-            and a not in {"H", "HKV", "GROUP", "LQ", "LK", "P", "B", "N", "M", "L", "D", "DO", "R", "T"}
-        ):
+        elif a.endswith("_ptr") or (a.isupper() and a.isalpha() and len(a) <= 5 and a not in SIZES):
             sig[a] = "*" + TY[dtype]
         elif a in FLOATS:
             sig[a] = "fp32"

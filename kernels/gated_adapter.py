@@ -30,6 +30,8 @@ import triton.language as tl
 
 from unipelt_fast._alloc import new_output, on_input_device
 
+from .prefix_attention import _task_sum_kernel
+
 Tensor = torch.Tensor
 
 _ACT = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
@@ -85,21 +87,44 @@ def _act_grad(z, ACT: tl.constexpr):
     return dy
 
 
+@triton.jit
+def _example_rows(pid, idx_ptr, L, T, BM: tl.constexpr):
+    """Rows of program ``pid`` when programs are (example, row block within it): a block never
+    straddles two examples, so one task serves it. The task is clamped to [0, T): an
+    out-of-range index never reads out of bounds."""
+    n_lb = tl.cdiv(L, BM)
+    ex = pid // n_lb
+    lrow = (pid - ex * n_lb) * BM + tl.arange(0, BM)
+    task = tl.load(idx_ptr + ex).to(tl.int64)
+    task = tl.minimum(tl.maximum(task, 0), T - 1)
+    return ex.to(tl.int64) * L + lrow, lrow < L, task
+
+
 @triton.jit(do_not_specialize=["M", "L"])  # row counts vary per batch
 def _ga_fwd_kernel(
     x_ptr, res_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, wg_ptr, bg_ptr, gv_ptr,
-    out_ptr, z_ptr, s_ptr,
-    M, L, D, R, scaling,
+    out_ptr, z_ptr, s_ptr, idx_ptr,
+    M, L, D, D_OUT, R, T, scaling,
     sxb, sxl, sxd, srb, srl, srd,
     swd_r, swd_d, swu_d, swu_r, swg,
+    swd_t, swu_t, swg_t,
     ACT: tl.constexpr, GATE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr,
     HAS_BG: tl.constexpr, SEP_RES: tl.constexpr, LOAD_Z: tl.constexpr,
-    STORE_OUT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
-    PREC: tl.constexpr,
+    STORE_OUT: tl.constexpr, HAS_IDX: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    RP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < M
+    if HAS_IDX:  # mixed tasks: a program is (example, row block of it), one task's weights
+        rows, rmask, task = _example_rows(pid, idx_ptr, L, T, BM)
+        wd_ptr += task * swd_t
+        wu_ptr += task * swu_t
+        wg_ptr += task * swg_t
+        bd_ptr += task * R  # stacked biases arrive contiguous (T, r), (T, d), (T, 1)
+        bu_ptr += task * D_OUT
+        bg_ptr += task
+    else:
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < M
     rows64 = rows.to(tl.int64)
     b = rows64 // L
     l = rows64 - b * L
@@ -153,9 +178,9 @@ def _ga_fwd_kernel(
         hc = h.to(out_ptr.dtype.element_ty)
         if SEP_RES:
             r_row = b * srb + l * srl
-        for d0 in range(0, D, BD):
+        for d0 in range(0, D_OUT, BD):  # output width D_OUT (== D when the residual is x)
             cols = d0 + tl.arange(0, BD)
-            cmask = cols < D
+            cmask = cols < D_OUT
             cols64 = cols.to(tl.int64)
             m2 = rmask[:, None] & cmask[None, :]
             wut = tl.load(  # Wu^T chunk (RP, BD)
@@ -172,7 +197,7 @@ def _ga_fwd_kernel(
                 res = tl.load(x_ptr + x_row[:, None] + cols64[None, :] * sxd, mask=m2, other=0.0)
             o = res.to(tl.float32) + G[:, None] * u
             tl.store(
-                out_ptr + rows64[:, None] * D + cols64[None, :],
+                out_ptr + rows64[:, None] * D_OUT + cols64[None, :],
                 o.to(out_ptr.dtype.element_ty),
                 mask=m2,
             )
@@ -180,14 +205,19 @@ def _ga_fwd_kernel(
 
 @triton.jit(do_not_specialize=["M"])  # row counts vary per batch
 def _ga_bwd_rows_kernel(
-    dy_ptr, z_ptr, gv_ptr, wu_ptr, bu_ptr, dz_ptr, dg_ptr,
-    M, D, R, scaling, swu_d, swu_r,
-    ACT: tl.constexpr, HAS_BU: tl.constexpr, NEED_DG: tl.constexpr,
+    dy_ptr, z_ptr, gv_ptr, wu_ptr, bu_ptr, dz_ptr, dg_ptr, idx_ptr,
+    M, L, D, R, T, scaling, swu_d, swu_r, swu_t,
+    ACT: tl.constexpr, HAS_BU: tl.constexpr, NEED_DG: tl.constexpr, HAS_IDX: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < M
+    if HAS_IDX:
+        rows, rmask, task = _example_rows(pid, idx_ptr, L, T, BM)
+        wu_ptr += task * swu_t
+        bu_ptr += task * D
+    else:
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < M
     rows64 = rows.to(tl.int64)
     ks = tl.arange(0, RP)
     kmask = ks < R
@@ -228,17 +258,23 @@ def _ga_bwd_rows_kernel(
 @triton.jit(do_not_specialize=["M", "L", "blocks_per_split"])  # row counts vary per batch
 def _ga_bwd_cols_kernel(
     dy_ptr, x_ptr, z_ptr, dz_ptr, gv_ptr, ds_ptr, wd_ptr, wg_ptr,
-    dx_ptr, pwu_ptr, pbu_ptr, pwd_ptr, pwg_ptr,
-    M, L, D, R, blocks_per_split,
-    sxb, sxl, sxd, swd_r, swd_d, swg,
+    dx_ptr, pwu_ptr, pbu_ptr, pwd_ptr, pwg_ptr, idx_ptr,
+    M, L, D, D_OUT, R, T, blocks_per_split,
+    sxb, sxl, sxd, swd_r, swd_d, swg, swd_t, swg_t,
     ACT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BU: tl.constexpr,
-    RES_IS_X: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
-    PREC: tl.constexpr,
+    RES_IS_X: tl.constexpr, HAS_IDX: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    RP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)  # fastest axis: concurrent programs share row blocks (L2 reuse)
-    pid_s = tl.program_id(1)
-    cols = pid_d * BD + tl.arange(0, BD)
+    pid_s = tl.program_id(1)  # a row split; with HAS_IDX an example (partials per example)
+    if HAS_IDX:
+        task = tl.load(idx_ptr + pid_s).to(tl.int64)
+        task = tl.minimum(tl.maximum(task, 0), T - 1)
+        wd_ptr += task * swd_t
+        wg_ptr += task * swg_t
+    cols = pid_d * BD + tl.arange(0, BD)  # input cols (x, Wd, w_gate) and output cols (dY, Wu)
     cmask = cols < D
+    omask = cols < D_OUT
     cols64 = cols.to(tl.int64)
     ks = tl.arange(0, RP)
     kmask = ks < R
@@ -256,15 +292,24 @@ def _ga_bwd_cols_kernel(
     acc_bu = tl.zeros((BD,), dtype=tl.float32)
 
     for i in range(0, blocks_per_split):
-        rows = (pid_s * blocks_per_split + i) * BM + tl.arange(0, BM)
-        rmask = rows < M
+        if HAS_IDX:  # this example's row blocks only
+            lrow = i * BM + tl.arange(0, BM)
+            rows = pid_s.to(tl.int64) * L + lrow
+            rmask = lrow < L
+        else:
+            rows = (pid_s * blocks_per_split + i) * BM + tl.arange(0, BM)
+            rmask = rows < M
         rows64 = rows.to(tl.int64)
         b = rows64 // L
         l = rows64 - b * L
         m2 = rmask[:, None] & cmask[None, :]
         z_offs = rows64[:, None] * R + ks[None, :]
         z_mask = rmask[:, None] & kmask[None, :]
-        dyt = tl.load(dy_ptr + rows64[:, None] * D + cols64[None, :], mask=m2, other=0.0)
+        dyt = tl.load(
+            dy_ptr + rows64[:, None] * D_OUT + cols64[None, :],
+            mask=rmask[:, None] & omask[None, :],
+            other=0.0,
+        )
         xt = tl.load(
             x_ptr + (b * sxb + l * sxl)[:, None] + cols64[None, :] * sxd, mask=m2, other=0.0
         )
@@ -287,13 +332,15 @@ def _ga_bwd_cols_kernel(
             dx += dyt.to(tl.float32)
         tl.store(dx_ptr + rows64[:, None] * D + cols64[None, :], dx.to(dt), mask=m2)
 
-    # Partials: (S, D, R) for Wu, (S, R, D) for Wd (its own layout), (S, D) for the vectors.
+    # Partials: (S, D_OUT, R) for Wu, (S, R, D) for Wd (its own layout), (S, D_OUT) / (S, D).
     p_mask = cmask[:, None] & kmask[None, :]
+    po_mask = omask[:, None] & kmask[None, :]
+    base_o = pid_s.to(tl.int64) * D_OUT * R
     base = pid_s.to(tl.int64) * D * R
-    tl.store(pwu_ptr + base + cols64[:, None] * R + ks[None, :], acc_wu, mask=p_mask)
+    tl.store(pwu_ptr + base_o + cols64[:, None] * R + ks[None, :], acc_wu, mask=po_mask)
     tl.store(pwd_ptr + base + ks[None, :] * D + cols64[:, None], acc_wd, mask=p_mask)
     if HAS_BU:
-        tl.store(pbu_ptr + pid_s.to(tl.int64) * D + cols64, acc_bu, mask=cmask)
+        tl.store(pbu_ptr + pid_s.to(tl.int64) * D_OUT + cols64, acc_bu, mask=omask)
     if HAS_GATE:
         tl.store(pwg_ptr + pid_s.to(tl.int64) * D + cols64, acc_wg, mask=cmask)
 
@@ -357,6 +404,23 @@ def _gate_rows(
     return gb[:, None].expand(B, L).reshape(-1), sig, m
 
 
+def _contig(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _task_sum(part: Tensor, adapter_index: Tensor, T: int, dtype: torch.dtype) -> Tensor:
+    """(B, ...) per-example partials -> (T, ...) per-task sums in a fixed order (no atomics)."""
+    B = part.shape[0]
+    N = part[0].numel()
+    out = new_output((T, *part.shape[1:]), torch.float32, part.device)
+    if N:
+        block = 1024
+        _task_sum_kernel[(triton.cdiv(N, block), T)](
+            part.contiguous(), adapter_index, out, B, N, BLOCK=block
+        )
+    return out.to(dtype)
+
+
 @on_input_device
 def forward(
     x: Tensor,
@@ -371,30 +435,38 @@ def forward(
     gate_mode: str,
     activation: str,
     scaling: float,
+    *,
+    adapter_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     B, L, D = x.shape
-    R = w_down.shape[0]
+    R = w_down.shape[-2]
     M = B * L
     dev, dt = x.device, x.dtype
-    out = new_output((B, L, D), dt, dev)
+    D_OUT = w_up.shape[-2]  # output width: D unless a separate residual says otherwise
+    mixed = adapter_index is not None
+    if mixed:
+        b_down, b_up, b_gate = _contig(b_down), _contig(b_up), _contig(b_gate)
+    out = new_output((B, L, D_OUT), dt, dev)
     z = new_output((M, R), torch.float32, dev)
     has_gate = w_gate is not None
     s = new_output((M if has_gate else 0,), torch.float32, dev)
     if M == 0:
         return out, z, s
     rp = _rpad(R)
-    bm, bd, warps = _fwd_cfg(M, D, rp)
+    bm, bd, warps = _fwd_cfg(L if mixed else M, max(D, D_OUT), rp)
     res = x if residual is None else residual
     dummy = z  # never read: its flag is off
     common = dict(
-        M=M, L=L, D=D, R=R, scaling=float(scaling),
+        M=M, L=L, D=D, D_OUT=D_OUT, R=R, T=w_down.shape[0] if mixed else 1, scaling=float(scaling),
         sxb=x.stride(0), sxl=x.stride(1), sxd=x.stride(2),
         srb=res.stride(0), srl=res.stride(1), srd=res.stride(2),
-        swd_r=w_down.stride(0), swd_d=w_down.stride(1),
-        swu_d=w_up.stride(0), swu_r=w_up.stride(1),
-        swg=w_gate.stride(1) if has_gate else 0,
+        swd_r=w_down.stride(-2), swd_d=w_down.stride(-1),
+        swu_d=w_up.stride(-2), swu_r=w_up.stride(-1),
+        swg=w_gate.stride(-1) if has_gate else 0,
+        swd_t=w_down.stride(0) if mixed else 0, swu_t=w_up.stride(0) if mixed else 0,
+        swg_t=w_gate.stride(0) if mixed and has_gate else 0,
         ACT=_ACT[activation], HAS_BD=b_down is not None, HAS_BU=b_up is not None,
-        HAS_BG=b_gate is not None, SEP_RES=residual is not None,
+        HAS_BG=b_gate is not None, SEP_RES=residual is not None, HAS_IDX=mixed,
         BM=bm, BD=bd, RP=rp, PREC=_prec(dt), num_warps=warps,
     )  # fmt: skip
     ptrs = (
@@ -402,21 +474,22 @@ def forward(
         dummy if b_up is None else b_up, w_gate if has_gate else dummy,
         dummy if b_gate is None else b_gate,
     )  # fmt: skip
-    grid = (triton.cdiv(M, bm),)
+    grid = (B * triton.cdiv(L, bm),) if mixed else (triton.cdiv(M, bm),)
+    idx = adapter_index if mixed else dummy
     if not has_gate or gate_mode == "token":
         gate = _GATE_TOKEN if has_gate else _GATE_NONE
         _ga_fwd_kernel[grid](
-            *ptrs, dummy, out, z, s, GATE=gate, LOAD_Z=False, STORE_OUT=True, **common
+            *ptrs, dummy, out, z, s, idx, GATE=gate, LOAD_Z=False, STORE_OUT=True, **common
         )
         return out, z, s
     # "mean": z and s first, the per-example mean on (B, L), then the output from z.
     _ga_fwd_kernel[grid](
-        *ptrs, dummy, out, z, s, GATE=_GATE_TOKEN, LOAD_Z=False, STORE_OUT=False, **common
+        *ptrs, dummy, out, z, s, idx, GATE=_GATE_TOKEN, LOAD_Z=False, STORE_OUT=False, **common
     )
     g_rows, _, _ = _gate_rows(s, B, L, gate_mask)
     gv = (g_rows * float(scaling)).contiguous()
     _ga_fwd_kernel[grid](
-        *ptrs, gv, out, z, s, GATE=_GATE_GIVEN, LOAD_Z=True, STORE_OUT=True, **common
+        *ptrs, gv, out, z, s, idx, GATE=_GATE_GIVEN, LOAD_Z=True, STORE_OUT=True, **common
     )
     return out, z, s
 
@@ -438,11 +511,18 @@ def backward(
     gate_mode: str,
     activation: str,
     scaling: float,
+    *,
+    adapter_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     B, L, D = x.shape
-    R = w_down.shape[0]
+    R = w_down.shape[-2]
+    D_OUT = w_up.shape[-2]
     M = B * L
     dev, dt = x.device, x.dtype
+    mixed = adapter_index is not None
+    T = w_down.shape[0] if mixed else 1
+    if mixed:
+        b_up = _contig(b_up)
     has_gate = w_gate is not None
     scaling = float(scaling)
     if M == 0:
@@ -465,14 +545,17 @@ def backward(
         gv = (g_rows * scaling).contiguous()
 
     rp = _rpad(R)
-    bm, bd, warps = _rows_cfg(M, D, rp)
+    bm, bd, warps = _rows_cfg(L if mixed else M, D_OUT, rp)
     prec = _prec(dt)
     dz = new_output((M, R), torch.float32, dev)
     dg = new_output((M if has_gate else 0,), torch.float32, dev)
-    _ga_bwd_rows_kernel[(triton.cdiv(M, bm),)](
-        grad_out, z, gv, w_up, z if b_up is None else b_up, dz, dg,
-        M, D, R, scaling, w_up.stride(0), w_up.stride(1),
-        ACT=_ACT[activation], HAS_BU=b_up is not None, NEED_DG=has_gate,
+    idx = adapter_index if mixed else z
+    grid = (B * triton.cdiv(L, bm),) if mixed else (triton.cdiv(M, bm),)
+    _ga_bwd_rows_kernel[grid](
+        grad_out, z, gv, w_up, z if b_up is None else b_up, dz, dg, idx,
+        M, L, D_OUT, R, T, scaling, w_up.stride(-2), w_up.stride(-1),
+        w_up.stride(0) if mixed else 0,
+        ACT=_ACT[activation], HAS_BU=b_up is not None, NEED_DG=has_gate, HAS_IDX=mixed,
         BM=bm, BD=bd, RP=rp, PREC=prec, num_warps=warps,
     )  # fmt: skip
 
@@ -495,30 +578,44 @@ def backward(
         ds = ds.contiguous()
 
     # Column-parallel pass: dx and the weight-gradient partials.
-    bm, bd, warps = _cols_cfg(M, D, rp)
-    n_mblocks = triton.cdiv(M, bm)
-    n_dblocks = triton.cdiv(D, bd)
-    want = max(1, triton.cdiv(2 * _num_sms(dev), n_dblocks))
-    if dev.type != "cuda":
-        want = 2
-    per_split = triton.cdiv(n_mblocks, min(n_mblocks, want))
-    S = triton.cdiv(n_mblocks, per_split)
+    bm, bd, warps = _cols_cfg(L if mixed else M, max(D, D_OUT), rp)
+    n_dblocks = triton.cdiv(max(D, D_OUT), bd)
+    if mixed:  # one split per example: its partials belong to its task
+        per_split, S = triton.cdiv(L, bm), B
+    else:
+        n_mblocks = triton.cdiv(M, bm)
+        want = max(1, triton.cdiv(2 * _num_sms(dev), n_dblocks))
+        if dev.type != "cuda":
+            want = 2
+        per_split = triton.cdiv(n_mblocks, min(n_mblocks, want))
+        S = triton.cdiv(n_mblocks, per_split)
     dx = new_output((B, L, D), dt, dev)
-    pwu = new_output((S, D, R), torch.float32, dev)
+    pwu = new_output((S, D_OUT, R), torch.float32, dev)
     pwd = new_output((S, R, D), torch.float32, dev)
-    pbu = new_output((S, D) if b_up is not None else (0,), torch.float32, dev)
+    pbu = new_output((S, D_OUT) if b_up is not None else (0,), torch.float32, dev)
     pwg = new_output((S, D) if has_gate else (0,), torch.float32, dev)
     _ga_bwd_cols_kernel[(n_dblocks, S)](
         grad_out, x, z, dz, gv, dz if ds is None else ds, w_down,
         w_gate if has_gate else dz,
-        dx, pwu, pbu, pwd, pwg,
-        M, L, D, R, per_split,
-        x.stride(0), x.stride(1), x.stride(2), w_down.stride(0), w_down.stride(1),
-        w_gate.stride(1) if has_gate else 0,
+        dx, pwu, pbu, pwd, pwg, idx,
+        M, L, D, D_OUT, R, T, per_split,
+        x.stride(0), x.stride(1), x.stride(2), w_down.stride(-2), w_down.stride(-1),
+        w_gate.stride(-1) if has_gate else 0,
+        w_down.stride(0) if mixed else 0, w_gate.stride(0) if mixed and has_gate else 0,
         ACT=_ACT[activation], HAS_GATE=has_gate, HAS_BU=b_up is not None,
-        RES_IS_X=bool(residual_is_x), BM=bm, BD=bd, RP=rp, PREC=prec, num_warps=warps,
+        RES_IS_X=bool(residual_is_x), HAS_IDX=mixed,
+        BM=bm, BD=bd, RP=rp, PREC=prec, num_warps=warps,
     )  # fmt: skip
 
+    if mixed:  # per-example partials -> per-task sums, fixed order
+        tsum = lambda p: _task_sum(p, adapter_index, T, dt)  # noqa: E731
+        dw_up = tsum(pwu)
+        dw_down = tsum(pwd)
+        db_up = None if b_up is None else tsum(pbu)
+        db_down = None if b_down is None else tsum(dz.view(B, L, R).sum(1))
+        dw_gate = None if not has_gate else tsum(pwg.view(B, 1, D))
+        db_gate = None if b_gate is None else tsum(ds.view(B, L).sum(1, keepdim=True))
+        return dx, dw_down, db_down, dw_up, db_up, dw_gate, db_gate
     dw_up = pwu.sum(0).to(dt)
     dw_down = pwd.sum(0).to(dt)
     db_up = None if b_up is None else pbu.sum(0).to(dt)

@@ -62,7 +62,10 @@ def pa_backward(grad_out, q, k, v, pk, pv, idx, gate, kpm, out, lse, causal, sca
 
 
 # ---- gated_adapter -------------------------------------------------------------------------
-def ga_forward(x, wd, bd, wu, bu, residual, wg, bg, gate_mask, gate_mode, activation, scaling):
+def ga_forward(
+    x, wd, bd, wu, bu, residual, wg, bg, gate_mask, gate_mode, activation, scaling, *,
+    adapter_index=None,
+):  # fmt: skip
     out = reference.gated_adapter(
         x,
         wd,
@@ -76,13 +79,14 @@ def ga_forward(x, wd, bd, wu, bu, residual, wg, bg, gate_mask, gate_mode, activa
         gate_mask=gate_mask,
         activation=activation,
         scaling=scaling,
+        adapter_index=adapter_index,
     ).contiguous()
     M = x.shape[0] * x.shape[1]
-    z = F.linear(x, wd, bd).float().reshape(M, -1)
+    z = reference.task_linear(x, wd, bd, adapter_index).float().reshape(M, -1)
     s = (
         x.new_empty(0, dtype=torch.float32)
         if wg is None
-        else F.linear(x, wg, bg).float().reshape(M)
+        else reference.task_linear(x, wg, bg, adapter_index).float().reshape(M)
     )
     return out, z, s
 
@@ -103,9 +107,11 @@ def ga_backward(
     gate_mode,
     activation,
     scaling,
+    *,
+    adapter_index=None,
 ):
     def f(x, wd, bd, wu, bu, wg, bg):
-        res = None if residual_is_x else torch.zeros_like(x)
+        res = None if residual_is_x else x.new_zeros(*x.shape[:-1], wu.shape[-2])
         return reference.gated_adapter(
             x,
             wd,
@@ -119,6 +125,7 @@ def ga_backward(
             gate_mask=gate_mask,
             activation=activation,
             scaling=scaling,
+            adapter_index=adapter_index,
         )
 
     return _vjp(f, [x, wd, bd, wu, bu, wg, bg], grad_out)

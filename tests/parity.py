@@ -153,30 +153,40 @@ def gated_adapter_case(
     activation="relu",
     scaling=1.0,
     noncontiguous=False,
+    adapter_index=None,
+    tasks=None,
+    d_out=None,
     device="cpu",
 ) -> Case:
-    """gate_mode None means no gate; "token" or "mean" (masked with ``masked``)."""
+    """gate_mode None means no gate; "token" or "mean" (masked with ``masked``).
+    adapter_index: a list, one task per example of a (B, L) lead: every weight is then
+    stacked over ``tasks`` tasks (default: max index + 1). d_out: an output width other
+    than d (LoRA on a non-square projection), with a residual of that width."""
     f = lambda *s: torch.randn(*s, dtype=torch.float64, device=device)
     x = f(*lead, d)
     if noncontiguous:  # (B, L, d) with L-major strides, or a transposed (M, d)
         x = x.transpose(0, 1).contiguous().transpose(0, 1) if len(lead) >= 2 else noncontig(x)
+    t_ = () if adapter_index is None else (tasks or max(adapter_index) + 1,)
+    do = d if d_out is None else d_out
     args = {
         "x": x,
-        "w_down": f(r, d) / d**0.5,
-        "b_down": f(r) if bias_down else None,
-        "w_up": f(d, r) / r**0.5,
-        "b_up": f(d) if bias_up else None,
+        "w_down": f(*t_, r, d) / d**0.5,
+        "b_down": f(*t_, r) if bias_down else None,
+        "w_up": f(*t_, do, r) / r**0.5,
+        "b_up": f(*t_, do) if bias_up else None,
     }
     diff = ["x", "w_down", "w_up"] + [n for n in ("b_down", "b_up") if args[n] is not None]
     kw: dict[str, object] = {"activation": activation, "scaling": scaling}
-    if residual:
-        kw["residual"] = f(*lead, d)
+    if residual or d_out is not None:
+        kw["residual"] = f(*lead, do)
         diff.append("residual")
+    if adapter_index is not None:
+        kw["adapter_index"] = torch.tensor(adapter_index, dtype=torch.long, device=device)
     if gate_mode is not None:
-        kw["w_gate"] = f(1, d) / d**0.5
+        kw["w_gate"] = f(*t_, 1, d) / d**0.5
         diff.append("w_gate")
         if gate_bias:
-            kw["b_gate"] = f(1)
+            kw["b_gate"] = f(*t_, 1)
             diff.append("b_gate")
         kw["gate_mode"] = gate_mode
         if masked or fully_padded:

@@ -5,6 +5,7 @@ GPU tests repeat the grid on CUDA and add bf16 at a realistic size.
 """
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -278,3 +279,75 @@ def test_backward_deterministic_gpu():
 @pytest.mark.parametrize("gate_mode", [None, "token", "masked_mean"])
 def test_module_triton_matches_eager_gpu(gate_mode):
     _module_check(gate_mode, "gelu", "cuda")
+
+
+# ---- mixed-task batches (adapter_index): one launch, per-example weights ---------------------
+# L = 33 > the row block, so an example spans several row blocks with a ragged tail (a block
+# never straddles two examples); task 3 is used by one example only; T > B leaves tasks
+# unused (their gradients must be exactly zero).
+MIXED_CASES = {
+    "token-gelu-res-T5": dict(
+        lead=(3, 33), d=33, r=8, adapter_index=[3, 0, 0], tasks=5, gate_mode="token",
+        activation="gelu", residual=True,
+    ),
+    "maskedmean-silu-nobd": dict(
+        lead=(4, 9), d=100, r=48, adapter_index=[1, 0, 1, 2], gate_mode="mean", masked=True,
+        activation="silu", bias_down=False, noncontiguous=True,
+    ),
+    "none-identity-L1": dict(
+        lead=(3, 1), d=48, r=8, adapter_index=[2, 2, 0], tasks=6, activation="identity",
+        scaling=0.5,
+    ),
+    # LoRA's shapes: identity activation, no biases, an output width != d (GQA v_proj).
+    "lora-narrow-out": dict(
+        lead=(3, 17), d=48, r=8, d_out=20, adapter_index=[1, 0, 1], gate_mode="token",
+        activation="identity", bias_down=False, bias_up=False,
+    ),
+    "lora-wide-out-unmixed": dict(
+        lead=(2, 5), d=20, r=4, d_out=70, gate_mode="mean", activation="identity",
+        bias_down=False,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(MIXED_CASES))
+def test_mixed_parity_interpreter(name, dtype):
+    check_parity(uf.gated_adapter, gated_adapter_case(**MIXED_CASES[name]), dtype, "triton")
+
+
+@pytest.mark.interpreter
+def test_mixed_unused_tasks_zero_and_deterministic():
+    case = gated_adapter_case(**MIXED_CASES["token-gelu-res-T5"]).cast(torch.float32)
+    grads = []
+    for _ in range(2):
+        out = case.call(uf.gated_adapter, backend="triton")
+        g = torch.autograd.grad(out, case.tensors(case.diff), torch.ones_like(out))
+        grads.append(dict(zip(case.diff, g, strict=True)))
+    for n in ("w_down", "b_down", "w_up", "b_up", "w_gate", "b_gate"):
+        assert torch.equal(grads[0][n], grads[1][n]), f"d{n} not bit-reproducible"
+        unused = grads[0][n][[1, 2, 4]]
+        assert torch.equal(unused, torch.zeros_like(unused)), f"d{n} of an unused task"
+
+
+@pytest.mark.interpreter
+def test_mixed_out_of_range_index_is_clamped_not_read_out_of_bounds():
+    """Validation is skipped under torch.compile; the kernel clamps the task instead."""
+    case = gated_adapter_case(lead=(2, 3), d=16, r=4, adapter_index=[0, 1]).cast(torch.float32)
+    x, wd, bd, wu, bu = case.args.values()
+    impl = importlib.import_module("unipelt_fast.kernels.gated_adapter")
+    bad = torch.tensor([-5, 7])
+    out, _, _ = impl.forward(
+        x, wd, bd, wu, bu, None, None, None, None, "token", "relu", 1.0, adapter_index=bad
+    )
+    want = uf.gated_adapter(x, wd, bd, wu, bu, adapter_index=torch.tensor([0, 1]), backend="eager")
+    assert_close(out, want, torch.float32, "out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(MIXED_CASES))
+def test_mixed_parity_gpu(name, dtype):
+    case = gated_adapter_case(**MIXED_CASES[name], device="cuda")
+    check_parity(uf.gated_adapter, case, dtype, "triton")

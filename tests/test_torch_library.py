@@ -32,6 +32,10 @@ CASES = {
         uf.gated_adapter,
         gated_adapter_case(lead=(9,), gate_mode="token", residual=True, bias_down=False),
     ),
+    "gated_adapter_mixed": (
+        uf.gated_adapter,
+        gated_adapter_case(lead=(3, 4), adapter_index=[2, 0, 2], tasks=4, gate_mode="token"),
+    ),
     "bias_only_linear": (uf.bias_only_linear, bias_only_linear_case(activation="gelu")),
     "bias_only_linear_relu": (uf.bias_only_linear, bias_only_linear_case(activation="relu")),
 }
@@ -44,10 +48,13 @@ def test_custom_op_autograd_matches_eager(name, monkeypatch):
     check_parity(fn, case, torch.float32, "triton")
 
 
-@pytest.mark.parametrize("op", ["prefix_attention", "gated_adapter", "bias_only_linear"])
+@pytest.mark.parametrize(
+    "op", ["prefix_attention", "gated_adapter", "gated_adapter_mixed", "bias_only_linear"]
+)
 def test_opcheck(op, monkeypatch):
     convention_backend.install(monkeypatch)
     fn, case = CASES[op]
+    op = op.removesuffix("_mixed")
     case = case.cast(torch.float32)
     captured = {}
     import unipelt_fast.ops as ops

@@ -397,6 +397,20 @@ def _gate_mode_id(w_gate, gate_mode) -> int:
     return GATE_MODE_ID[None if w_gate is None else gate_mode]
 
 
+def _no_adapter_index(adapter_index, x, w_up) -> None:
+    # Raised before any launch; the triton and eager backends run both.
+    if adapter_index is not None:
+        raise NotImplementedError(
+            "gated_adapter: backend='cuda' does not support adapter_index (mixed-task "
+            "batches with per-task stacked weights); use backend='triton' or 'eager'"
+        )
+    if w_up.shape[-2] != x.shape[-1]:
+        raise NotImplementedError(
+            "gated_adapter: backend='cuda' needs d_out == d (w_up (d, r)); use backend="
+            "'triton' or 'eager' for a residual of another width"
+        )
+
+
 def _gated_adapter_forward(
     x,
     w_down,
@@ -410,7 +424,10 @@ def _gated_adapter_forward(
     gate_mode,
     activation,
     scaling,
+    *,
+    adapter_index=None,
 ):
+    _no_adapter_index(adapter_index, x, w_up)
     B, L, d = x.shape
     M, r = B * L, w_down.shape[0]
     mode = _gate_mode_id(w_gate, gate_mode)
@@ -453,7 +470,10 @@ def _gated_adapter_backward(
     gate_mode,
     activation,
     scaling,
+    *,
+    adapter_index=None,
 ):
+    _no_adapter_index(adapter_index, x, w_up)
     dev, dt = x.device, x.dtype
     mode = _gate_mode_id(w_gate, gate_mode)
     like = lambda t: None if t is None else new_output(t.shape, dt, dev)

@@ -195,6 +195,7 @@ def validate_gated_adapter(
     gate_mask,
     activation,
     scaling,
+    adapter_index=None,
 ) -> None:
     op = "gated_adapter"
     check_tensor(x, "x", op)
@@ -202,14 +203,48 @@ def validate_gated_adapter(
         raise ValueError(f"{op}: x must have a feature dim (..., d), got a scalar")
     d = x.shape[-1]
     dev, dt = x.device, x.dtype
-    check_tensor(w_down, "w_down", op, ndim=2, dtype=dt, device=dev)
-    r = w_down.shape[0]
-    if w_down.shape[1] != d or r == 0:
-        raise ValueError(f"{op}: w_down must be (r, d) with d={d} and r >= 1, got {_shape(w_down)}")
-    check_tensor(w_up, "w_up", op, shape=(d, r), dtype=dt, device=dev)
-    check_optional(b_down, "b_down", op, shape=(r,), dtype=dt, device=dev)
-    check_optional(b_up, "b_up", op, shape=(d,), dtype=dt, device=dev)
-    check_optional(residual, "residual", op, shape=_shape(x), dtype=dt, device=dev)
+    # With adapter_index every weight gains a leading task dim T (stacked per task).
+    lead: tuple[int, ...] = ()
+    if adapter_index is not None:
+        if x.dim() != 3:
+            raise ValueError(
+                f"{op}: adapter_index needs x of shape (B, L, d), got x of shape {_shape(x)}"
+            )
+        check_tensor(adapter_index, "adapter_index", op, device=dev, floating=False)
+        check_tensor(w_down, "w_down", op, ndim=3, dtype=dt, device=dev)
+        lead = (w_down.shape[0],)
+        if lead[0] == 0:
+            raise ValueError(f"{op}: w_down has T=0 tasks, so adapter_index cannot pick one")
+    else:
+        check_tensor(w_down, "w_down", op, ndim=2, dtype=dt, device=dev)
+    t_ = "T, " if lead else ""
+    r = w_down.shape[-2]
+    if w_down.shape[-1] != d or r == 0:
+        raise ValueError(
+            f"{op}: w_down must be ({t_}r, d) with d={d} and r >= 1, got {_shape(w_down)}"
+        )
+    # The output width d_out may differ from d (LoRA on a non-square projection) only with
+    # a separate residual of that width.
+    check_tensor(w_up, "w_up", op, ndim=len(lead) + 2, dtype=dt, device=dev)
+    d_out = w_up.shape[-2]
+    square = w_up.shape[-1] != r if residual is None else _shape(residual)[-1:] == (d,)
+    if square:  # the usual adapter (d_out = d): say the exact shape wanted
+        check_tensor(w_up, "w_up", op, shape=(*lead, d, r))
+    if _shape(w_up) != (*lead, d_out, r) or d_out == 0:
+        raise ValueError(
+            f"{op}: w_up must be ({t_}d_out, r) with r={r} and d_out >= 1, got {_shape(w_up)}"
+        )
+    if d_out != d and residual is None:
+        raise ValueError(
+            f"{op}: w_up has d_out={d_out} != d={d}: pass a residual of width {d_out} "
+            "(without one the residual is x, so d_out must equal d)"
+        )
+    check_optional(b_down, "b_down", op, shape=(*lead, r), dtype=dt, device=dev)
+    check_optional(b_up, "b_up", op, shape=(*lead, d_out), dtype=dt, device=dev)
+    if adapter_index is not None:
+        _check_index(adapter_index, "adapter_index", op, x.shape[0], lead[0])
+    res_shape = (*_shape(x)[:-1], d_out)
+    check_optional(residual, "residual", op, shape=res_shape, dtype=dt, device=dev)
     if not isinstance(gate_mode, str) or gate_mode not in GATE_MODES:
         raise ValueError(f"{op}: gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
     if w_gate is None:
@@ -219,11 +254,11 @@ def validate_gated_adapter(
             raise ValueError(f"{op}: gate_mask was given without a gate (w_gate is None)")
     else:
         check_tensor(w_gate, "w_gate", op, dtype=dt, device=dev)
-        if _shape(w_gate) != (1, d):
+        if _shape(w_gate) != (*lead, 1, d):
             raise ValueError(
-                f"{op}: w_gate must have shape (1, {d}) (one gate logit), got {_shape(w_gate)}"
+                f"{op}: w_gate must have shape {(*lead, 1, d)} (one gate logit), got {_shape(w_gate)}"
             )
-        check_optional(b_gate, "b_gate", op, shape=(1,), dtype=dt, device=dev)
+        check_optional(b_gate, "b_gate", op, shape=(*lead, 1), dtype=dt, device=dev)
         if gate_mode == "mean" and x.dim() != 3:
             raise ValueError(
                 f"{op}: gate_mode='mean' averages over the sequence of a (B, L, d) x, got x of shape {_shape(x)}"

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "--impls",
         default=None,
         help="only these rows (comma list of eager, compile, torch, triton, cuda, "
-        "sdpa_preconcat, concat_mask_sdpa). Speedups need eager",
+        "sdpa_preconcat, concat_mask_sdpa, per_task_loop). Speedups need eager",
     )
     b.add_argument(
         "--dtype",
@@ -168,6 +168,7 @@ def _bench(args, parser, argv) -> int:
         "cuda",
         "sdpa_preconcat",
         "concat_mask_sdpa",
+        "per_task_loop",
     )
     ops_arg = args.ops if args.ops is not None else ("none" if args.model else "all")
     ops = (
@@ -294,6 +295,7 @@ def _bench(args, parser, argv) -> int:
                 task, device, timer, timer_name, doc["limits"], quick, on_row
             ):
                 rows.append(row)
+            suite.add_mix_cost(rows)
             flush()
         if models:
             mcfg = suite.model_timer_cfg(quick, device)

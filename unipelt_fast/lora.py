@@ -1,8 +1,10 @@
 """Gated LoRA for HF projections: ``y = base(x) + g * (alpha / r) * B(A(x))``.
 
 The update is a standard LoRA (Hu et al., 2021); the gate ``g = sigmoid(Linear(x))`` is
-UniPELT's G_L (a :class:`~unipelt_fast.modules.Gate`). For GPT-2's fused ``c_attn`` the update
-only covers the chosen output slices (query and value by default).
+UniPELT's G_L (a :class:`~unipelt_fast.modules.Gate`). It runs on the fused ``gated_adapter``
+op: residual = the base output, activation "identity", w_down = A, w_up = B, so a mixed-task
+batch is one call with ``adapter_index``. For GPT-2's fused ``c_attn`` the update only covers
+the chosen output slices (query and value by default): the op runs on those slices only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ._tasks import run_per_task, select
+from . import _tasks, ops
 from .modules import Gate
 
 
@@ -55,12 +57,13 @@ class GatedLoRA(nn.Module):
         gate_mode: str = "token",
         out_slices: list[tuple[int, int]] | None = None,
         gate_replaces_scaling: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.base = base
         self.d_out, self.r = d_out, r
         self.scaling = lora_scaling(alpha, r, gate, gate_replaces_scaling)
-        self.out_slices = out_slices
+        self.out_slices, self.backend = out_slices, backend
         width = d_out if out_slices is None else sum(b - a for a, b in out_slices)
         self.units = nn.ModuleList(
             LoRAUnit(d_in, width, r, gate, gate_mode) for _ in range(n_tasks)
@@ -74,18 +77,25 @@ class GatedLoRA(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def _place(self, delta: torch.Tensor) -> torch.Tensor:
-        """Spread the update over ``out_slices``, zeros elsewhere."""
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        """The output columns the update covers (only those, never a full-width update)."""
         if self.out_slices is None:
-            return delta
+            return y
+        parts = [y[..., a:b] for a, b in self.out_slices]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _place(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The full output: the updated target columns, the base output elsewhere."""
+        if self.out_slices is None:
+            return out
         parts, pos, used = [], 0, 0
         for a, b in self.out_slices:
             if a > pos:
-                parts.append(delta.new_zeros(*delta.shape[:-1], a - pos))
-            parts.append(delta[..., used : used + b - a])
+                parts.append(y[..., pos:a])
+            parts.append(out[..., used : used + b - a])
             used, pos = used + b - a, b
         if pos < self.d_out:
-            parts.append(delta.new_zeros(*delta.shape[:-1], self.d_out - pos))
+            parts.append(y[..., pos:])
         return torch.cat(parts, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,14 +103,29 @@ class GatedLoRA(nn.Module):
         root = self.__dict__.get("_unipelt_root")
         task_ids = None if root is None else root.task_ids_for(x.shape[0])
         mask = None if root is None else root.mask_for(x)
+        mixed = _tasks.per_task(len(self.units), task_ids)
+        t = (0 if root is None else root.default_task) if task_ids is None else 0
 
-        def one(t: int, idx: torch.Tensor | None) -> torch.Tensor:
-            u = self.units[t]
-            xs = select(x, idx)
-            d = u.B(u.A(xs.to(u.A.weight.dtype))) * self.scaling
-            if u.gate is not None:
-                d = d * u.gate(xs.to(u.A.weight.dtype), select(mask, idx))
-            return d
+        def param(get):  # this task's parameter, or all tasks' stacked for adapter_index
+            return _tasks.stack([get(u) for u in self.units]) if mixed else get(self.units[t])
 
-        delta = run_per_task(one, task_ids, 0 if root is None else root.default_task)
-        return y + self._place(delta).to(y.dtype)
+        u0 = self.units[0]
+        dt = u0.A.weight.dtype
+        gate = u0.gate
+        out = ops.gated_adapter(
+            x.to(dt),
+            param(lambda u: u.A.weight),
+            None,
+            param(lambda u: u.B.weight),
+            None,
+            residual=self._targets(y).to(dt),
+            w_gate=None if gate is None else param(lambda u: u.gate.proj.weight),
+            b_gate=None if gate is None else param(lambda u: u.gate.proj.bias),
+            gate_mode="token" if gate is None or gate.mode == "token" else "mean",
+            gate_mask=mask if gate is not None and gate.mode == "masked_mean" else None,
+            activation="identity",
+            scaling=self.scaling,
+            adapter_index=task_ids if mixed else None,
+            backend=self.backend,
+        )
+        return self._place(out.to(y.dtype), y)

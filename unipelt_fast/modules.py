@@ -29,12 +29,17 @@ class Gate(nn.Module):
         self.proj = nn.Linear(hidden_size, 1)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        g = torch.sigmoid(self.proj(h))
+        return self.pool(torch.sigmoid(self.proj(h)), mask)
+
+    def pool(self, g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The gate from per-token values ``g = sigmoid(logits)`` (..., n), by ``mode``
+        (split out so mixed-task batches can compute g with per-example weights)."""
         if self.mode == "token":
             return g
-        if h.dim() != 3:
+        if g.dim() != 3:
             raise ValueError(
-                f"Gate: mode {self.mode!r} needs a (B, L, d) input, got {tuple(h.shape)}"
+                f"Gate: mode {self.mode!r} needs a (B, L, d) input, got a "
+                f"{g.dim()}-D one of leading shape {tuple(g.shape[:-1])}"
             )
         if self.mode == "mean" or mask is None:
             return g.mean(dim=-2, keepdim=True)
@@ -60,8 +65,8 @@ class PrefixGate(Gate):
         self.mode = mode
         self.proj = nn.Linear(hidden_size, 2 if split_kv else 1)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        g = super().forward(h, mask)  # (B, 1, n)
+    def pool(self, g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        g = super().pool(g, mask)  # (B, 1, n)
         return g.reshape(g.shape[0], -1).squeeze(-1)
 
 

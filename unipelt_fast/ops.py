@@ -27,16 +27,27 @@ prefix_attention
 
 gated_adapter
     ``forward(x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate, gate_mask,
-    gate_mode, activation, scaling) -> (out, z, s)``
-      x (B, L, d) any strides; residual None (meaning x) or (B, L, d). Biases, w_gate,
-      b_gate, gate_mask may be None; gate_mask only with gate_mode "mean".
-      out: (B, L, d) contiguous, x's dtype. z: float32 (B*L, r), the pre-activation
+    gate_mode, activation, scaling, *, adapter_index=None) -> (out, z, s)``
+      x (B, L, d) any strides; residual None (meaning x) or (B, L, d_out), where d_out =
+      w_up's rows (d when residual is None). Biases, w_gate, b_gate, gate_mask may be None;
+      gate_mask only with gate_mode "mean".
+      adapter_index None (weights w_down (r, d), b_down (r,), w_up (d, r), b_up (d,),
+      w_gate (1, d), b_gate (1,)) or int64 (B,), the task of each example, with the same
+      weights stacked per task: (T, r, d), (T, r), (T, d_out, r), (T, d_out), (T, 1, d),
+      (T, 1).
+      Its range was checked under the same rule as prefix_index; a backend must still
+      never read out of bounds for an out-of-range entry (clamp or guard). A backend
+      without mixed-task support raises NotImplementedError naming adapter_index.
+      out: (B, L, d_out) contiguous, x's dtype. z: float32 (B*L, r), the pre-activation
       bottleneck x @ w_down.T + b_down. s: float32 (B*L,) gate logits, or (0,) with no gate.
     ``backward(grad_out, x, w_down, b_down, w_up, b_up, residual_is_x, w_gate, b_gate,
-    gate_mask, z, s, gate_mode, activation, scaling) -> (dx, dw_down, db_down, dw_up, db_up,
-    dw_gate, db_gate)``
-      grad_out (B, L, d) contiguous. dx includes grad_out when residual_is_x. A gradient is
-      None where its parameter is None. (d residual is grad_out itself, handled here.)
+    gate_mask, z, s, gate_mode, activation, scaling, *, adapter_index=None) -> (dx,
+    dw_down, db_down, dw_up, db_up, dw_gate, db_gate)``
+      grad_out (B, L, d_out) contiguous. dx (B, L, d) includes grad_out when
+      residual_is_x. A gradient is None where its parameter is None. (d residual is
+      grad_out itself, handled here.)
+      With adapter_index the weight gradients have the stacked shapes, each task's summed
+      deterministically over the examples that used it (zero for an unused task).
 
 bias_only_linear
     ``forward(x, weight, bias, activation) -> (y, pre)``
@@ -352,6 +363,7 @@ def _gated_adapter_op(
     w_gate: Tensor | None,
     b_gate: Tensor | None,
     gate_mask: Tensor | None,
+    adapter_index: Tensor | None,
     gate_mode: str,
     activation: str,
     scaling: float,
@@ -371,6 +383,7 @@ def _gated_adapter_op(
         gate_mode,
         activation,
         scaling,
+        adapter_index=adapter_index,
     )
 
 
@@ -385,16 +398,17 @@ def _(
     w_gate,
     b_gate,
     gate_mask,
+    adapter_index,
     gate_mode,
     activation,
     scaling,
     backend,
 ):
     B, L, d = x.shape
-    r = w_down.shape[0]
+    r = w_down.shape[-2]
     s_len = 0 if w_gate is None else B * L
     return (
-        x.new_empty(B, L, d),
+        x.new_empty(B, L, w_up.shape[-2]),
         x.new_empty(B * L, r, dtype=torch.float32),
         x.new_empty(s_len, dtype=torch.float32),
     )
@@ -412,6 +426,7 @@ def _gated_adapter_bwd_op(
     w_gate: Tensor | None,
     b_gate: Tensor | None,
     gate_mask: Tensor | None,
+    adapter_index: Tensor | None,
     z: Tensor,
     s: Tensor,
     gate_mode: str,
@@ -436,6 +451,7 @@ def _gated_adapter_bwd_op(
         gate_mode,
         activation,
         scaling,
+        adapter_index=adapter_index,
     )
     return tuple(_or_empty(g, z) for g in grads)
 
@@ -452,6 +468,7 @@ def _(
     w_gate,
     b_gate,
     gate_mask,
+    adapter_index,
     z,
     s,
     gate_mode,
@@ -482,6 +499,7 @@ def _gated_adapter_setup(ctx, inputs, output):
         w_gate,
         b_gate,
         gate_mask,
+        adapter_index,
         gate_mode,
         activation,
         scaling,
@@ -489,7 +507,9 @@ def _gated_adapter_setup(ctx, inputs, output):
     ) = inputs
     _, z, s = output
     # x plus O(M * r): the bottleneck pre-activation z and gate logits s, never full-size.
-    ctx.save_for_backward(x, w_down, b_down, w_up, b_up, w_gate, b_gate, gate_mask, z, s)
+    ctx.save_for_backward(
+        x, w_down, b_down, w_up, b_up, w_gate, b_gate, gate_mask, adapter_index, z, s
+    )
     ctx.residual_is_x = residual is None
     ctx.has = (b_down is not None, b_up is not None, w_gate is not None, b_gate is not None)
     ctx.args = (gate_mode, activation, scaling, backend)
@@ -497,7 +517,7 @@ def _gated_adapter_setup(ctx, inputs, output):
 
 
 def _gated_adapter_backward(ctx, grad_out, _gz, _gs):
-    x, w_down, b_down, w_up, b_up, w_gate, b_gate, gate_mask, z, s = ctx.saved_tensors
+    x, w_down, b_down, w_up, b_up, w_gate, b_gate, gate_mask, idx, z, s = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     dx, dwd, dbd, dwu, dbu, dwg, dbg = _gated_adapter_bwd_op(
         grad_out,
@@ -510,6 +530,7 @@ def _gated_adapter_backward(ctx, grad_out, _gz, _gs):
         w_gate,
         b_gate,
         gate_mask,
+        idx,
         z,
         s,
         *ctx.args,
@@ -525,6 +546,7 @@ def _gated_adapter_backward(ctx, grad_out, _gz, _gs):
         d_residual,
         _none_if_empty(dwg, has_wg),
         _none_if_empty(dbg, has_bg),
+        None,
         None,
         None,
         None,
@@ -561,13 +583,15 @@ def gated_adapter(
     gate_mask: Tensor | None = None,
     activation: str = "relu",
     scaling: float = 1.0,
+    adapter_index: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """``residual + g * scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)``.
 
     Args:
-        x: (..., d). w_down: (r, d), w_up: (d, r) (nn.Linear layout); either bias may be None.
-        residual: same shape as x; defaults to x.
+        x: (..., d). w_down: (r, d), w_up: (d_out, r) (nn.Linear layout); either bias may be
+            None. d_out is d unless a residual of another width is given.
+        residual: (..., d_out); defaults to x (LoRA passes the base projection's output).
         w_gate, b_gate: (1, d) and (1,): gate logits ``x @ w_gate.T + b_gate``. No w_gate: g = 1.
         gate_mode: "token" (sigmoid per token, the paper) or "mean" (sigmoid averaged over the
             sequence dim -2 of a (B, L, d) x, the reference code).
@@ -575,6 +599,11 @@ def gated_adapter(
             example with none gets g = 0.
         activation: relu, gelu, gelu_tanh, silu, tanh or identity.
         scaling: a constant multiplier.
+        adapter_index: int64 (B,) task of each example of a (B, L, d) x (mixed-task batch):
+            then every weight is stacked per task, w_down (T, r, d), b_down (T, r), w_up
+            (T, d, r), b_up (T, d), w_gate (T, 1, d), b_gate (T, 1), and each example uses
+            its own task's, exactly as if it ran alone. One launch whatever the tasks;
+            weight gradients are summed per task over the examples that used it.
         backend: "auto", "eager", "torch", "triton" or "cuda".
     """
     x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate = _autocast(
@@ -593,6 +622,7 @@ def gated_adapter(
         gate_mask,
         activation,
         scaling,
+        adapter_index,
     )
     be = resolve_backend(backend, x.device, "gated_adapter", x.dtype)
     check_backend_dtype(x.dtype, be, "gated_adapter")
@@ -610,11 +640,13 @@ def gated_adapter(
             gate_mask=gate_mask,
             activation=activation,
             scaling=scaling,
+            adapter_index=adapter_index,
         )
     if w_gate is None:
         gate_mode = "token"
     x3 = _as_blf(x)
     res3 = None if residual is None else _as_blf(residual)
+    idx = None if adapter_index is None else adapter_index.long()
     out, _, _ = _gated_adapter_op(
         x3,
         w_down,
@@ -625,12 +657,13 @@ def gated_adapter(
         w_gate,
         b_gate,
         gate_mask,
+        idx,
         gate_mode,
         activation,
         float(scaling),
         be,
     )
-    return out.view(x.shape)
+    return out.view(*x.shape[:-1], w_up.shape[-2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._tasks import run_per_task, select
+from . import _tasks
 from .modules import Gate
 
 
@@ -46,13 +46,9 @@ class SoftPrompt(nn.Module):
         default_task: int = 0,
     ) -> torch.Tensor:
         B = inputs_embeds.shape[0]
-
-        def one(t: int, idx: torch.Tensor | None) -> torch.Tensor:
-            e = select(inputs_embeds, idx)
-            p = self.embeddings[t].unsqueeze(0).expand(e.shape[0], -1, -1)
-            if self.gates is not None:
-                p = p * self.gates[t](e.to(p.dtype), select(mask, idx))
-            return p
-
-        out = run_per_task(one, task_ids, default_task)
-        return out.expand(B, -1, -1) if out.shape[0] != B else out
+        # Each example's task's prompt, gathered from the (T, n, d) stack: no loop over tasks.
+        p = _tasks.rows(self.embeddings, task_ids, B, default_task)
+        if self.gates is not None:
+            e = inputs_embeds.to(p.dtype)
+            p = p * _tasks.gates(self.gates, e, task_ids, default_task, mask=mask)
+        return p

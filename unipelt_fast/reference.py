@@ -135,19 +135,35 @@ def prefix_attention_lse(
     return torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)
 
 
+def task_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapter_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias``: shared (out, in) weights, or with ``adapter_index`` (B,) each
+    example b of a (B, L, in) x uses its task's row of (T, out, in) weights and (T, out) bias."""
+    if adapter_index is None:
+        return F.linear(x, weight, bias)
+    idx = adapter_index.long()
+    y = torch.bmm(x, weight[idx].transpose(1, 2))  # (B, L, in) @ (B, in, out)
+    return y if bias is None else y + bias[idx].unsqueeze(1)
+
+
 def adapter_gate(
     x: torch.Tensor,
     w_gate: torch.Tensor,
     b_gate: torch.Tensor | None,
     gate_mode: str,
     gate_mask: torch.Tensor | None,
+    adapter_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gate g, broadcastable against x: (..., 1) per token, or (B, 1, 1) for "mean".
 
     "mean" averages sigmoid(logit) over the sequence dim; with ``gate_mask`` only over real
     tokens. An example with no real token gets g = 0 (its output is the residual).
     """
-    g = torch.sigmoid(F.linear(x, w_gate, b_gate))  # (..., 1)
+    g = torch.sigmoid(task_linear(x, w_gate, b_gate, adapter_index))  # (..., 1)
     if gate_mode == "token":
         return g
     if gate_mask is None:
@@ -172,13 +188,19 @@ def gated_adapter(
     gate_mask: torch.Tensor | None = None,
     activation: str = "relu",
     scaling: float = 1.0,
+    adapter_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """residual + g * scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up)."""
-    h = activation_fn(activation)(F.linear(x, w_down, b_down))
-    u = F.linear(h, w_up, b_up)
+    """residual + g * scaling * (act(x @ w_down.T + b_down) @ w_up.T + b_up).
+
+    With ``adapter_index`` (B,), the weights are stacked per task (leading dim T) and each
+    example uses its own task's: exactly what running that example alone would give.
+    """
+    idx = adapter_index
+    h = activation_fn(activation)(task_linear(x, w_down, b_down, idx))
+    u = task_linear(h, w_up, b_up, idx)
     out = u * scaling
     if w_gate is not None:
-        out = out * adapter_gate(x, w_gate, b_gate, gate_mode, gate_mask)
+        out = out * adapter_gate(x, w_gate, b_gate, gate_mode, gate_mask, idx)
     return (x if residual is None else residual) + out
 
 

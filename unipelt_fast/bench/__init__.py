@@ -7,5 +7,11 @@ models.py   the model-level run (BERT-base-like encoder, LLaMA-style decoder)
 report.py   the table, JSON, CSV, markdown and plots
 """
 
-OPS = ("prefix_attention", "gated_adapter", "bias_only_linear", "bias_only_layer_norm")
+OPS = (
+    "prefix_attention",
+    "gated_adapter",
+    "gated_adapter_mixed",
+    "bias_only_linear",
+    "bias_only_layer_norm",
+)
 MODELS = ("bert-base", "llama-1b-like")

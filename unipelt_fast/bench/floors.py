@@ -38,9 +38,9 @@ def op_cost(op: str, shape: Shape, dtype: torch.dtype) -> dict[str, float]:
         # (so the backward alone is 1.5x). Causal counts only the visible pairs.
         flops_fwd = 4.0 * B * H * D * _causal_pairs(L, P, p["causal"])
         flops_bwd = 1.5 * flops_fwd
-    elif op == "gated_adapter":
+    elif op in ("gated_adapter", "gated_adapter_mixed"):
         M, d, r = p["B"] * p["L"], p["d"], p["r"]
-        params = (2 * d * r + r + d + d + 1) * e
+        params = (2 * d * r + r + d + d + 1) * e * p.get("T", 1)
         act = M * d * e
         fwd = act + params + act  # read x + params, write out
         bwd = (2 * act + params) + (act + params)  # read dout, x, params; write dx, dparams

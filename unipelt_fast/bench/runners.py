@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import _tasks, ops
 from .shapes import Shape
 
 KERNEL_BACKENDS = ("triton", "cuda")
-PEERS = {"prefix_attention": ("sdpa_preconcat", "concat_mask_sdpa")}
+PEERS = {
+    "prefix_attention": ("sdpa_preconcat", "concat_mask_sdpa"),
+    "gated_adapter_mixed": ("per_task_loop",),
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
 
@@ -128,6 +131,21 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) 
         }
         kw = {"gate_mode": "token", "activation": "relu"}
         out_shape = (B, L, d)
+    elif op == "gated_adapter_mixed":
+        B, L, d, r, T = p["B"], p["L"], p["d"], p["r"], p["T"]
+        t = {
+            "x": rnd(B, L, d),
+            "w_down": rnd(T, r, d, scale=d**-0.5),
+            "b_down": rnd(T, r),
+            "w_up": rnd(T, d, r, scale=r**-0.5),
+            "b_up": rnd(T, d),
+            "w_gate": rnd(T, 1, d, scale=d**-0.5),
+            "b_gate": rnd(T, 1),
+        }
+        # Every task present, spread over the batch (the worst case for a per-task loop).
+        kw = {"gate_mode": "token", "activation": "relu"}
+        kw["adapter_index"] = torch.arange(B, device=device) % T
+        out_shape = (B, L, d)
     elif op == "bias_only_linear":
         M, K, N = p["M"], p["K"], p["N"]
         t = {"x": rnd(M, K), "weight": rnd(N, K, scale=K**-0.5, grad=False), "bias": rnd(N)}
@@ -159,7 +177,7 @@ def _op_call(case: OpCase, backend: str) -> Callable[[], torch.Tensor]:
             backend=backend,
             **kw,
         )
-    if case.op == "gated_adapter":
+    if case.op in ("gated_adapter", "gated_adapter_mixed"):
         return lambda: ops.gated_adapter(
             t["x"],
             t["w_down"],
@@ -231,7 +249,31 @@ def _concat_mask_sdpa(case: OpCase) -> Callable[[], torch.Tensor]:
     return run
 
 
-_PEER_BUILDERS = {"sdpa_preconcat": _sdpa_preconcat, "concat_mask_sdpa": _concat_mask_sdpa}
+def _per_task_loop(case: OpCase) -> Callable[[], torch.Tensor]:
+    """The routing before adapter_index: one gated_adapter call per task present, on its
+    rows (``unique`` / ``nonzero`` read the host), results put back in batch order."""
+    t, kw = case.tensors, dict(case.kwargs)
+    idx = kw.pop("adapter_index")
+    # The kernels on a GPU; eager on CPU (never the interpreter: its times are no figure).
+    kw["backend"] = "auto" if case.device.type == "cuda" else "eager"
+
+    def one(task: int, rows: torch.Tensor | None) -> torch.Tensor:
+        return ops.gated_adapter(
+            _tasks.select(t["x"], rows),
+            *(t[k][task] for k in ("w_down", "b_down", "w_up", "b_up")),
+            w_gate=t["w_gate"][task],
+            b_gate=t["b_gate"][task],
+            **kw,
+        )
+
+    return lambda: _tasks.run_per_task(one, idx)
+
+
+_PEER_BUILDERS = {
+    "sdpa_preconcat": _sdpa_preconcat,
+    "concat_mask_sdpa": _concat_mask_sdpa,
+    "per_task_loop": _per_task_loop,
+}
 
 
 # ---- measurement ---------------------------------------------------------------------------

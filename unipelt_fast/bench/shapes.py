@@ -30,6 +30,10 @@ def _ga(B, L, d, r) -> Shape:
     return Shape(f"M={B * L} d={d} r={r}", {"B": B, "L": L, "d": d, "r": r})
 
 
+def _gm(B, L, d, r, T) -> Shape:
+    return Shape(f"M={B * L} d={d} r={r} T={T}", {"B": B, "L": L, "d": d, "r": r, "T": T})
+
+
 def _bl(M, K, N, act="gelu") -> Shape:
     return Shape(f"M={M} {K}->{N} {act}", {"M": M, "K": K, "N": N, "activation": act})
 
@@ -51,6 +55,13 @@ SHAPES: dict[str, dict[str, list[Shape]]] = {
         "gpu": [_ga(8, 2048, 4096, 64), _ga(32, 128, 768, 64)],
         "cpu": [_ga(4, 128, 768, 64)],
         "quick": [_ga(2, 64, 128, 16)],
+    },
+    # mixed-task batch (adapter_index), T tasks spread over the batch: 1, 4 and 16 tasks at
+    # the same size, so each T row against the T=1 row is the cost of mixing.
+    "gated_adapter_mixed": {
+        "gpu": [_gm(32, 128, 768, 64, T) for T in (1, 4, 16)],
+        "cpu": [_gm(16, 64, 256, 16, T) for T in (1, 4, 16)],
+        "quick": [_gm(16, 4, 64, 16, T) for T in (1, 4, 16)],
     },
     # BitFit linear: an up-projection d_in=4096 -> d_out=16384 with gelu, and BERT's FFN-in.
     "bias_only_linear": {

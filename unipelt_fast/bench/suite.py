@@ -116,6 +116,25 @@ def run_op_task(
         torch.cuda.empty_cache()
 
 
+def add_mix_cost(rows: list[dict]) -> None:
+    """gated_adapter_mixed rows: ``mix_cost_fwdbwd`` = fwd+bwd time over the same impl's
+    T=1 row (same dtype), i.e. what mixing T tasks in one batch costs over a single task."""
+    one = {
+        (r["impl"], r["dtype"]): r.get("fwdbwd_ms")
+        for r in rows
+        if r.get("op") == "gated_adapter_mixed" and r["shape_params"].get("T") == 1
+    }
+    for r in rows:
+        if r.get("op") != "gated_adapter_mixed":
+            continue
+        base, t = one.get((r["impl"], r["dtype"])), r.get("fwdbwd_ms")
+        r["mix_cost_fwdbwd"] = t / base if base and t else None
+        done = "of T=1" in (r.get("note") or "")  # called after every task: once per row
+        if r["mix_cost_fwdbwd"] is not None and r["shape_params"]["T"] != 1 and not done:
+            extra = f"x{r['mix_cost_fwdbwd']:.2f} of T=1"
+            r["note"] = f"{r['note']}; {extra}" if r.get("note") else extra
+
+
 def _measure(row: dict, case, impl: str, device, timer, interp: bool) -> None:
     fn = case.runner(impl)
     case.zero_grads()

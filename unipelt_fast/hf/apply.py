@@ -197,6 +197,7 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                     gate_mode=cfg.gate_mode,
                     out_slices=slices,
                     gate_replaces_scaling=cfg.lora.gate_replaces_scaling,
+                    backend=backend,
                 )
                 _tag(w, snap, _unipelt_root=root)
                 setattr(parent, attr, w)

@@ -7,7 +7,7 @@ import inspect
 import torch
 import torch.nn as nn
 
-from .._tasks import run_per_task, select
+from .. import _tasks
 from .root import UniPELTRoot
 
 
@@ -20,12 +20,8 @@ def _attn_pre_hook(module: nn.Module, args, kwargs):
     gates = root.prefix_gates[module.__dict__["_unipelt_layer"]]
     mask = root.mask_for(h)
     dt = gates[0].proj.weight.dtype
-
-    def one(t: int, idx: torch.Tensor | None) -> torch.Tensor:
-        return gates[t](select(h, idx).to(dt), select(mask, idx))
-
-    module.__dict__["_unipelt_gate"] = run_per_task(
-        one, root.task_ids_for(h.shape[0]), root.default_task
+    module.__dict__["_unipelt_gate"] = _tasks.gates(
+        gates, h.to(dt), root.task_ids_for(h.shape[0]), root.default_task, mask=mask
     )
     return None
 

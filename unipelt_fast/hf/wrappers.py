@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
-from .._tasks import run_per_task, select
+from .. import _tasks
 
 
 class AdapterWrapper(nn.Module):
-    """Runs the wrapped FFN-output module, then the task's gated adapter on its output."""
+    """Runs the wrapped FFN-output module, then each example's task's gated adapter on its
+    output: one fused ``gated_adapter`` call for the whole (mixed-task) batch."""
 
     def __init__(self, inner: nn.Module, adapters: nn.ModuleList) -> None:
         super().__init__()
@@ -21,9 +21,7 @@ class AdapterWrapper(nn.Module):
         task_ids = None if root is None else root.task_ids_for(y.shape[0])
         mask = None if root is None else root.mask_for(y)
         dt = self.adapters[0].down.weight.dtype
-
-        def one(t: int, idx: torch.Tensor | None) -> torch.Tensor:
-            ys = select(y, idx)
-            return self.adapters[t](ys.to(dt), mask=select(mask, idx)).to(y.dtype)
-
-        return run_per_task(one, task_ids, 0 if root is None else root.default_task)
+        default = 0 if root is None else root.default_task
+        return _tasks.gated_adapters(self.adapters, y.to(dt), task_ids, default, mask=mask).to(
+            y.dtype
+        )

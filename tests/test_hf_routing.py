@@ -13,6 +13,7 @@ import unipelt_fast.ops as ops
 from tests import convention_backend
 from tests.hf_tiny import ADAPTER, batch, pelt
 from unipelt_fast import _tasks
+from unipelt_fast.hf.placements import PostLNOutputWrapper, PreLNMLPWrapper
 from unipelt_fast.hf.wrappers import AdapterWrapper
 from unipelt_fast.lora import GatedLoRA
 
@@ -30,11 +31,12 @@ def _logits(m, b, tid):
     return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], task_ids=tid).logits
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_one_fused_call_per_wrapped_module_whatever_the_tasks(kind, monkeypatch):
     convention_backend.install(monkeypatch)  # the custom-op path, with reference kernels
     m = pelt(kind, _cfg(), backend="triton")
-    wrapped = sum(isinstance(x, AdapterWrapper | GatedLoRA) for x in m.modules())
+    kinds = AdapterWrapper | PostLNOutputWrapper | PreLNMLPWrapper | GatedLoRA
+    wrapped = sum(isinstance(x, kinds) for x in m.modules())
     assert wrapped > 0
     target = ops._gated_adapter_op
     calls = []
@@ -57,7 +59,15 @@ def test_one_fused_call_per_wrapped_module_whatever_the_tasks(kind, monkeypatch)
 
 _ROUTING = tuple(
     os.path.join(os.path.dirname(up.__file__), f)
-    for f in ("_tasks.py", "lora.py", "prompt.py", "hf/wrappers.py", "hf/hooks.py", "hf/root.py")
+    for f in (
+        "_tasks.py",
+        "lora.py",
+        "prompt.py",
+        "hf/wrappers.py",
+        "hf/placements.py",
+        "hf/hooks.py",
+        "hf/root.py",
+    )
 )
 
 

@@ -37,11 +37,13 @@ def gated_adapters(
     default_task: int = 0,
     *,
     mask: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Each example through its task's :class:`~unipelt_fast.modules.GatedAdapter`: one
-    fused ``gated_adapter`` call (``adapter_index``) whatever the tasks in the batch."""
+    fused ``gated_adapter`` call (``adapter_index``) whatever the tasks in the batch.
+    ``residual``: what the adapter's output is added to (None: ``x``)."""
     if not per_task(len(adapters), task_ids):
-        return adapters[default_task if task_ids is None else 0](x, mask=mask)
+        return adapters[default_task if task_ids is None else 0](x, residual=residual, mask=mask)
     a = adapters[0]
     w_gate = b_gate = None
     if a.gate is not None:
@@ -53,6 +55,7 @@ def gated_adapters(
         stack([m.down.bias for m in adapters]),
         stack([m.up.weight for m in adapters]),
         stack([m.up.bias for m in adapters]),
+        residual=residual,
         w_gate=w_gate,
         b_gate=b_gate,
         gate_mode="token" if a.gate_mode == "token" else "mean",

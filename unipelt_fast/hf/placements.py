@@ -13,24 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._tasks import run_per_task, select
+from .. import _tasks
 
 
 def _run_adapters(wrapper: nn.Module, a_in: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + g * scaling * a(a_in)`` with each example's task adapter."""
+    """``residual + g * scaling * a(a_in)`` with each example's task adapter: one fused call
+    for the whole (mixed-task) batch."""
     root = wrapper.__dict__.get("_unipelt_root")
     task_ids = None if root is None else root.task_ids_for(a_in.shape[0])
     mask = None if root is None else root.mask_for(a_in)
     adapters = wrapper.adapters
     dt = adapters[0].down.weight.dtype
-
-    def one(t: int, idx: torch.Tensor | None) -> torch.Tensor:
-        out = adapters[t](
-            select(a_in, idx).to(dt), residual=select(residual, idx).to(dt), mask=select(mask, idx)
-        )
-        return out.to(residual.dtype)
-
-    return run_per_task(one, task_ids, 0 if root is None else root.default_task)
+    default = 0 if root is None else root.default_task
+    out = _tasks.gated_adapters(
+        adapters, a_in.to(dt), task_ids, default, mask=mask, residual=residual.to(dt)
+    )
+    return out.to(residual.dtype)
 
 
 class PostLNOutputWrapper(nn.Module):

@@ -82,24 +82,33 @@ def _attention_case(dt: str, D: int, gate: bool, mask: bool, causal: bool) -> Ca
     return Case("prefix_attention", dt, D, label, run)
 
 
-def _adapter_case(dt: str, d: int, r: int, gate: str | None, act: str, bias: bool) -> Case:
+def _adapter_case(
+    dt: str, d: int, r: int, gate: str | None, act: str, bias: bool, mixed: bool = False
+) -> Case:
     def run():
         kga = _kmod("gated_adapter")
         t = DTYPES[dt]
-        B, L = 2, 128
+        B, L, T = 2, 128, 3
+        lead = (T,) if mixed else ()  # mixed: per-task stacked weights, adapter_index (B,)
         x = torch.zeros(B, L, d, dtype=t)
-        wd, wu = torch.zeros(r, d, dtype=t), torch.zeros(d, r, dtype=t)
-        bd = torch.zeros(r, dtype=t) if bias else None
-        bu = torch.zeros(d, dtype=t) if bias else None
-        wg = torch.zeros(1, d, dtype=t) if gate else None
-        bg = torch.zeros(1, dtype=t) if gate and bias else None
+        wd, wu = torch.zeros(*lead, r, d, dtype=t), torch.zeros(*lead, d, r, dtype=t)
+        bd = torch.zeros(*lead, r, dtype=t) if bias else None
+        bu = torch.zeros(*lead, d, dtype=t) if bias else None
+        wg = torch.zeros(*lead, 1, d, dtype=t) if gate else None
+        bg = torch.zeros(*lead, 1, dtype=t) if gate and bias else None
+        idx = torch.zeros(B, dtype=torch.long) if mixed else None
         mode = gate or "token"
         gm = torch.ones(B, L, dtype=torch.bool) if gate == "mean" else None
         res = None if gate == "mean" else torch.zeros(B, L, d, dtype=t)  # both residuals
-        out, z, s = kga.forward(x, wd, bd, wu, bu, res, wg, bg, gm, mode, act, 1.0)
-        kga.backward(out, x, wd, bd, wu, bu, res is None, wg, bg, gm, z, s, mode, act, 1.0)
+        out, z, s = kga.forward(
+            x, wd, bd, wu, bu, res, wg, bg, gm, mode, act, 1.0, adapter_index=idx
+        )
+        kga.backward(
+            out, x, wd, bd, wu, bu, res is None, wg, bg, gm, z, s, mode, act, 1.0,
+            adapter_index=idx,
+        )  # fmt: skip
 
-    label = {"d": d, "r": r, "gate": gate, "activation": act, "bias": bias}
+    label = {"d": d, "r": r, "gate": gate, "activation": act, "bias": bias, "mixed": mixed}
     return Case("gated_adapter", dt, None, label, run)
 
 
@@ -147,6 +156,9 @@ def cases(quick: bool = False) -> list[Case]:
         for d in (4096,) if quick else ADAPTER_D:
             for r in (256,) if quick else ADAPTER_R:
                 out += [_adapter_case(dt, d, r, g, a, True) for g, a in ad]
+        # Mixed-task batches (HAS_IDX) differ in indexing, not in tiles: one row per dtype.
+        if dt == "bf16" or not quick:
+            out.append(_adapter_case(dt, 4096, 256 if quick else 64, "token", "relu", True, True))
     acts = ("gelu",) if quick else ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh")
     for dt in dts:
         out += [_linear_case(dt, 1024, 4096, a) for a in acts]

@@ -13,6 +13,7 @@ from ..config import UniPELTConfig
 from ..lora import GatedLoRA
 from ..modules import GatedAdapter
 from ..prompt import SoftPrompt
+from . import encdec
 from .attention import ATTN_NAME, _legacy_bert_forward, _register, _uses_attention_interface
 from .families import (
     _DEFAULT_HEADS,
@@ -83,8 +84,9 @@ def apply_unipelt(
 ) -> nn.Module:
     """Freeze ``model`` and inject the methods of ``cfg``, in place; returns the model.
 
-    Supports BERT/RoBERTa, GPT-2 and LLaMA-family (LLaMA, Mistral, Qwen2) models, any head.
-    On error the model is left as it was.
+    Supports BERT/RoBERTa, GPT-2, LLaMA-family (LLaMA, Mistral, Qwen2) and BART-family
+    encoder-decoder (BART, mBART, Marian, Pegasus) models, any head. On error the model is
+    left as it was.
     """
     cfg = UniPELTConfig() if cfg is None else cfg
     if not isinstance(cfg, UniPELTConfig):
@@ -124,14 +126,26 @@ def _check_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> N
 
 def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) -> None:
     dims = _dims(model.config)
-    family = _family(dims["model_type"])
-    attns = _attention_modules(model, family)
-    ffns = _ffn_targets(model, family)
-    if len(attns) != dims["n_layers"] or (cfg.adapter is not None and len(ffns) != len(attns)):
+    if encdec.is_encdec(dims["model_type"]):
+        family = "llama"  # q_proj/k_proj/v_proj naming for LoRA
+        sites = encdec.attention_sites(model)
+        attns = [m for m, _, _ in sites]
+        stacks = [s for _, s, _ in sites]
+        attn_types = [t for _, _, t in sites]
+        ffn_sites = encdec.ffn_targets(model)
+        ffns = [(p, a) for p, a, _ in ffn_sites]
+        ffn_stacks = [s for _, _, s in ffn_sites]
+    else:
+        family = _family(dims["model_type"])
+        attns = _attention_modules(model, family)
+        ffns = _ffn_targets(model, family)
+        stacks = ffn_stacks = attn_types = None
+    n_ffn = dims.get("n_ffn", dims["n_layers"])
+    if len(attns) != dims["n_layers"] or (cfg.adapter is not None and len(ffns) != n_ffn):
         raise NotImplementedError(
             f"apply_unipelt: found {len(attns)} attention and {len(ffns)} FFN blocks for "
             f"{dims['n_layers']} layers in this {dims['model_type']} model; supported: BERT, "
-            "RoBERTa, GPT-2 and LLaMA-family models"
+            "RoBERTa, GPT-2, LLaMA-family and BART-family models"
         )
     dtype, device = _model_dtype_device(model)
     T = len(cfg.tasks)
@@ -165,7 +179,9 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
 
     # 2. LoRA on the query/value projections
     if cfg.lora is not None:
-        for attn in attns:
+        for i, attn in enumerate(attns):
+            if attn_types is not None and attn_types[i] not in cfg.lora.attention_types:
+                continue
             for parent, attr, slices in _lora_targets(attn, family, cfg.lora.targets, dims):
                 base = getattr(parent, attr)
                 d_in, d_out = _linear_dims(base)
@@ -188,7 +204,7 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
     if cfg.adapter is not None:
         ac = cfg.adapter
         r = ac.bottleneck or max(1, dims["hidden"] // 16)
-        for parent, attr in ffns:
+        for j, (parent, attr) in enumerate(ffns):
             adapters = nn.ModuleList(
                 GatedAdapter(
                     dims["hidden"],
@@ -203,6 +219,8 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
             )
             w = AdapterWrapper(getattr(parent, attr), adapters)
             _tag(w, snap, _unipelt_root=root)
+            if ffn_stacks is not None:  # which stack's padding mask the gate averages over
+                _tag(w, snap, _unipelt_stack=ffn_stacks[j])
             setattr(parent, attr, w)
             new_modules.append(adapters)
 
@@ -232,6 +250,8 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
             )
         for i, attn in enumerate(attns):
             _tag(attn, snap, _unipelt_root=root, _unipelt_layer=i)
+            if stacks is not None:
+                _tag(attn, snap, _unipelt_stack=stacks[i])
             if legacy:
                 _tag(attn, snap, forward=types.MethodType(_legacy_bert_forward, attn))
             if root.prefix_gates is not None:

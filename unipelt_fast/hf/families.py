@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .encdec import encdec_dims, is_encdec
+
 _DEFAULT_HEADS = ("classifier", "score", "qa_outputs")
 _BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 
 
 def _dims(config) -> dict:
+    if is_encdec(config.model_type):
+        return encdec_dims(config)
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads

@@ -18,7 +18,7 @@ def _attn_pre_hook(module: nn.Module, args, kwargs):
     if h is None or root.prefix_gates is None:
         return None
     gates = root.prefix_gates[module.__dict__["_unipelt_layer"]]
-    mask = root.mask_for(h)
+    mask = root.mask_for(h, module.__dict__.get("_unipelt_stack"))
     dt = gates[0].proj.weight.dtype
 
     def one(t: int, idx: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +65,13 @@ def _model_pre_hook(model: nn.Module, args, kwargs):
     if root.prompt is not None and ref is not None:
         kwargs, mask = _prepend_prompt(model, root, kwargs, task_ids, mask)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+<<<<<<< HEAD
     root.mask_cache = {}  # masks are worked out once per forward (hf.masks.layer_masks)
+=======
+    dmask = kwargs.get("decoder_attention_mask")
+    is_2d = isinstance(dmask, torch.Tensor) and dmask.dim() == 2
+    root.dec_mask2d = dmask.bool() if is_2d else None
+>>>>>>> e11db19 (BART family (BART, mBART, Marian, Pegasus): a gated prefix in encoder self-, decoder self- and cross-attention (own prefix layer per site), adapters after both stacks' FFNs, LoRA with attention_types, per-stack gate masks; tests on tiny BART)
     return args, kwargs
 
 
@@ -122,6 +128,12 @@ def _prepend_prompt(model, root, kwargs, task_ids, mask):
     if tt is not None:
         kwargs["token_type_ids"] = torch.cat([tt.new_zeros(B, P), tt], dim=1)
     labels = kwargs.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == L:
+    decoder_side = getattr(model.config, "is_encoder_decoder", False)  # labels: the decoder's
+    if (
+        not decoder_side
+        and isinstance(labels, torch.Tensor)
+        and labels.dim() == 2
+        and labels.shape[1] == L
+    ):
         kwargs["labels"] = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
     return kwargs, mask

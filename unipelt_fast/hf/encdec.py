@@ -1,0 +1,64 @@
+"""Encoder-decoder wiring (BART family: BART, mBART, Marian, Pegasus).
+
+Li & Liang's prefix tuning for BART puts a prefix in every attention: encoder
+self-attention, decoder self-attention (causal over tokens) and decoder cross-attention.
+Each such "attention site" gets its own layer of the prefix encoder (so the prefix MLP is
+sized for enc_layers + 2 * dec_layers sites) and its own gate. Sites are numbered encoder
+self, then decoder self, then decoder cross. Cross-attention reads the encoder padding mask
+for the encoder token keys only (never the prefix), and is not causal. With the
+encoder-decoder KV cache the prefixes never enter the cache: the cache holds the k/v
+projections, and prefix_attention adds the prefix inside the op.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+# model types whose layers are BART's (self_attn / encoder_attn with q/k/v/out_proj, fc2)
+BART_FAMILY = ("bart", "mbart", "marian", "pegasus")
+ATTENTION_TYPES = ("self", "cross")
+
+
+def is_encdec(model_type: str) -> bool:
+    return model_type in BART_FAMILY
+
+
+def encdec_dims(config) -> dict:
+    enc, dec = config.encoder_layers, config.decoder_layers
+    heads = config.encoder_attention_heads
+    if config.decoder_attention_heads != heads:
+        raise NotImplementedError(
+            "apply_unipelt: encoder and decoder with different head counts are not supported"
+        )
+    return {
+        "model_type": config.model_type,
+        "hidden": config.d_model,
+        "n_layers": enc + 2 * dec,  # attention sites: one prefix layer (and gate) each
+        "n_ffn": enc + dec,
+        "n_heads": heads,
+        "n_kv_heads": heads,
+        "head_dim": config.d_model // heads,
+        "vocab_size": getattr(config, "vocab_size", None),
+    }
+
+
+def _stacks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    enc, dec = model.get_encoder(), model.get_decoder()
+    return list(enc.layers), list(dec.layers)
+
+
+def attention_sites(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(attention module, stack "enc"/"dec", type "self"/"cross") in site order."""
+    enc, dec = _stacks(model)
+    return (
+        [(layer.self_attn, "enc", "self") for layer in enc]
+        + [(layer.self_attn, "dec", "self") for layer in dec]
+        + [(layer.encoder_attn, "dec", "cross") for layer in dec]
+    )
+
+
+def ffn_targets(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(layer, "fc2", stack): the adapter wraps the FFN output projection of every layer
+    of both stacks (before dropout, residual and LayerNorm, like BERT's output.dense)."""
+    enc, dec = _stacks(model)
+    return [(layer, "fc2", "enc") for layer in enc] + [(layer, "fc2", "dec") for layer in dec]

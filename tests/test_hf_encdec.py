@@ -283,3 +283,43 @@ def test_marian_applies():
     b = bart_batch()
     m(**b).loss.backward()
     assert m.unipelt.prefix.n_layers == 3
+
+
+def test_generate_encoder_pass_uses_its_own_mask_and_the_active_task():
+    """generate() runs the encoder outside the model's forward: a previous forward's task
+    ids and mask must not leak into it."""
+    cfg = up.UniPELTConfig(tasks=("a", "b"), gate_mode="masked_mean", adapter=ADAPTER)
+    m = pelt_bart(cfg)
+    b = bart_batch()
+    up.set_active_task(m, "b")
+    fresh = _generate(m, b, use_cache=True)
+    ids, dec = b["input_ids"][:1].repeat(4, 1), b["decoder_input_ids"][:1].repeat(4, 1)
+    with torch.no_grad():  # leaves task ids [0, 0, 0, 0] and no mask behind
+        m(input_ids=ids, decoder_input_ids=dec, task_ids=torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(_generate(m, b, use_cache=True), fresh)
+    # the direct encoder call equals the encoder inside a forward with task "b" and the mask
+    seen = {}
+    h = m.get_encoder().register_forward_hook(lambda mod, a, out: seen.update(out=out[0]))
+    with torch.no_grad():
+        m(**b, task_ids=torch.ones(B, dtype=torch.long))
+        inside = seen["out"]
+        direct = m.get_encoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    h.remove()
+    torch.testing.assert_close(direct.last_hidden_state, inside)
+
+
+def test_soft_prompt_on_the_encoder_input():
+    """Lester et al.: the prompt is prepended to the encoder input only; the decoder-side
+    labels stay as they are. generate() with a prompt raises clearly."""
+    m = pelt_bart(up.UniPELTConfig(prompt=True, prefix=False, adapter=False, bitfit=False))
+    b = bart_batch()
+    seen = {}
+    h = m.get_encoder().register_forward_hook(lambda mod, a, out: seen.update(out=out[0]))
+    out = m(**b)
+    h.remove()
+    assert seen["out"].shape[1] == LS + m.unipelt.prompt.length
+    assert out.logits.shape == (B, LT, VOCAB)
+    out.loss.backward()
+    assert m.unipelt.prompt.embeddings.grad.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="soft prompt"):
+        _generate(m, b)

@@ -144,6 +144,10 @@ class LoRAConfig:
         if not self.targets:
             raise ValueError(f"{o}.targets must name at least one of {LORA_TARGETS}")
         _check_bool(o, "gate", self.gate)
+        types = ("self", "cross")
+        self.attention_types = _check_names(o, "attention_types", self.attention_types, types)
+        if not self.attention_types:
+            raise ValueError(f"{o}.attention_types must name at least one of {types}")
 
 
 @dataclass
@@ -223,30 +227,9 @@ class UniPELTConfig:
         if not self.tasks:
             raise ValueError(f"{o}.tasks must name at least one task")
         if self.modules_to_save is not None:
-<<<<<<< HEAD
             self.modules_to_save = _check_names(o, "modules_to_save", self.modules_to_save)
         if not isinstance(self.extra, dict):
             raise TypeError(f"{o}.extra must be a dict, got {type(self.extra).__name__}")
-=======
-            self.modules_to_save = tuple(self.modules_to_save)
-        if self.adapter is not None:
-            if self.adapter.activation not in ACTIVATIONS:
-                raise ValueError(f"AdapterConfig.activation must be one of {ACTIVATIONS}")
-            if self.adapter.bottleneck is not None and self.adapter.bottleneck < 1:
-                raise ValueError("AdapterConfig.bottleneck must be >= 1")
-        if self.prefix is not None and (self.prefix.length < 1 or self.prefix.mlp_hidden < 1):
-            raise ValueError("PrefixConfig.length and mlp_hidden must be >= 1")
-        if self.lora is not None:
-            self.lora.targets = tuple(self.lora.targets)
-            bad = set(self.lora.targets) - {"query", "key", "value"}
-            if self.lora.r < 1 or bad or not self.lora.targets:
-                raise ValueError("LoRAConfig: r >= 1 and targets within query/key/value")
-            self.lora.attention_types = tuple(self.lora.attention_types)
-            if not set(self.lora.attention_types) <= {"self", "cross"}:
-                raise ValueError("LoRAConfig.attention_types must be within ('self', 'cross')")
-        if self.prompt is not None and self.prompt.length < 1:
-            raise ValueError("PromptConfig.length must be >= 1")
->>>>>>> e11db19 (BART family (BART, mBART, Marian, Pegasus): a gated prefix in encoder self-, decoder self- and cross-attention (own prefix layer per site), adapters after both stacks' FFNs, LoRA with attention_types, per-stack gate masks; tests on tiny BART)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -24,7 +24,7 @@ from .families import (
     _linear_dims,
     _lora_targets,
 )
-from .hooks import _attn_pre_hook, _model_pre_hook
+from .hooks import _attn_pre_hook, _encoder_pre_hook, _model_pre_hook
 from .root import UniPELTRoot
 from .wrappers import AdapterWrapper
 
@@ -267,6 +267,10 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
             p.requires_grad_(True)
     model.unipelt = root
     snap.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
+    if stacks is not None:  # encoder-decoder: generate() calls the encoder directly
+        enc = model.get_encoder()
+        _tag(enc, snap, _unipelt_root=root)
+        snap.handles.append(enc.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True))
     root._handles = snap.handles
     # Reentrant gradient checkpointing only backpropagates into a checkpointed block when its
     # input requires grad; with a frozen embedding it would not (and the PELT gradients would

@@ -65,13 +65,12 @@ def _model_pre_hook(model: nn.Module, args, kwargs):
     if root.prompt is not None and ref is not None:
         kwargs, mask = _prepend_prompt(model, root, kwargs, task_ids, mask)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-<<<<<<< HEAD
     root.mask_cache = {}  # masks are worked out once per forward (hf.masks.layer_masks)
-=======
     dmask = kwargs.get("decoder_attention_mask")
     is_2d = isinstance(dmask, torch.Tensor) and dmask.dim() == 2
     root.dec_mask2d = dmask.bool() if is_2d else None
->>>>>>> e11db19 (BART family (BART, mBART, Marian, Pegasus): a gated prefix in encoder self-, decoder self- and cross-attention (own prefix layer per site), adapters after both stacks' FFNs, LoRA with attention_types, per-stack gate masks; tests on tiny BART)
+    ids = kwargs.get("input_ids")
+    root.entry_ref = ids if ids is not None else kwargs.get("inputs_embeds")
     return args, kwargs
 
 
@@ -104,6 +103,27 @@ def _task_ids_tensor(task_ids, tasks: tuple[str, ...], device) -> torch.Tensor:
                 f"task_ids entries must be task names {tasks} or ints, got {type(t).__name__} {t!r}"
             )
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _encoder_pre_hook(encoder: nn.Module, args, kwargs):
+    """Encoder-decoder models: generate() runs the encoder directly, not through the
+    model's forward (whose pre-hook set the state). Then take the encoder's own mask and the
+    active task (generate takes no task_ids), instead of a previous forward's."""
+    root: UniPELTRoot = encoder.__dict__["_unipelt_root"]
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    if ref is not None and ref is root.entry_ref:
+        return None  # called by the model's forward
+    if root.prompt is not None:
+        raise NotImplementedError(
+            "unipelt: the soft prompt with generate() on encoder-decoder models; call the "
+            "model's forward (the prompt is prepended there)"
+        )
+    root.task_ids = None
+    root.mask_cache = {}
+    mask = kwargs.get("attention_mask")
+    root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    return None
 
 
 def _prepend_prompt(model, root, kwargs, task_ids, mask):

@@ -21,6 +21,7 @@ class UniPELTRoot(nn.Module):
         self.mask2d: torch.Tensor | None = None
         self.mask_cache: dict = {}  # hf.masks.layer_masks, reset per forward
         self.dec_mask2d: torch.Tensor | None = None  # encoder-decoder: the decoder's mask
+        self.entry_ref: torch.Tensor | None = None  # the model forward's input (identity)
         T, L = len(cfg.tasks), dims["n_layers"]
         gm = "masked_mean" if cfg.gate_mode == "token" else cfg.gate_mode
         self.prefix = self.prefix_gates = self.prompt = None

@@ -30,6 +30,13 @@ def tiny_bart(seed: int = 0, kind: str = "bart"):
         return tf.BartForConditionalGeneration(tf.BartConfig(**common)).eval()
     if kind == "marian":
         return tf.MarianMTModel(tf.MarianConfig(**common)).eval()
+    if kind == "t5":  # 2 blocks: block 1 reuses block 0's relative position bias
+        cfg = tf.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            dropout_rate=0.0, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=BOS,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        )  # fmt: skip
+        return tf.T5ForConditionalGeneration(cfg).eval()
     raise ValueError(kind)
 
 
@@ -50,6 +57,9 @@ def bart_batch(seed: int = 1) -> dict:
         "decoder_attention_mask": dam,
         "labels": labels,
     }
+
+
+KINDS = ("bart", "t5")
 
 
 def pelt_bart(cfg=None, backend="eager", seed=0, kind="bart"):
@@ -159,11 +169,12 @@ def test_lora_attention_types_selects_self_or_cross():
 
 
 @pytest.mark.interpreter
-def test_eager_and_triton_match_logits_and_grads():
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_and_triton_match_logits_and_grads(kind):
     b = bart_batch()
     res = []
     for backend in ("eager", "triton"):
-        m = pelt_bart(backend=backend)
+        m = pelt_bart(backend=backend, kind=kind)
         out = m(**b)
         out.loss.backward()
         res.append((out.logits.detach(), trainable_grads(m)))
@@ -183,13 +194,14 @@ def _generate(m, b, **kw):
         )  # fmt: skip
 
 
-def test_generate_with_cache_matches_no_cache_and_cache_holds_no_prefix():
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_with_cache_matches_no_cache_and_cache_holds_no_prefix(kind):
     """Gate mode "token" and no prefix gate: the gates then see the same tokens with and
     without the cache (a mean gate over the step's tokens differs by design)."""
     cfg = up.UniPELTConfig(
         lora=True, gate_mode="token", prefix=up.PrefixConfig(gate=False), adapter=ADAPTER
     )
-    m = pelt_bart(cfg)
+    m = pelt_bart(cfg, kind=kind)
     b = bart_batch()
     cached, plain = _generate(m, b, use_cache=True), _generate(m, b, use_cache=False)
     assert cached.shape[1] > 2
@@ -202,32 +214,37 @@ def test_generate_with_cache_matches_no_cache_and_cache_holds_no_prefix():
 
 
 @pytest.mark.interpreter
-def test_generate_triton_matches_eager():
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_triton_matches_eager(kind):
     b = bart_batch()
-    toks = [_generate(pelt_bart(backend=be), b, use_cache=True) for be in ("eager", "triton")]
+    toks = [
+        _generate(pelt_bart(backend=be, kind=kind), b, use_cache=True) for be in ("eager", "triton")
+    ]
     torch.testing.assert_close(toks[1], toks[0])
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(kind, tmp_path):
     cfg = dict(lora=True, tasks=("a", "b"), adapter=ADAPTER)
-    m = pelt_bart(up.UniPELTConfig(**cfg))
+    m = pelt_bart(up.UniPELTConfig(**cfg), kind=kind)
     b = bart_batch()
     tid = torch.tensor([0, 1, 1])
     with torch.no_grad():
         want = m(**b, task_ids=tid).logits
     up.save_unipelt(m, str(tmp_path))
-    fresh = up.apply_unipelt(tiny_bart(), up.UniPELTConfig(**cfg), backend="eager")
+    fresh = up.apply_unipelt(tiny_bart(kind=kind), up.UniPELTConfig(**cfg), backend="eager")
     up.load_unipelt(fresh, str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(fresh(**b, task_ids=tid).logits, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_same_grads(reentrant):
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_same_grads(kind, reentrant):
     b = bart_batch()
     grads = []
     for ckpt in (False, True):
-        m = pelt_bart()
+        m = pelt_bart(kind=kind)
         m.train()
         if ckpt:
             m.gradient_checkpointing_enable(
@@ -240,9 +257,10 @@ def test_gradient_checkpointing_same_grads(reentrant):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_mixed_task_batch_equals_per_task():
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_task_batch_equals_per_task(kind):
     cfg = up.UniPELTConfig(lora=True, gate_mode="masked_mean", tasks=("a", "b"), adapter=ADAPTER)
-    m = pelt_bart(cfg)
+    m = pelt_bart(cfg, kind=kind)
     b = bart_batch()
     tid = torch.tensor([1, 0, 1])
     with torch.no_grad():
@@ -258,8 +276,9 @@ def test_mixed_task_batch_equals_per_task():
     assert (mixed - other).abs().max() > 1e-3
 
 
-def test_a_few_steps_lower_the_loss_and_eject_keeps_outputs():
-    m = pelt_bart()
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_few_steps_lower_the_loss_and_eject_keeps_outputs(kind):
+    m = pelt_bart(kind=kind)
     m.train()
     b = bart_batch()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -285,11 +304,12 @@ def test_marian_applies():
     assert m.unipelt.prefix.n_layers == 3
 
 
-def test_generate_encoder_pass_uses_its_own_mask_and_the_active_task():
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_encoder_pass_uses_its_own_mask_and_the_active_task(kind):
     """generate() runs the encoder outside the model's forward: a previous forward's task
     ids and mask must not leak into it."""
     cfg = up.UniPELTConfig(tasks=("a", "b"), gate_mode="masked_mean", adapter=ADAPTER)
-    m = pelt_bart(cfg)
+    m = pelt_bart(cfg, kind=kind)
     b = bart_batch()
     up.set_active_task(m, "b")
     fresh = _generate(m, b, use_cache=True)
@@ -308,10 +328,13 @@ def test_generate_encoder_pass_uses_its_own_mask_and_the_active_task():
     torch.testing.assert_close(direct.last_hidden_state, inside)
 
 
-def test_soft_prompt_on_the_encoder_input():
+@pytest.mark.parametrize("kind", KINDS)
+def test_soft_prompt_on_the_encoder_input(kind):
     """Lester et al.: the prompt is prepended to the encoder input only; the decoder-side
     labels stay as they are. generate() with a prompt raises clearly."""
-    m = pelt_bart(up.UniPELTConfig(prompt=True, prefix=False, adapter=False, bitfit=False))
+    m = pelt_bart(
+        up.UniPELTConfig(prompt=True, prefix=False, adapter=False, bitfit=False), kind=kind
+    )
     b = bart_batch()
     seen = {}
     h = m.get_encoder().register_forward_hook(lambda mod, a, out: seen.update(out=out[0]))

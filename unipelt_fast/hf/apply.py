@@ -43,6 +43,7 @@ class _Snapshot:
         ]
         self.grad = [(p, p.requires_grad) for p in model.parameters()]
         self.attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self.sub_configs: list[tuple[object, object]] = []  # (config, old attn implementation)
         self.handles: list = []
         self.tagged: list[tuple[nn.Module, str, object]] = []
 
@@ -64,6 +65,8 @@ class _Snapshot:
             p.requires_grad_(rg)
         if self.attn is not None:
             self.model.config._attn_implementation = self.attn
+        for c, old in self.sub_configs:
+            c._attn_implementation = old
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -127,7 +130,7 @@ def _check_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> N
 def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) -> None:
     dims = _dims(model.config)
     if encdec.is_encdec(dims["model_type"]):
-        family = "llama"  # q_proj/k_proj/v_proj naming for LoRA
+        family = encdec.lora_family(dims["model_type"])
         sites = encdec.attention_sites(model)
         attns = [m for m, _, _ in sites]
         stacks = [s for _, s, _ in sites]
@@ -250,8 +253,9 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
             )
         for i, attn in enumerate(attns):
             _tag(attn, snap, _unipelt_root=root, _unipelt_layer=i)
-            if stacks is not None:
-                _tag(attn, snap, _unipelt_stack=stacks[i])
+            if stacks is not None:  # the gate's mask (query side) and the keys' mask
+                keys_of = "enc" if attn_types[i] == "cross" else stacks[i]
+                _tag(attn, snap, _unipelt_stack=stacks[i], _unipelt_keys=keys_of)
             if legacy:
                 _tag(attn, snap, forward=types.MethodType(_legacy_bert_forward, attn))
             if root.prefix_gates is not None:
@@ -260,6 +264,10 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                 )
         if not legacy:
             model.config._attn_implementation = ATTN_NAME
+            for c in {id(a.config): a.config for a in attns if hasattr(a, "config")}.values():
+                if c is not model.config:  # T5's stacks hold their own copies of the config
+                    snap.sub_configs.append((c, c._attn_implementation))
+                    c._attn_implementation = ATTN_NAME
 
     for m in new_modules:
         m.to(device=device, dtype=dtype)

@@ -79,6 +79,8 @@ def _lora_targets(attn: nn.Module, family: str, roles, dims) -> list:
         slices = sorted((pos[r] * d, (pos[r] + 1) * d) for r in roles)
         return [(attn, "c_attn", slices)]
     names = {"query": "query", "key": "key", "value": "value"}
-    if family != "bert":
+    if family == "t5":
+        names = {"query": "q", "key": "k", "value": "v"}
+    elif family != "bert":
         names = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
     return [(attn, names[r], None) for r in roles]

@@ -138,6 +138,76 @@ def test_prefix_semantics_match_explicit_concat(site):
     assert (other - want).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("site", ["enc-self", "dec-self", "dec-cross"])
+def test_t5_prefix_semantics_with_relative_position_bias(site):
+    """T5: unscaled logits; token keys keep HF's relative position bias (block 0 computes
+    it, block 1 reuses it), prefix keys get none; same masks as BART."""
+    cfg = up.UniPELTConfig(adapter=ADAPTER, gate_mode="masked_mean")
+    m = pelt_bart(cfg, kind="t5")
+    b = bart_batch()
+    enc, dec = m.encoder.block, m.decoder.block
+    attn, index, bias_src = {
+        "enc-self": (enc[1].layer[0].SelfAttention, 1, enc[0].layer[0].SelfAttention),
+        "dec-self": (dec[0].layer[0].SelfAttention, 2, dec[0].layer[0].SelfAttention),
+        "dec-cross": (dec[1].layer[1].EncDecAttention, 5, None),
+    }[site]
+    seen = {}
+
+    def hook(mod, args, kwargs, out):
+        seen["h"], seen["kv"], seen["out"] = args[0], kwargs.get("key_value_states"), out[0]
+
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        m(**{k: v for k, v in b.items() if k != "labels"})
+    handle.remove()
+    h = seen["h"]
+    kv_src = h if site != "dec-cross" else seen["kv"]
+    Lq, Lk = h.shape[1], kv_src.shape[1]
+    H, D, P = attn.n_heads, attn.key_value_proj_dim, cfg.prefix.length
+    root = m.unipelt
+    with torch.no_grad():
+        pk, pv = (t[0][None] for t in root.layer_prefix(index))
+        qmask = (b["attention_mask"] if site == "enc-self" else b["decoder_attention_mask"]).bool()
+        g = root.prefix_gates[index][0](h, qmask).reshape(B, -1).expand(B, 2)
+        tok_bias = torch.zeros(1, H, Lq, Lk)
+        if bias_src is not None:
+            tok_bias = bias_src.compute_bias(Lq, Lk)
+        tok = torch.ones(B, Lq, Lk, dtype=torch.bool)
+        if site == "dec-self":
+            tok &= torch.ones(Lq, Lk, dtype=torch.bool).tril()[None]
+            tok &= b["decoder_attention_mask"].bool()[:, None, :]
+        else:
+            tok &= b["attention_mask"].bool()[:, None, :]
+        allowed = torch.cat([torch.ones(B, Lq, P, dtype=torch.bool), tok], dim=-1)
+        bias = torch.cat([torch.zeros(1, H, Lq, P), tok_bias], dim=-1)
+        mask = bias.masked_fill(~allowed[:, None], float("-inf"))
+
+        def heads(t):
+            return t.view(B, t.shape[1], H, D).transpose(1, 2)
+
+        q, k, v = heads(attn.q(h)), heads(attn.k(kv_src)), heads(attn.v(kv_src))
+        keys = torch.cat([g[:, 0].view(B, 1, 1, 1) * pk.expand(B, -1, -1, -1), k], dim=2)
+        vals = torch.cat([g[:, 1].view(B, 1, 1, 1) * pv.expand(B, -1, -1, -1), v], dim=2)
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0)
+        want = attn.o(o.transpose(1, 2).reshape(B, Lq, H * D))
+    torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-5)
+    if bias_src is not None:  # the position bias matters here
+        no_bias = torch.zeros_like(mask).masked_fill(~allowed[:, None], float("-inf"))
+        o2 = F.scaled_dot_product_attention(q, keys, vals, attn_mask=no_bias, scale=1.0)
+        assert (attn.o(o2.transpose(1, 2).reshape(B, Lq, H * D)) - want).abs().max() > 1e-4
+
+
+def test_t5_bitfit_trains_nothing():
+    m = pelt_bart(up.UniPELTConfig(bitfit=True, adapter=ADAPTER), kind="t5")
+    report = up.trainable_report(m)
+    assert "  bitfit " not in report and "  prefix " in report, report
+    assert not any(
+        "bias" in n and "unipelt" not in n and "adapters" not in n and "lora" not in n
+        for n, p in m.named_parameters()
+        if p.requires_grad
+    )
+
+
 def test_prefix_sites_and_trainable_report():
     m = pelt_bart()
     root = m.unipelt

@@ -40,7 +40,7 @@ def tiny_bart(seed: int = 0, kind: str = "bart"):
     raise ValueError(kind)
 
 
-def bart_batch(seed: int = 1) -> dict:
+def bart_batch(seed: int = 1, LT: int = LT) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (B, LS), generator=g)
     am = torch.ones(B, LS, dtype=torch.long)
@@ -89,11 +89,15 @@ def _explicit_prefix_attention(attn, h, kv_src, pk, pv, gate, allowed):
     return attn.out_proj(o.transpose(1, 2).reshape(Bq, Lq, H * D))
 
 
-@pytest.mark.parametrize("site", ["enc-self", "dec-self", "dec-cross"])
-def test_prefix_semantics_match_explicit_concat(site):
+@pytest.mark.parametrize(
+    "site, lt",
+    [("enc-self", LT), ("dec-self", LT), ("dec-cross", LT), ("dec-self", LS), ("dec-cross", LS)],
+)
+def test_prefix_semantics_match_explicit_concat(site, lt):
+    """lt == LS too: the decoder's keys must never take the encoder's mask by length."""
     cfg = up.UniPELTConfig(adapter=ADAPTER, gate_mode="masked_mean")
     m = pelt_bart(cfg)
-    b = bart_batch()
+    b = bart_batch(LT=lt)
     layer_enc, layer_dec = m.model.encoder.layers[0], m.model.decoder.layers[0]
     attn, index = {
         "enc-self": (layer_enc.self_attn, 0),

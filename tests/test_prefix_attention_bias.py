@@ -126,6 +126,12 @@ def test_parity_interpreter(cfg, dtype):
     check_parity(uf.prefix_attention, prefix_attention_case(**cfg), dtype, "triton")
 
 
+@pytest.mark.parametrize("cfg", GRID[:3], ids=_id)
+def test_parity_torch_backend_with_bias_grad(cfg):
+    case = prefix_attention_case(**cfg, bias_grad=True)
+    check_parity(uf.prefix_attention, case, torch.float32, "torch")
+
+
 @pytest.mark.interpreter
 def test_float32_bias_with_half_inputs():
     case = prefix_attention_case(Lq=7, Lk=9, P=3, bias="1hqk", gate="b2", causal=True)

@@ -69,6 +69,20 @@ struct AttnInputs {
   Tensor idx, gate, kpm;  // contiguous copies kept alive for the launch
 };
 
+// attn_bias: a (B, H, Lq, P + Lk) view read through its strides (never copied).
+void set_attn_bias(UfAttnArgs& a, const Tensor& q, const OptTensor& bias) {
+  if (!has(bias)) return;
+  check_cuda(*bias, q, "attn_bias");
+  TORCH_CHECK(bias->scalar_type() == q.scalar_type() || bias->scalar_type() == at::kFloat,
+              "unipelt_fast cuda: attn_bias must have q's dtype or float32");
+  TORCH_CHECK(bias->dim() == 4 && bias->size(0) == a.B && bias->size(1) == a.H &&
+                  bias->size(2) == a.Lq && bias->size(3) == a.P + a.Lk,
+              "unipelt_fast cuda: attn_bias must be a (B, H, Lq, P + Lk) view");
+  a.bias = bias->data_ptr();
+  a.bias_f32 = bias->scalar_type() == at::kFloat ? 1 : 0;
+  for (int i = 0; i < 4; ++i) a.sb[i] = bias->stride(i);
+}
+
 AttnInputs attn_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                      const Tensor& pv, const Tensor& idx, const OptTensor& gate,
                      const OptTensor& kpm, bool causal, double scale) {
@@ -139,9 +153,10 @@ AttnInputs attn_args(const Tensor& q, const Tensor& k, const Tensor& v, const Te
 void prefix_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                               const Tensor& pv, const Tensor& idx, const OptTensor& gate,
                               const OptTensor& kpm, bool causal, double scale, Tensor out,
-                              Tensor lse) {
+                              Tensor lse, const OptTensor& attn_bias) {
   const c10::cuda::CUDAGuard guard(q.device());
   AttnInputs in = attn_args(q, k, v, pk, pv, idx, gate, kpm, causal, scale);
+  set_attn_bias(in.a, q, attn_bias);
   check_out(out, q, q.scalar_type(), "out");
   check_out(lse, q, at::kFloat, "lse");
   TORCH_CHECK(out.sizes() == q.sizes() && lse.numel() == q.numel() / q.size(3),
@@ -156,9 +171,10 @@ void prefix_attention_backward(const Tensor& grad_out, const Tensor& q, const Te
                                const Tensor& idx, const OptTensor& gate, const OptTensor& kpm,
                                const Tensor& out, const Tensor& lse, bool causal, double scale,
                                Tensor dq, Tensor dk, Tensor dv, Tensor dpk, Tensor dpv,
-                               OptTensor dgate) {
+                               OptTensor dgate, const OptTensor& attn_bias) {
   const c10::cuda::CUDAGuard guard(q.device());
   AttnInputs in = attn_args(q, k, v, pk, pv, idx, gate, kpm, causal, scale);
+  set_attn_bias(in.a, q, attn_bias);
   const auto dt = q.scalar_type();
   const Tensor go = grad_out.contiguous();
   const Tensor o = out.contiguous();

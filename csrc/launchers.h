@@ -36,6 +36,12 @@ struct UfAttnArgs {
   int B, H, Hkv, Lq, Lk, P, T, D;
   int causal;
   float scale;
+  // attn_bias: element (b, h, i, j) at b*sb[0] + h*sb[1] + i*sb[2] + j*sb[3] (stride 0 on
+  // broadcast dims), j in [0, P + Lk) as [prefix ; tokens]; q's dtype, or float32 when
+  // bias_f32. Added to the logits after the key gate, before the masks. nullptr = none.
+  const void* bias = nullptr;
+  int bias_f32 = 0;
+  int64_t sb[4] = {0, 0, 0, 0};
 };
 
 // out (B,H,Lq,D) contiguous in dtype; lse (B,H,Lq) float32, natural log, -inf for rows

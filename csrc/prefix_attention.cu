@@ -2,6 +2,8 @@
 // concatenation. Keys are indexed j in [0, P + Lk): j < P are the example's (gated) prefix
 // keys, always visible; j >= P are token keys t = j - P, masked by key_padding_mask and by
 // the bottom-right causal rule t <= i + (Lk - Lq). A row with no visible key gives 0.
+// An optional attn_bias (b, h, i, j), read through its strides, is added to the logits
+// after the key gate (which the prefix rows of the K tile already carry).
 //
 // Tiled online softmax (the FlashAttention-2 recurrence, Dao 2023), on CUDA cores in
 // float32 (correctness first; no tensor cores). Layout: one warp per query row (forward,
@@ -37,6 +39,17 @@ __device__ __forceinline__ bool key_visible(const UfAttnArgs& a, int b, int i, i
   if (a.kpm != nullptr && !a.kpm[static_cast<int64_t>(b) * a.Lk + t]) return false;
   if (a.causal && t > i + (a.Lk - a.Lq)) return false;
   return true;
+}
+
+// attn_bias[b, h, i, j] in base-2 logit units; 0 without a bias.
+template <typename T>
+__device__ __forceinline__ float bias2(const UfAttnArgs& a, int b, int h, int i, int j) {
+  if (a.bias == nullptr) return 0.f;
+  const int64_t off = b * a.sb[0] + h * a.sb[1] + static_cast<int64_t>(i) * a.sb[2] +
+                      static_cast<int64_t>(j) * a.sb[3];
+  const float x = a.bias_f32 ? static_cast<const float*>(a.bias)[off]
+                             : uf::to_f(static_cast<const T*>(a.bias)[off]);
+  return x * uf::kLog2e;
 }
 
 // Element d of key (or value) row j of example b, kv head hkv, prefix gated by g.
@@ -142,7 +155,8 @@ __global__ void __launch_bounds__(kThreads)
     if (row_ok) {  // warp-uniform
       const int j = j0 + lane;
       float s = kNegInf;
-      if (j < nkeys && key_visible(a, b, i, j)) s = dot_rows(qrow, Ks + lane * ld, D);
+      if (j < nkeys && key_visible(a, b, i, j))
+        s = dot_rows(qrow, Ks + lane * ld, D) + bias2<T>(a, b, h, i, j);
       const float mn = fmaxf(m, uf::warp_max(s));
       if (mn != kNegInf) {  // warp-uniform: some key seen so far
         const float alpha = exp2f(m - mn);  // 0 while m is -inf
@@ -246,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
       const int j = j0 + lane;
       float ds = 0.f;
       if (j < nkeys && key_visible(a, b, i, j)) {
-        const float s = dot_rows(qrow, Ks + lane * ld, D);
+        const float s = dot_rows(qrow, Ks + lane * ld, D) + bias2<T>(a, b, h, i, j);
         const float dp = dot_rows(grow, Vs + lane * ld, D);
         const float p = exp2f(s - lse2);
         ds = p * (dp - dlt);
@@ -362,7 +376,7 @@ __global__ void __launch_bounds__(kThreads)
         if (i < a.Lq && lse2s[lane] != kNegInf && vis) {
           const float s = dot_rows(Qs + lane * ld, krow, D);
           const float dp = dot_rows(dOs + lane * ld, vrow, D);
-          p = exp2f(s * qk2 - lse2s[lane]);
+          p = exp2f(s * qk2 + bias2<T>(a, b, h, i, j) - lse2s[lane]);
           ds = p * (dp - dlts[lane]);
         }
         for (int r = 0; r < kTile; ++r) {

@@ -5,7 +5,9 @@ backward; ideas from Dao et al.'s FlashAttention-2 and Triton's fused-attention 
 The concatenation [prefix ; tokens] is never built: each query block first walks the prefix
 blocks, read straight from ``prefix_k``/``prefix_v`` of the example's task
 (``prefix_index``), then the token blocks. The per-example gate scales the prefix logits
-and the prefix values. Masks (causal, bottom-right aligned; key padding) apply to token keys
+and the prefix values. An optional additive ``attn_bias`` (HAS_BIAS; e.g. T5's position
+bias) is read in tiles through its own strides (0 on broadcast dims) and added after the
+gate, before the masks. Masks (causal, bottom-right aligned; key padding) apply to token keys
 only. GQA maps query head h to kv head h // (H // Hkv); K/V are never repeated in memory.
 Only ``out`` and the row log-sum-exp are kept for backward.
 
@@ -48,13 +50,18 @@ def _online_block(
     acc,
     logit_scale,
     v_scale,
+    bias,
     MASKED: tl.constexpr,
     SCALE_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax. With MASKED, ``vis`` (broadcastable to
-    (BLOCK_M, BLOCK_N)) marks the visible keys."""
+    (BLOCK_M, BLOCK_N)) marks the visible keys. With HAS_BIAS, ``bias`` is the block's
+    additive bias in base-2 logit units, added after the (gated) scale."""
     s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * logit_scale
+    if HAS_BIAS:
+        s = s + bias
     if MASKED:
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -104,6 +111,18 @@ def _task(IDX, b, T):
     return tl.minimum(tl.maximum(tl.load(IDX + b).to(tl.int64), 0), T - 1)
 
 
+@triton.jit
+def _load_bias(base, rows, cols, srow, scol, mask, HAS_BIAS: tl.constexpr):
+    """The attn_bias tile [rows, cols] in base-2 units (fp32); 0 without a bias. Broadcast
+    dims have stride 0, so nothing bigger than the caller's tensor is ever read."""
+    if HAS_BIAS:
+        x = tl.load(base + rows[:, None] * srow + cols[None, :] * scol, mask=mask, other=0.0)
+        x = x.to(tl.float32) * 1.4426950408889634
+    else:
+        x = 0.0
+    return x
+
+
 @triton.jit(do_not_specialize=["LQ", "LK", "P"])
 def _fwd_kernel(
     Q,
@@ -114,6 +133,7 @@ def _fwd_kernel(
     IDX,
     GATE,
     KPM,
+    BIAS,
     OUT,
     LSE,
     sqb,
@@ -138,6 +158,10 @@ def _fwd_kernel(
     spvd,
     smb,
     smn,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
     H,
     GROUP,
     LQ,
@@ -154,6 +178,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
@@ -167,6 +192,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM  # head dims that are not a power of two: padded, masked
     row_ok = offs_m < LQ
+    bias_base = BIAS + b * sbb + h * sbh  # columns: [prefix (P) ; tokens (LK)]
 
     rows64 = offs_m.to(tl.int64)
     q_ptrs = Q + b * sqb + h * sqh + rows64[:, None] * sqm + offs_d[None, :] * sqd
@@ -196,9 +222,13 @@ def _fwd_kernel(
         vb = tl.load(
             pv_base + cols[:, None] * spvn + offs_d[None, :] * spvd, mask=kv_mask, other=0.0
         )
-        m_i, l_i, acc = _online_block(
-            q, kb, vb, col_ok[None, :], m_i, l_i, acc, qk_scale * gk, gv, True, HAS_GATE, PRECISION
+        bias = _load_bias(
+            bias_base, offs_m, cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], HAS_BIAS
         )
+        m_i, l_i, acc = _online_block(
+            q, kb, vb, col_ok[None, :], m_i, l_i, acc, qk_scale * gk, gv, bias,
+            True, HAS_GATE, HAS_BIAS, PRECISION,
+        )  # fmt: skip
 
     # ---- token keys: causal (bottom-right) and padding masks
     full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
@@ -215,9 +245,11 @@ def _fwd_kernel(
             vis = (tl.load(KPM + b * smb + cols * smn) != 0)[None, :]
         else:
             vis = 0
+        bias = _load_bias(bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None], HAS_BIAS)
         m_i, l_i, acc = _online_block(
-            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, HAS_MASK, False, PRECISION
-        )
+            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, HAS_MASK, False, HAS_BIAS,
+            PRECISION,
+        )  # fmt: skip
     # The causal diagonal and the ragged tail.
     for start_n in range(full, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -231,9 +263,14 @@ def _fwd_kernel(
         vis = col_ok[None, :]
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + (LK - LQ))
+        bias = _load_bias(
+            bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None] & (cols < LK)[None, :],
+            HAS_BIAS,
+        )  # fmt: skip
         m_i, l_i, acc = _online_block(
-            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, True, False, PRECISION
-        )
+            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, True, False, HAS_BIAS,
+            PRECISION,
+        )  # fmt: skip
 
     # Rows with no visible key: out 0, lse -inf (backward reads that as "no key").
     empty = l_i == 0.0
@@ -305,10 +342,15 @@ def _dkdv_rows(
     LK,
     logit_scale,
     v_scale,
+    bias_base,
+    sbm,
+    sbn,
+    ncols,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Accumulate dS^T q and P^T dO over query rows [row_start, row_end) of one head for one
@@ -330,6 +372,10 @@ def _dkdv_rows(
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(kb, tl.trans(qb), input_precision=PRECISION) * logit_scale
+        if HAS_BIAS:  # the same bias as the forward, transposed (keys are rows)
+            s_t += _load_bias(
+                bias_base, cols, rows, sbn, sbm, (cols < ncols)[:, None] & row_ok[None, :], True
+            )
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(cols[:, None] <= rows[None, :] + (LK - LQ), p_t, 0.0)
@@ -367,16 +413,25 @@ def _dkdv_loop(
     LK,
     logit_scale,
     v_scale,
+    BIAS,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    col_off,
+    ncols,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Sum over the group's query heads (GQA, in a fixed order: no atomics) and query rows
     >= lo; with CAUSAL, rows [lo, diag_end) get the causal mask and later rows none.
-    Returns (dk, dv) in fp32, dk not yet multiplied by softmax_scale."""
+    Returns (dk, dv) in fp32, dk not yet multiplied by softmax_scale. The bias columns of
+    this block start at ``col_off`` (0 for the prefix, P for tokens); ``ncols`` bounds them."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for hh in range(0, GROUP):
@@ -384,11 +439,12 @@ def _dkdv_loop(
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
         row_base = (b * H + h) * LQ
+        bias_base = BIAS + b * sbb + h * sbh + col_off * sbn
         if CAUSAL:
             dk, dv = _dkdv_rows(
                 dk, dv, kb, vb, cols, lo, diag_end, q_base, do_base, LSE + row_base,
                 DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
-                HEAD_DIM, BLOCK_M, BLOCK_D, True, PRECISION,
+                bias_base, sbm, sbn, ncols, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_BIAS, PRECISION,
             )  # fmt: skip
             start = diag_end
         else:
@@ -396,7 +452,7 @@ def _dkdv_loop(
         dk, dv = _dkdv_rows(
             dk, dv, kb, vb, cols, start, LQ, q_base, do_base, LSE + row_base,
             DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
-            HEAD_DIM, BLOCK_M, BLOCK_D, False, PRECISION,
+            bias_base, sbm, sbn, ncols, HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_BIAS, PRECISION,
         )  # fmt: skip
     return dk, dv
 
@@ -410,6 +466,7 @@ def _bwd_dkdv_kernel(
     LSE,
     DELTA,
     KPM,
+    BIAS,
     DK,
     DV,
     sqb,
@@ -430,11 +487,16 @@ def _bwd_dkdv_kernel(
     sdd,
     smb,
     smn,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
     H,
     HKV,
     GROUP,
     LQ,
     LK,
+    P,
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
@@ -444,6 +506,7 @@ def _bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """Token keys: one program per (key block, kv head, example)."""
     pid_n = tl.program_id(0)
@@ -477,7 +540,8 @@ def _bwd_dkdv_kernel(
     dk, dv = _dkdv_loop(
         kb, vb, cols, lo, diag_end, b, hk, Q, DO, LSE, DELTA,
         sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale, 1.0,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION,
+        BIAS, sbb, sbh, sbm, sbn, P, LK,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, HAS_BIAS, PRECISION,
     )  # fmt: skip
     if HAS_MASK:  # a padding key is seen by no query: its gradients are 0
         col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
@@ -495,6 +559,7 @@ def _bwd_prefix_dkdv_kernel(
     PV,
     IDX,
     GATE,
+    BIAS,
     DO,
     LSE,
     DELTA,
@@ -517,6 +582,10 @@ def _bwd_prefix_dkdv_kernel(
     sdh,
     sdm,
     sdd,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
     H,
     HKV,
     GROUP,
@@ -532,6 +601,7 @@ def _bwd_prefix_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     HAS_GATE: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """Prefix keys: one program per (prefix block, example, kv head). Writes this example's
     fp32 partials d prefix_k/v (B, Hkv, P, D) and gate partials (B, Hkv, n_blocks, 2)."""
@@ -565,7 +635,8 @@ def _bwd_prefix_dkdv_kernel(
     dk, dv = _dkdv_loop(
         kb, vb, cols, 0, 0, b, hk, Q, DO, LSE, DELTA,
         sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale * gk, gv,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, PRECISION,
+        BIAS, sbb, sbh, sbm, sbn, 0, P,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, HAS_BIAS, PRECISION,
     )  # fmt: skip
     # Rows past P hold garbage (possibly inf); zero them before the gate reductions.
     dkey = tl.where(col_ok[:, None], dk * sm_scale, 0.0)  # d loss / d (gk * pk)
@@ -610,6 +681,7 @@ def _bwd_dq_kernel(
     IDX,
     GATE,
     KPM,
+    BIAS,
     DO,
     LSE,
     DELTA,
@@ -640,6 +712,10 @@ def _bwd_dq_kernel(
     sdd,
     smb,
     smn,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
     H,
     GROUP,
     LQ,
@@ -657,6 +733,7 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
@@ -687,6 +764,7 @@ def _bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bias_base = BIAS + b * sbb + h * sbh
 
     # ---- prefix keys (gated): dq += gk * dS pk
     if HAS_GATE:
@@ -709,6 +787,10 @@ def _bwd_dq_kernel(
             pv_base + cols[:, None] * spvn + offs_d[None, :] * spvd, mask=kv_mask, other=0.0
         )
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * (qk_scale * gk)
+        if HAS_BIAS:
+            s += _load_bias(
+                bias_base, offs_m, cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], True
+            )
         p = tl.where(col_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * gv
         ds = p * (dp - delta[:, None])
@@ -724,6 +806,8 @@ def _bwd_dq_kernel(
         kb = _load_d(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
         vb = _load_d(v_base + c64[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += _load_bias(bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None], True)
         p = tl.math.exp2(s - lse2[:, None])
         if HAS_MASK:
             p = tl.where((tl.load(KPM + b * smb + cols * smn) != 0)[None, :], p, 0.0)
@@ -743,6 +827,10 @@ def _bwd_dq_kernel(
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + (LK - LQ))
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += _load_bias(
+                bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], True
+            )
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -813,6 +901,15 @@ def _check_head_dim(q: torch.Tensor, D: int) -> None:
         )
 
 
+def _bias_args(
+    attn_bias: torch.Tensor | None, q: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """(pointer, strides) of the (B, H, Lq, P + Lk) bias view; a placeholder without one."""
+    if attn_bias is None:
+        return q, (0, 0, 0, 0)
+    return attn_bias, tuple(attn_bias.stride())
+
+
 @on_input_device
 def forward(
     q: torch.Tensor,
@@ -825,6 +922,7 @@ def forward(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     softmax_scale: float,
+    attn_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -837,17 +935,19 @@ def forward(
     BM, BN, warps, stages = _configs(q, D)["fwd"]
     gate = q if prefix_gate is None else prefix_gate  # a placeholder pointer when unused
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    bias, b_strides = _bias_args(attn_bias, q)
     grid = (triton.cdiv(Lq, BM), H, B)
     _fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, out, lse,
+        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         kpm.stride(0) if key_padding_mask is not None else 0,
         kpm.stride(1) if key_padding_mask is not None else 0,
+        *b_strides,
         H, H // Hkv, Lq, Lk, P, prefix_k.shape[0], softmax_scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
         HAS_GATE=prefix_gate is not None, HAS_MASK=key_padding_mask is not None,
         CAUSAL=causal, PRECISION=_precision(q), EVEN_D=_block_d(D) == D,
-        num_warps=warps, num_stages=stages,
+        HAS_BIAS=attn_bias is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
 
@@ -867,6 +967,7 @@ def backward(
     lse: torch.Tensor,
     causal: bool,
     softmax_scale: float,
+    attn_bias: torch.Tensor | None = None,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
 ]:
@@ -891,6 +992,8 @@ def backward(
     gate = q if prefix_gate is None else prefix_gate
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     km_strides = (kpm.stride(0), kpm.stride(1)) if has_mask else (0, 0)
+    bias, b_strides = _bias_args(attn_bias, q)
+    has_bias = attn_bias is not None
     qk_scale = softmax_scale * LOG2E
     do_strides = grad_out.stride()
 
@@ -904,11 +1007,12 @@ def backward(
     BM, BN, warps, stages = cfg["dkdv"]
     if Lk > 0:
         _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), Hkv, B)](
-            q, k, v, grad_out, lse, delta, kpm, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *do_strides, *km_strides,
-            H, Hkv, H // Hkv, Lq, Lk, qk_scale, softmax_scale,
+            q, k, v, grad_out, lse, delta, kpm, bias, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do_strides, *km_strides, *b_strides,
+            H, Hkv, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_MASK=has_mask,
-            CAUSAL=causal, PRECISION=prec, num_warps=warps, num_stages=stages,
+            CAUSAL=causal, PRECISION=prec, HAS_BIAS=has_bias,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     n_pblocks = triton.cdiv(P, BN)
@@ -918,12 +1022,12 @@ def backward(
         part_k = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
         part_v = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
         _bwd_prefix_dkdv_kernel[(n_pblocks, Hkv, B)](
-            q, prefix_k, prefix_v, prefix_index, gate, grad_out, lse, delta,
+            q, prefix_k, prefix_v, prefix_index, gate, bias, grad_out, lse, delta,
             part_k, part_v, dg_part,
-            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *do_strides,
+            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *do_strides, *b_strides,
             H, Hkv, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
-            PRECISION=prec, num_warps=warps, num_stages=stages,
+            PRECISION=prec, HAS_BIAS=has_bias, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         N = Hkv * P * D
         SB, _, sw, ss = cfg["sum"]
@@ -937,13 +1041,13 @@ def backward(
 
     BM, BN, warps, stages = cfg["dq"]
     _bwd_dq_kernel[(triton.cdiv(Lq, BM), H, B)](
-        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, grad_out, lse, delta, dq,
+        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-        *do_strides, *km_strides,
+        *do_strides, *km_strides, *b_strides,
         H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
         HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
-        num_warps=warps, num_stages=stages,
+        HAS_BIAS=has_bias, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
     dg = dg_part.sum(dim=(1, 2)) if has_gate else None

@@ -34,16 +34,17 @@ def _vjp(fn, inputs, grad_out):
 
 
 # ---- prefix_attention ----------------------------------------------------------------------
-def pa_forward(q, k, v, pk, pv, idx, gate, kpm, causal, scale):
+def pa_forward(q, k, v, pk, pv, idx, gate, kpm, causal, scale, attn_bias=None):
     kw = dict(
         prefix_index=idx, prefix_gate=gate, key_padding_mask=kpm, causal=causal, softmax_scale=scale
     )
+    kw["attn_bias"] = attn_bias
     out = reference.prefix_attention(q, k, v, pk, pv, **kw).contiguous()
     lse = reference.prefix_attention_lse(q, k, pk, **kw).float()
     return out, lse
 
 
-def pa_backward(grad_out, q, k, v, pk, pv, idx, gate, kpm, out, lse, causal, scale):
+def pa_backward(grad_out, q, k, v, pk, pv, idx, gate, kpm, out, lse, causal, scale, attn_bias=None):
     def f(q, k, v, pk, pv, gate):
         return reference.prefix_attention(
             q,
@@ -56,6 +57,7 @@ def pa_backward(grad_out, q, k, v, pk, pv, idx, gate, kpm, out, lse, causal, sca
             key_padding_mask=kpm,
             causal=causal,
             softmax_scale=scale,
+            attn_bias=attn_bias,
         )
 
     return _vjp(f, [q, k, v, pk, pv, gate], grad_out)

@@ -103,11 +103,15 @@ def prefix_attention_case(
     causal=False,
     noncontiguous=False,
     scale=None,
+    bias=None,
+    bias_grad=False,
     device="cpu",
 ) -> Case:
     """layout: "shared" (Hkv, P, D), "batch" (B, Hkv, P, D) or "indexed" (T, Hkv, P, D).
     gate: None, "b" for (B,) or "b2" for (B, 2). mask: a random key_padding_mask;
-    fully_padded: the last example has no real token."""
+    fully_padded: the last example has no real token. bias: an attn_bias shape spelled
+    with b, h, q, k (= P + Lk) and 1, e.g. "bhqk", "1hqk", "b11k" or "k" (fewer dims);
+    bias_grad: attn_bias requires grad (eager only)."""
     f = lambda *s: torch.randn(*s, dtype=torch.float64, device=device)
     if noncontiguous:  # HF hands over (B, L, H, D).transpose(1, 2)
         q = f(B, Lq, H, D).transpose(1, 2)
@@ -135,6 +139,11 @@ def prefix_attention_case(
         kw["key_padding_mask"] = m
     if scale is not None:
         kw["softmax_scale"] = scale
+    if bias is not None:
+        dims = {"b": B, "h": H, "q": Lq, "k": P + Lk, "1": 1}
+        kw["attn_bias"] = f(*(dims[c] for c in bias))
+        if bias_grad:
+            diff.append("attn_bias")
     return Case({"q": q, "k": k, "v": v, "prefix_k": pk, "prefix_v": pv}, kw, tuple(diff))
 
 

@@ -494,12 +494,13 @@ int emu_attn(int bwd, const void* const* p, const int64_t* st, const int* dm, in
   a.prefix_index = static_cast<const int64_t*>(p[5]);
   a.gate = static_cast<const float*>(p[6]);
   a.kpm = static_cast<const bool*>(p[7]);
+  a.bias = p[8];
   for (int i = 0; i < 4; ++i) {
     a.sq[i] = st[i]; a.sk[i] = st[4 + i]; a.sv[i] = st[8 + i];
-    a.spk[i] = st[12 + i]; a.spv[i] = st[16 + i];
+    a.spk[i] = st[12 + i]; a.spv[i] = st[16 + i]; a.sb[i] = st[20 + i];
   }
   a.B = dm[0]; a.H = dm[1]; a.Hkv = dm[2]; a.Lq = dm[3]; a.Lk = dm[4]; a.P = dm[5];
-  a.T = dm[6]; a.D = dm[7]; a.causal = causal; a.scale = scale;
+  a.T = dm[6]; a.D = dm[7]; a.bias_f32 = dm[8]; a.causal = causal; a.scale = scale;
   if (!bwd) return uf_prefix_attention_forward(a, dtype, o[0], static_cast<float*>(o[1]), nullptr);
   std::vector<float> ws(uf_prefix_attention_workspace_floats(a) + 1, 1e30f);
   std::vector<int> iws(uf_prefix_attention_workspace_ints(a) + 1, -7);
@@ -642,6 +643,12 @@ EMU_PREFIX_CASES = {
         B=1, H=2, Hkv=1, Lq=10, Lk=41, P=5, D=40, noncontiguous=True, gate="b"
     ),
     "fully_padded_no_prefix_causal": dict(fully_padded=True, P=0, causal=True, Lq=6, Lk=4),
+    "bias_broadcast_heads_gqa_causal": dict(
+        B=2, H=4, Hkv=2, Lq=9, Lk=11, P=3, gate="b2", mask=True, causal=True, bias="1hqk"
+    ),
+    "bias_broadcast_rows_indexed": dict(
+        B=3, H=2, Hkv=1, Lq=5, Lk=7, P=4, layout="indexed", T=2, gate="b", bias="b11k"
+    ),
 }
 
 
@@ -663,10 +670,15 @@ def test_emulated_prefix_attention_kernels(emu, name, dtype):
     kpm = kw.get("key_padding_mask")
     causal = kw["causal"]
     scale = D**-0.5
-    st = (ctypes.c_int64 * 20)(*(s for t in (q, k, v, pk4, pv4) for s in t.stride()))
-    dm = (ctypes.c_int * 8)(B, H, k.shape[1], Lq, k.shape[2], pk4.shape[2], pk4.shape[0], D)
-    held = (q, k, v, pk4, pv4, idx.contiguous(), gate, kpm)
-    ins = (ctypes.c_void_p * 8)(*(_p(t) for t in held))
+    bias = kw.get("attn_bias")  # as ops.py hands it over: a stride-0 (B, H, Lq, P + Lk) view
+    if bias is not None:
+        bias = bias.detach().expand(B, H, Lq, pk4.shape[2] + k.shape[2])
+    b_st = (0, 0, 0, 0) if bias is None else bias.stride()
+    st = (ctypes.c_int64 * 24)(*(s for t in (q, k, v, pk4, pv4) for s in t.stride()), *b_st)
+    dims = (B, H, k.shape[1], Lq, k.shape[2], pk4.shape[2], pk4.shape[0], D)
+    dm = (ctypes.c_int * 9)(*dims, int(bias is not None and bias.dtype == torch.float32))
+    held = (q, k, v, pk4, pv4, idx.contiguous(), gate, kpm, bias)
+    ins = (ctypes.c_void_p * 9)(*(_p(t) for t in held))
     out, lse = _nan(q.shape, dtype), _nan((B, H, Lq), torch.float32)
     assert (
         emu.emu_attn(
@@ -685,7 +697,7 @@ def test_emulated_prefix_attention_kernels(emu, name, dtype):
     assert_close(out, expected, dtype, "out")
     lse_kw = {
         n: ref.kwargs[n]
-        for n in ("prefix_index", "prefix_gate", "key_padding_mask", "causal")
+        for n in ("prefix_index", "prefix_gate", "key_padding_mask", "causal", "attn_bias")
         if n in ref.kwargs
     }
     want_lse = reference.prefix_attention_lse(

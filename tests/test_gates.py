@@ -12,8 +12,7 @@ import torch
 
 import unipelt_fast as up
 from tests.hf_tiny import ADAPTER, batch, perturb, tiny_model
-from unipelt_fast.hf.placements import PostLNOutputWrapper, PreLNMLPWrapper
-from unipelt_fast.hf.wrappers import AdapterWrapper
+from unipelt_fast.hf.placements import ADAPTER_HOSTS
 from unipelt_fast.lora import GatedLoRA
 
 
@@ -73,28 +72,45 @@ def _expected(m, b, task_ids):
         return hook
 
     root = m.unipelt
-    for layer, per_task in enumerate(root.prefix_gates):
-        for t, g in enumerate(per_task):
+
+    def lora_hook(key, units):
+        def hook(mod, args, kwargs):  # the LoRA's gate runs inside the fused op
+            x = args[0]
+            g = units[key[0]].gate
+            add((*key, "lora"), summarise(x, g.proj.weight, g.proj.bias, root.mask_for(x),
+                                          mode == "token"))  # fmt: skip
+
+        return hook
+
+    # Each task's examples alone, with no task ids: the per-task modules run themselves, so
+    # their pre-hooks see every gate's input.
+    for t in range(len(root.cfg.tasks)):
+        idx = (task_ids == t).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        for layer, per_task in enumerate(root.prefix_gates):
+            g = per_task[t]
             handles.append(
                 g.register_forward_pre_hook(gate_hook((t, layer), False, True), with_kwargs=True)
             )
-    for t, g in enumerate(root.prompt.gates):
+        g = root.prompt.gates[t]
         handles.append(g.register_forward_pre_hook(gate_hook((t, None), False), with_kwargs=True))
-    for name, mod in m.named_modules():
-        if isinstance(mod, (AdapterWrapper, PostLNOutputWrapper, PreLNMLPWrapper)):
-            for t, a in enumerate(mod.adapters):
+        for name, mod in m.named_modules():
+            if isinstance(mod, ADAPTER_HOSTS):
                 hook = adapter_hook((t, _layer(name)))
-                handles.append(a.register_forward_pre_hook(hook, with_kwargs=True))
-        if isinstance(mod, GatedLoRA):
-            for t, u in enumerate(mod.units):
-                hook = gate_hook((t, _layer(name)), mode == "token")
-                handles.append(u.gate.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            m(**b, task_ids=task_ids)
-    finally:
-        for h in handles:
-            h.remove()
+                handles.append(mod.adapters[t].register_forward_pre_hook(hook, with_kwargs=True))
+            if isinstance(mod, GatedLoRA):
+                hook = lora_hook((t, _layer(name)), mod.units)
+                handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        up.set_active_task(m, t)
+        try:
+            with torch.no_grad():
+                m(**{k: v[idx] for k, v in b.items()})
+        finally:
+            up.set_active_task(m, 0)
+            for h in handles:
+                h.remove()
+            handles.clear()
     return {k: torch.cat(v) for k, v in got.items()}
 
 

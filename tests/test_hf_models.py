@@ -257,14 +257,17 @@ def test_unsupported_model_and_twice():
     m = pelt("bert")
     with pytest.raises(ValueError, match="already"):
         up.apply_unipelt(m)
-    t5 = tf.T5ForConditionalGeneration(
-        tf.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
-    )
-    before = {n: p.requires_grad for n, p in t5.named_parameters()}
+    opt = tf.OPTForCausalLM(  # OPT (out_proj, not o_proj) is not a supported family
+        tf.OPTConfig(
+            vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+            num_attention_heads=4, word_embed_proj_dim=32,
+        )
+    )  # fmt: skip
+    before = {n: p.requires_grad for n, p in opt.named_parameters()}
     with pytest.raises(NotImplementedError):
-        up.apply_unipelt(t5)
-    assert {n: p.requires_grad for n, p in t5.named_parameters()} == before
-    assert not hasattr(t5, "unipelt")
+        up.apply_unipelt(opt)
+    assert {n: p.requires_grad for n, p in opt.named_parameters()} == before
+    assert not hasattr(opt, "unipelt")
 
 
 def _vis(B, Lq, Lk, kpm, causal):

@@ -13,8 +13,7 @@ import unipelt_fast.ops as ops
 from tests import convention_backend
 from tests.hf_tiny import ADAPTER, batch, pelt
 from unipelt_fast import _tasks
-from unipelt_fast.hf.placements import PostLNOutputWrapper, PreLNMLPWrapper
-from unipelt_fast.hf.wrappers import AdapterWrapper
+from unipelt_fast.hf.placements import ADAPTER_HOSTS
 from unipelt_fast.lora import GatedLoRA
 
 TASKS = ("a", "b", "c", "d")
@@ -35,8 +34,7 @@ def _logits(m, b, tid):
 def test_one_fused_call_per_wrapped_module_whatever_the_tasks(kind, monkeypatch):
     convention_backend.install(monkeypatch)  # the custom-op path, with reference kernels
     m = pelt(kind, _cfg(), backend="triton")
-    kinds = AdapterWrapper | PostLNOutputWrapper | PreLNMLPWrapper | GatedLoRA
-    wrapped = sum(isinstance(x, kinds) for x in m.modules())
+    wrapped = sum(isinstance(x, (*ADAPTER_HOSTS, GatedLoRA)) for x in m.modules())
     assert wrapped > 0
     target = ops._gated_adapter_op
     calls = []

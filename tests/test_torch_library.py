@@ -27,6 +27,10 @@ CASES = {
         uf.prefix_attention,
         prefix_attention_case(layout="shared", gate="b2"),
     ),
+    "prefix_attention_bias": (
+        uf.prefix_attention,
+        prefix_attention_case(layout="indexed", gate="b2", causal=True, mask=True, bias="1hqk"),
+    ),
     "gated_adapter": (uf.gated_adapter, gated_adapter_case(gate_mode="mean", masked=True)),
     "gated_adapter_residual": (
         uf.gated_adapter,
@@ -49,12 +53,19 @@ def test_custom_op_autograd_matches_eager(name, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "op", ["prefix_attention", "gated_adapter", "gated_adapter_mixed", "bias_only_linear"]
+    "op",
+    [
+        "prefix_attention",
+        "prefix_attention_bias",
+        "gated_adapter",
+        "gated_adapter_mixed",
+        "bias_only_linear",
+    ],
 )
 def test_opcheck(op, monkeypatch):
     convention_backend.install(monkeypatch)
     fn, case = CASES[op]
-    op = op.removesuffix("_mixed")
+    op = op.removesuffix("_mixed").removesuffix("_bias")
     case = case.cast(torch.float32)
     captured = {}
     import unipelt_fast.ops as ops

@@ -325,7 +325,17 @@ def is_built() -> bool:
 
 
 def _prefix_attention_forward(
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate, key_padding_mask, causal, scale
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_gate,
+    key_padding_mask,
+    causal,
+    scale,
+    attn_bias=None,
 ):
     B, H, Lq, _ = q.shape
     out = new_output(q.shape, q.dtype, q.device)
@@ -343,6 +353,7 @@ def _prefix_attention_forward(
         float(scale),
         out,
         lse,
+        attn_bias,
     )
     return out, lse
 
@@ -361,6 +372,7 @@ def _prefix_attention_backward(
     lse,
     causal,
     scale,
+    attn_bias=None,
 ):
     dev, dt = q.device, q.dtype
     dq = new_output(q.shape, dt, dev)
@@ -389,6 +401,7 @@ def _prefix_attention_backward(
         dpk,
         dpv,
         dg,
+        attn_bias,
     )
     return dq, dk, dv, dpk, dpv, dg
 

@@ -9,7 +9,8 @@ here reads the host: the task ids were validated once, at the model's entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -17,6 +18,26 @@ from . import ops
 from .reference import task_linear
 
 Tensor = torch.Tensor
+
+
+# gate_report's probe: every routed call reports (owner, x, task_ids, default_task, mask),
+# owner being its per-task module list. None outside gate_report (one global read per call).
+_probe: Callable | None = None
+
+
+@contextlib.contextmanager
+def probing(fn: Callable) -> Iterator[None]:
+    global _probe
+    old, _probe = _probe, fn
+    try:
+        yield
+    finally:
+        _probe = old
+
+
+def observe(owner, x: Tensor, task_ids: Tensor | None, default_task: int, mask) -> None:
+    if _probe is not None:
+        _probe(owner, x, task_ids, default_task, mask)
 
 
 def stack(ts: Sequence[Tensor | None]) -> Tensor | None:
@@ -42,6 +63,7 @@ def gated_adapters(
     """Each example through its task's :class:`~unipelt_fast.modules.GatedAdapter`: one
     fused ``gated_adapter`` call (``adapter_index``) whatever the tasks in the batch.
     ``residual``: what the adapter's output is added to (None: ``x``)."""
+    observe(adapters, x, task_ids, default_task, mask)
     if not per_task(len(adapters), task_ids):
         return adapters[default_task if task_ids is None else 0](x, residual=residual, mask=mask)
     a = adapters[0]
@@ -77,6 +99,7 @@ def gates(
 ) -> Tensor:
     """Each example's :class:`~unipelt_fast.modules.Gate` (or PrefixGate) value: one
     batched logit computation with each example's task weights gathered."""
+    observe(gates, h, task_ids, default_task, mask)
     if not per_task(len(gates), task_ids):
         return gates[default_task if task_ids is None else 0](h, mask)
     w = stack([g.proj.weight for g in gates])  # (T, n, d)

@@ -113,7 +113,17 @@ def _range_readable(t: torch.Tensor) -> bool:
 
 
 def validate_prefix_attention(
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate, key_padding_mask, causal, softmax_scale
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_index,
+    prefix_gate,
+    key_padding_mask,
+    causal,
+    softmax_scale,
+    attn_bias=None,
 ) -> None:
     op = "prefix_attention"
     check_tensor(q, "q", op, ndim=4)
@@ -180,6 +190,25 @@ def validate_prefix_attention(
             raise ValueError(
                 f"{op}: softmax_scale must be positive and finite, got {softmax_scale}"
             )
+    if attn_bias is not None:
+        _check_attn_bias(attn_bias, (B, H, Lq, pk[-2] + Lk), dt, dev, op)
+
+
+def _check_attn_bias(
+    bias: object, full: tuple[int, ...], dt: torch.dtype, dev: torch.device, op: str
+) -> None:
+    """Broadcastable to ``full`` = (B, H, Lq, P + Lk); q's dtype or float32 (a float32 bias
+    with half q keeps, e.g., T5's position bias exact); q's device."""
+    check_tensor(bias, "attn_bias", op, device=dev)
+    assert isinstance(bias, torch.Tensor)
+    if bias.dtype not in (dt, torch.float32):
+        raise TypeError(f"{op}: attn_bias must have q's dtype ({dt}) or float32, got {bias.dtype}")
+    shp = _shape(bias)
+    ok = len(shp) <= 4 and all(s in (1, f) for s, f in zip(shp[::-1], full[::-1], strict=False))
+    if not ok:
+        raise ValueError(
+            f"{op}: attn_bias must be broadcastable to (B, H, Lq, P + Lk) = {full}, got {shp}"
+        )
 
 
 def validate_gated_adapter(

@@ -28,8 +28,10 @@ def prefix_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
     softmax_scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same result as ``reference.prefix_attention`` (rows with no visible key give 0)."""
+    """Same result as ``reference.prefix_attention`` (rows with no visible key give 0).
+    An ``attn_bias`` becomes SDPA's float mask (masked keys -inf), which SDPA materialises."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     pk = select_prefix(prefix_k, prefix_index, B)
@@ -39,6 +41,7 @@ def prefix_attention(
         return reference.prefix_attention(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_gate=prefix_gate,
             key_padding_mask=key_padding_mask, causal=causal, softmax_scale=softmax_scale,
+            attn_bias=attn_bias,
         )  # fmt: skip
     if prefix_gate is not None:
         gk, gv = split_prefix_gate(prefix_gate.to(q.dtype), B)
@@ -54,6 +57,9 @@ def prefix_attention(
             empty = ~tok.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1)
             tok = tok | empty
         mask = torch.cat([tok.new_ones(B, 1, Lq, P), tok], dim=-1)
+    if attn_bias is not None:  # additive float mask: the bias, -inf where masked
+        bias = attn_bias.to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=softmax_scale, enable_gqa=H != Hkv
     )

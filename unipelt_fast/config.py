@@ -79,6 +79,7 @@ def _check_layers(owner: str, v: object) -> tuple[int, ...] | None:
         raise ValueError(f"{owner}.layers must be non-empty and >= 0, got {v!r}")
     return tuple(sorted(set(v)))
 
+
 # Where the bottleneck adapter sits (h: the FFN's output, x: the FFN block's input on the
 # residual stream, N: the post-FFN LayerNorm of BERT-like models, identity for pre-LN models).
 # AdapterHub names in brackets; the README has the table.
@@ -176,6 +177,9 @@ class LoRAConfig:
     gate: bool = True
     gate_replaces_scaling: bool = False
     layers: tuple[int, ...] | None = None
+    # encoder-decoder models: which attentions get LoRA ("self": encoder and decoder
+    # self-attention; "cross": decoder cross-attention). Ignored by decoder/encoder-only models.
+    attention_types: tuple[str, ...] = ("self", "cross")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -190,6 +194,10 @@ class LoRAConfig:
         _check_bool(o, "gate", self.gate)
         _check_bool(o, "gate_replaces_scaling", self.gate_replaces_scaling)
         self.layers = _check_layers(o, self.layers)
+        types = ("self", "cross")
+        self.attention_types = _check_names(o, "attention_types", self.attention_types, types)
+        if not self.attention_types:
+            raise ValueError(f"{o}.attention_types must name at least one of {types}")
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """What the gates chose: :func:`gate_report` and :func:`plot_gates`.
 
 UniPELT's gates ``sigmoid(Linear(h))`` decide, per layer, how much each method contributes.
-``gate_report(model, **batch)`` runs one forward without grad, captures every gate's value
-with forward hooks on the gate modules, and summarises it per task, layer and method over
-the batch's real tokens (per example for the gates that average over the sequence).
+``gate_report(model, **batch)`` runs one forward without grad, recomputes every gate's value
+from the inputs the routed calls see (``_tasks.probing``) with each task's own gate module,
+and summarises it per task, layer and method over the batch's real tokens (per example for
+the gates that average over the sequence).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import reference
-from .hf.placements import PostLNOutputWrapper, PreLNMLPWrapper
+from . import _tasks, reference
+from .hf.placements import ADAPTER_HOSTS
 from .hf.root import _root
-from .hf.wrappers import AdapterWrapper
 from .lora import GatedLoRA
 
 METHODS = ("prefix_key", "prefix_value", "adapter", "lora", "prompt")
@@ -85,9 +85,13 @@ def _layer_of(name: str) -> int:
     raise ValueError(f"gate_report: no layer index in module name {name!r}")
 
 
-def _mask_arg(args, kwargs) -> torch.Tensor | None:
-    m = kwargs.get("mask", args[1] if len(args) > 1 else None)
-    return m if isinstance(m, torch.Tensor) else None
+def _split(task_ids: torch.Tensor | None, default_task: int, n_tasks: int):
+    """(task, example rows) of each task present; rows None for the whole batch."""
+    if task_ids is None or n_tasks == 1:
+        yield (default_task if task_ids is None else 0), None
+        return
+    for t in torch.unique(task_ids).tolist():  # host reads: a diagnostic, not a hot path
+        yield int(t), (task_ids == t).nonzero().squeeze(1)
 
 
 def _values(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -114,68 +118,56 @@ def gate_report(model: nn.Module, **batch) -> GateReport:
     tasks = root.cfg.tasks
     inner = getattr(model, "module", model)  # DDP
     found: dict[tuple[int, int | None, str], list[torch.Tensor]] = {}
-    handles = []
 
     def add(task: int, layer: int | None, method: str, v: torch.Tensor) -> None:
         found.setdefault((task, layer, method), []).append(v)
 
-    def on_gate(task: int, layer: int | None, methods: tuple[str, ...]):
-        def hook(module, args, kwargs, out):
-            v = out.detach().float()
-            if methods[0].startswith("prefix"):  # PrefixGate: (B,) or (B, 2)
+    # The routed calls pass their per-task module list ("owner"); which method and layer
+    # each owner is. The fused path never runs the per-task modules, so the report
+    # recomputes each gate from the captured input with that task's own gate module.
+    owners: dict[int, tuple[str, int | None]] = {}
+    if root.prefix_gates is not None:
+        for layer, per_task in enumerate(root.prefix_gates):
+            owners[id(per_task)] = ("prefix", layer)
+    if root.prompt is not None and root.prompt.gates is not None:
+        owners[id(root.prompt.gates)] = ("prompt", None)
+    for name, m in inner.named_modules():
+        if isinstance(m, ADAPTER_HOSTS) and m.adapters[0].gate is not None:
+            owners[id(m.adapters)] = ("adapter", _layer_of(name))
+        elif isinstance(m, GatedLoRA) and m.units[0].gate is not None:
+            owners[id(m.units)] = ("lora", _layer_of(name))
+
+    def probe(owner, x, task_ids, default_task, mask) -> None:
+        what = owners.get(id(owner))
+        if what is None:
+            return
+        method, layer = what
+        for t, idx in _split(task_ids, default_task, len(owner)):
+            xs = x if idx is None else x[idx]
+            ms = mask if mask is None or idx is None else mask[idx]
+            mod = owner[t]
+            if method == "adapter":  # the gate lives inside the fused op: the reference's
+                mode = "token" if mod.gate_mode == "token" else "mean"
+                gmask = ms if mod.gate_mode == "masked_mean" else None
+                w, b = mod.gate.weight, mod.gate.bias
+                g = reference.adapter_gate(xs.to(w.dtype), w, b, mode, gmask)
+                add(t, layer, "adapter", _values(g, ms))
+            elif method == "prefix":  # PrefixGate: (B,) or (B, 2)
+                v = mod(xs, ms).detach().float()
                 v = v.reshape(v.shape[0], -1)
-                add(task, layer, methods[0], v[:, 0])
-                add(task, layer, methods[1], v[:, -1])
+                add(t, layer, "prefix_key", v[:, 0])
+                add(t, layer, "prefix_value", v[:, -1])
             else:
-                add(task, layer, methods[0], _values(v, _mask_arg(args, kwargs)))
+                gate = mod.gate if method == "lora" else mod
+                add(t, layer, method, _values(gate(xs.to(gate.proj.weight.dtype), ms), ms))
 
-        return hook
-
-    def on_adapter(task: int, layer: int):
-        # The adapter's gate lives inside the fused op: recompute it from the captured
-        # input with the reference's gate formula (the spec).
-        def hook(module, args, kwargs, out):
-            x = args[0] if args else kwargs["x"]
-            mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
-            mode = "token" if module.gate_mode == "token" else "mean"
-            gmask = mask if module.gate_mode == "masked_mean" else None
-            w, b = module.gate.weight, module.gate.bias
-            g = reference.adapter_gate(x.to(w.dtype), w, b, mode, gmask)
-            add(task, layer, "adapter", _values(g, mask))
-
-        return hook
-
+    was_training = model.training
+    model.eval()
     try:
-        if root.prefix_gates is not None:
-            for layer, per_task in enumerate(root.prefix_gates):
-                for t, gate in enumerate(per_task):
-                    hook = on_gate(t, layer, ("prefix_key", "prefix_value"))
-                    handles.append(gate.register_forward_hook(hook, with_kwargs=True))
-        if root.prompt is not None and root.prompt.gates is not None:
-            for t, gate in enumerate(root.prompt.gates):
-                hook = on_gate(t, None, ("prompt",))
-                handles.append(gate.register_forward_hook(hook, with_kwargs=True))
-        for name, m in inner.named_modules():
-            if isinstance(m, (AdapterWrapper, PostLNOutputWrapper, PreLNMLPWrapper)):
-                for t, a in enumerate(m.adapters):
-                    if a.gate is not None:
-                        hook = on_adapter(t, _layer_of(name))
-                        handles.append(a.register_forward_hook(hook, with_kwargs=True))
-            elif isinstance(m, GatedLoRA):
-                for t, u in enumerate(m.units):
-                    if u.gate is not None:
-                        hook = on_gate(t, _layer_of(name), ("lora",))
-                        handles.append(u.gate.register_forward_hook(hook, with_kwargs=True))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(**batch)
-        finally:
-            model.train(was_training)
+        with torch.no_grad(), _tasks.probing(probe):
+            model(**batch)
     finally:
-        for h in handles:
-            h.remove()
+        model.train(was_training)
 
     stats = {}
     for (t, layer, method), vs in sorted(

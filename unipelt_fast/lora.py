@@ -111,6 +111,7 @@ class GatedLoRA(nn.Module):
 
         u0 = self.units[0]
         dt = u0.A.weight.dtype
+        _tasks.observe(self.units, x, task_ids, t, mask)
         gate = u0.gate
         out = ops.gated_adapter(
             x.to(dt),

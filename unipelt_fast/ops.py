@@ -12,18 +12,22 @@ for cuda) exposes ``forward`` and ``backward``. Inputs arrive validated and cano
 
 prefix_attention
     ``forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate, key_padding_mask,
-    causal, softmax_scale) -> (out, lse)``
+    causal, softmax_scale[, attn_bias=]) -> (out, lse)``
       q (B, H, Lq, D); k, v (B, Hkv, Lk, D); prefix_k, prefix_v (T, Hkv, P, D); all with
       any strides. prefix_index int64 (B,) in [0, T). prefix_gate None or float32 (B, 2)
       contiguous, columns (key gate, value gate). key_padding_mask None or bool (B, Lk).
+      attn_bias, passed (as a keyword) only when the caller gave one: a (B, H, Lq, P + Lk)
+      view in q's dtype or float32, stride 0 on broadcast dims (never materialised; read
+      it with its strides), columns [prefix ; tokens]. It is added to the logits after
+      the key gate scaled the prefix logits, before the masks; it never requires grad.
       out: (B, H, Lq, D) contiguous, q's dtype. lse: float32 (B, H, Lq), in units the same
       backend's backward understands.
     ``backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate,
-    key_padding_mask, out, lse, causal, softmax_scale) -> (dq, dk, dv, dprefix_k,
-    dprefix_v, dprefix_gate)``
+    key_padding_mask, out, lse, causal, softmax_scale[, attn_bias=]) -> (dq, dk, dv,
+    dprefix_k, dprefix_v, dprefix_gate)``
       grad_out contiguous. dprefix_* are (T, Hkv, P, D), summed deterministically over the
       examples (and query heads) that used each task. dprefix_gate float32 (B, 2), or None
-      when prefix_gate is None.
+      when prefix_gate is None. attn_bias as in forward (no gradient is returned for it).
 
 gated_adapter
     ``forward(x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate, gate_mask,
@@ -128,6 +132,7 @@ def _prefix_attention_op(
     causal: bool,
     softmax_scale: float,
     backend: str,
+    attn_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     impl = kernel_impl("prefix_attention", backend)
     return impl.forward(
@@ -141,6 +146,7 @@ def _prefix_attention_op(
         key_padding_mask,
         causal,
         softmax_scale,
+        **_bias_kw(attn_bias),
     )
 
 
@@ -157,6 +163,7 @@ def _(
     causal,
     softmax_scale,
     backend,
+    attn_bias=None,
 ):
     B, H, Lq, D = q.shape
     return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=torch.float32)
@@ -178,6 +185,7 @@ def _prefix_attention_bwd_op(
     causal: bool,
     softmax_scale: float,
     backend: str,
+    attn_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = kernel_impl("prefix_attention", backend)
     dq, dk, dv, dpk, dpv, dg = impl.backward(
@@ -194,6 +202,7 @@ def _prefix_attention_bwd_op(
         lse,
         causal,
         softmax_scale,
+        **_bias_kw(attn_bias),
     )
     return dq, dk, dv, dpk, dpv, _or_empty(dg, lse)
 
@@ -214,6 +223,7 @@ def _(
     causal,
     softmax_scale,
     backend,
+    attn_bias=None,
 ):
     dg = lse.new_empty(_EMPTY) if prefix_gate is None else torch.empty_like(prefix_gate)
     return (
@@ -226,16 +236,21 @@ def _(
     )
 
 
+def _bias_kw(attn_bias: Tensor | None) -> dict[str, Tensor]:
+    # Passed only when given, so a backend written before attn_bias keeps working without.
+    return {} if attn_bias is None else {"attn_bias": attn_bias}
+
+
 def _prefix_attention_setup(ctx, inputs, output):
-    q, k, v, pk, pv, idx, gate, kpm, causal, scale, backend = inputs
+    q, k, v, pk, pv, idx, gate, kpm, causal, scale, backend, bias = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, pk, pv, idx, gate, kpm, out, lse)
+    ctx.save_for_backward(q, k, v, pk, pv, idx, gate, kpm, out, lse, bias)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _prefix_attention_backward(ctx, grad_out, _grad_lse):
-    q, k, v, pk, pv, idx, gate, kpm, out, lse = ctx.saved_tensors
+    q, k, v, pk, pv, idx, gate, kpm, out, lse, bias = ctx.saved_tensors
     dq, dk, dv, dpk, dpv, dg = _prefix_attention_bwd_op(
         grad_out.contiguous(),
         q,
@@ -251,9 +266,10 @@ def _prefix_attention_backward(ctx, grad_out, _grad_lse):
         ctx.causal,
         ctx.scale,
         ctx.backend,
+        bias,
     )
     dg = None if gate is None else dg
-    return dq, dk, dv, dpk, dpv, None, dg, None, None, None, None
+    return dq, dk, dv, dpk, dpv, None, dg, None, None, None, None, None
 
 
 _prefix_attention_op.register_autograd(
@@ -286,6 +302,7 @@ def prefix_attention(
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
     softmax_scale: float | None = None,
+    attn_bias: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Softmax attention over the concatenation [gated prefix ; tokens], without building it.
@@ -302,13 +319,23 @@ def prefix_attention(
         key_padding_mask: bool (B, Lk), True = real token. Masks token keys only.
         causal: token key j is visible to query i iff j <= i + (Lk - Lq). Prefix keys are
             always visible.
-        softmax_scale: defaults to D ** -0.5.
+        softmax_scale: defaults to D ** -0.5 (T5 uses 1.0).
+        attn_bias: None or a float tensor broadcastable to (B, H, Lq, P + Lk), q's dtype
+            or float32, columns [prefix ; tokens] (e.g. T5's relative position bias, with
+            zeros for the prefix columns). Added to the logits after the key gate has
+            scaled the prefix logits and before the masks: logits = scale * q [g_k Pk ; K]^T
+            + attn_bias. Keep it finite; mask with key_padding_mask/causal. Broadcast dims
+            are read with stride 0, never materialised. The eager and torch backends
+            differentiate it; kernel backends raise NotImplementedError for a bias that
+            requires grad (T5's bias is frozen under PEFT).
         backend: "auto", "eager", "torch", "triton" or "cuda".
 
     Returns:
         (B, H, Lq, D) in q's dtype. A query row with no visible key gives 0.
     """
     q, k, v, prefix_k, prefix_v = _autocast(q, k, v, prefix_k, prefix_v)
+    if attn_bias is not None and attn_bias.dtype != torch.float32:
+        (attn_bias,) = _autocast(q, attn_bias)[1:]
     validate_prefix_attention(
         q,
         k,
@@ -320,9 +347,16 @@ def prefix_attention(
         key_padding_mask,
         causal,
         softmax_scale,
+        attn_bias,
     )
     be = resolve_backend(backend, q.device, "prefix_attention", q.dtype)
     check_backend_dtype(q.dtype, be, "prefix_attention")
+    if be not in ("eager", "torch") and attn_bias is not None and attn_bias.requires_grad:
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"prefix_attention: backend={be!r} does not differentiate attn_bias; detach it "
+                "or use backend='eager'"
+            )
     if be in ("eager", "torch"):
         impl = reference if be == "eager" else composite
         return impl.prefix_attention(
@@ -336,14 +370,20 @@ def prefix_attention(
             key_padding_mask=key_padding_mask,
             causal=causal,
             softmax_scale=softmax_scale,
+            attn_bias=attn_bias,
         )
-    B, D = q.shape[0], q.shape[-1]
+    B, H, Lq, D = q.shape
     pk, pv, idx = _canonical_prefix(prefix_k, prefix_v, prefix_index, B)
+    bias = None
+    if attn_bias is not None:  # a 4-D view, stride 0 on broadcast dims (nothing copied)
+        bias = attn_bias.detach().expand(B, H, Lq, pk.shape[2] + k.shape[2])
     gate = None
     if prefix_gate is not None:  # (B,) or (B, 2) -> float32 (B, 2); autograd sums back
         gate = prefix_gate.float().reshape(B, -1).expand(B, 2).contiguous()
     scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
-    out, _ = _prefix_attention_op(q, k, v, pk, pv, idx, gate, key_padding_mask, causal, scale, be)
+    out, _ = _prefix_attention_op(
+        q, k, v, pk, pv, idx, gate, key_padding_mask, causal, scale, be, bias
+    )
     return out
 
 

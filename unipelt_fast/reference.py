@@ -73,8 +73,14 @@ def prefix_attention(
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
     softmax_scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q [g_k*Pk ; K]^T * scale) [g_v*Pv ; V] with token-only masks; empty rows give 0."""
+    """softmax(q [g_k*Pk ; K]^T * scale + bias) [g_v*Pv ; V] with token-only masks; empty
+    rows give 0.
+
+    ``attn_bias`` (broadcastable to (B, H, Lq, P + Lk); columns [prefix ; tokens]) is added
+    after the key gate has scaled the prefix logits and before the masks, so the gate never
+    scales the bias and a masked key stays masked whatever its bias."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
@@ -95,6 +101,8 @@ def prefix_attention(
     values = values.repeat_interleave(group, dim=1)
 
     logits = torch.matmul(q.to(acc), keys.transpose(-1, -2)) * scale  # (B, H, Lq, P+Lk)
+    if attn_bias is not None:
+        logits = logits + attn_bias.to(acc)
     tok_vis = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device)
     visible = torch.cat([tok_vis.new_ones(B, 1, Lq, P), tok_vis], dim=-1)
     logits = logits.masked_fill(~visible, float("-inf"))
@@ -116,6 +124,7 @@ def prefix_attention_lse(
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
     softmax_scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Row log-sum-exp (natural log) of the scaled logits, (B, H, Lq); -inf for empty rows.
 
@@ -130,6 +139,8 @@ def prefix_attention_lse(
         pk = pk * split_prefix_gate(prefix_gate.to(acc), B)[0][:, None, None, None]
     keys = torch.cat([pk, k.to(acc)], dim=2).repeat_interleave(H // Hkv, dim=1)
     logits = torch.matmul(q.to(acc), keys.transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        logits = logits + attn_bias.to(acc)
     tok_vis = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device)
     visible = torch.cat([tok_vis.new_ones(B, 1, Lq, pk.shape[2]), tok_vis], dim=-1)
     return torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)

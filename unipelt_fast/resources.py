@@ -64,7 +64,9 @@ class Case:
         self.op, self.dtype, self.head_dim, self.label, self.run = op, dtype, head_dim, label, run
 
 
-def _attention_case(dt: str, D: int, gate: bool, mask: bool, causal: bool) -> Case:
+def _attention_case(
+    dt: str, D: int, gate: bool, mask: bool, causal: bool, bias: bool = False
+) -> Case:
     def run():
         kpa = _kmod("prefix_attention")
         t = DTYPES[dt]
@@ -75,10 +77,13 @@ def _attention_case(dt: str, D: int, gate: bool, mask: bool, causal: bool) -> Ca
         idx = torch.zeros(B, dtype=torch.long)
         g = torch.ones(B, 2) if gate else None
         m = torch.ones(B, L, dtype=torch.bool) if mask else None
-        out, lse = kpa.forward(q, k, k, pk, pk, idx, g, m, causal, 0.1)
-        kpa.backward(out, q, k, k, pk, pk, idx, g, m, out, lse, causal, 0.1)
+        kw = {}
+        if bias:  # T5's case: a (1, H, Lq, P + Lk) bias, stride 0 on the batch dim
+            kw["attn_bias"] = torch.zeros(1, H, L, P + L, dtype=t).expand(B, H, L, P + L)
+        out, lse = kpa.forward(q, k, k, pk, pk, idx, g, m, causal, 0.1, **kw)
+        kpa.backward(out, q, k, k, pk, pk, idx, g, m, out, lse, causal, 0.1, **kw)
 
-    label = {"gate": gate, "mask": mask, "causal": causal}
+    label = {"gate": gate, "mask": mask, "causal": causal, "attn_bias": bias}
     return Case("prefix_attention", dt, D, label, run)
 
 
@@ -149,6 +154,8 @@ def cases(quick: bool = False) -> list[Case]:
     for dt in dts:
         for D in (128, 256) if quick else HEAD_DIMS:
             out += [_attention_case(dt, D, *f) for f in attn_flags]
+            if not quick or (dt, D) == ("fp32", 128):  # the attn_bias variant (HAS_BIAS)
+                out.append(_attention_case(dt, D, True, True, True, bias=True))
     ad = [("token", "relu")]
     if not quick:
         ad += [(None, "relu"), ("mean", "relu"), ("token", "identity")]

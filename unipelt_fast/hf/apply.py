@@ -13,6 +13,7 @@ from ..config import UniPELTConfig
 from ..lora import GatedLoRA
 from ..modules import GatedAdapter
 from ..prompt import SoftPrompt
+from . import encdec
 from .attention import ATTN_NAME, _legacy_bert_forward, _register, _uses_attention_interface
 from .families import (
     _DEFAULT_HEADS,
@@ -26,8 +27,14 @@ from .families import (
     _linear_dims,
     _lora_targets,
 )
-from .hooks import _attn_pre_hook, _model_pre_hook
-from .placements import PostLNOutputWrapper, PreLNMLPWrapper, _residual_pre_hook
+from .hooks import _attn_pre_hook, _encoder_pre_hook, _model_pre_hook
+from .placements import (
+    PostLNNormWrapper,
+    PostLNOutputWrapper,
+    PreLNMLPWrapper,
+    SublayerOutputAdapters,
+    _residual_pre_hook,
+)
 from .root import UniPELTRoot
 from .wrappers import AdapterWrapper
 
@@ -46,14 +53,18 @@ class _Snapshot:
         ]
         self.grad = [(p, p.requires_grad) for p in model.parameters()]
         self.attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self.sub_configs: list[tuple[object, object]] = []  # (config, old attn implementation)
         self.handles: list = []
         self.tagged: list[tuple[nn.Module, str, object]] = []
+        self.added: list[tuple[nn.Module, str]] = []  # (module, name) of new children
 
     def restore(self) -> None:
         for h in self.handles:
             h.remove()
         for parent, name, child in self.children:
             setattr(parent, name, child)
+        for m, name in self.added:
+            m._modules.pop(name, None)
         for m, k, old in reversed(self.tagged):
             if old is _MISSING:
                 m.__dict__.pop(k, None)
@@ -67,6 +78,8 @@ class _Snapshot:
             p.requires_grad_(rg)
         if self.attn is not None:
             self.model.config._attn_implementation = self.attn
+        for c, old in self.sub_configs:
+            c._attn_implementation = old
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -87,8 +100,9 @@ def apply_unipelt(
 ) -> nn.Module:
     """Freeze ``model`` and inject the methods of ``cfg``, in place; returns the model.
 
-    Supports BERT/RoBERTa, GPT-2 and LLaMA-family (LLaMA, Mistral, Qwen2) models, any head.
-    On error the model is left as it was.
+    Supports BERT/RoBERTa, GPT-2, LLaMA-family (LLaMA, Mistral, Qwen2) and the
+    encoder-decoders BART, mBART, Marian, Pegasus, T5 and mT5, any head. On error the model
+    is left as it was.
     """
     cfg = UniPELTConfig() if cfg is None else cfg
     if not isinstance(cfg, UniPELTConfig):
@@ -128,24 +142,47 @@ def _check_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> N
 
 def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) -> None:
     dims = _dims(model.config)
-    family = _family(dims["model_type"])
-    attns = _attention_modules(model, family)
-    ffns = _ffn_targets(model, family)
-    if len(attns) != dims["n_layers"] or (cfg.adapter is not None and len(ffns) != len(attns)):
+    if encdec.is_encdec(dims["model_type"]):
+        family = encdec.lora_family(dims["model_type"])
+        sites = encdec.attention_sites(model)
+        attns = [m for m, _, _ in sites]
+        stacks = [s for _, s, _ in sites]
+        attn_types = [t for _, _, t in sites]
+        ffn_sites = encdec.ffn_targets(model)
+        ffns = [(p, a) for p, a, _ in ffn_sites]
+        ffn_stacks = [s for _, _, s in ffn_sites]
+    else:
+        family = _family(dims["model_type"])
+        attns = _attention_modules(model, family)
+        ffns = _ffn_targets(model, family)
+        stacks = ffn_stacks = attn_types = None
+    n_ffn = dims.get("n_ffn", dims["n_layers"])
+    if len(attns) != dims["n_layers"] or (cfg.adapter is not None and len(ffns) != n_ffn):
         raise NotImplementedError(
             f"apply_unipelt: found {len(attns)} attention and {len(ffns)} FFN blocks for "
             f"{dims['n_layers']} layers in this {dims['model_type']} model; supported: BERT, "
-            "RoBERTa, GPT-2 and LLaMA-family models"
+            "RoBERTa, GPT-2, LLaMA-family and BART-family models"
         )
     dtype, device = _model_dtype_device(model)
     T = len(cfg.tasks)
     for name in ("adapter", "prefix", "lora"):
         sub = getattr(cfg, name)
+        if sub is not None and sub.layers is not None and stacks is not None:
+            raise NotImplementedError(
+                f"apply_unipelt: {type(sub).__name__}.layers is not supported on "
+                "encoder-decoder models (their layers are not one sequence); leave it None"
+            )
         if sub is not None and sub.layers is not None and sub.layers[-1] >= dims["n_layers"]:
             raise ValueError(
                 f"apply_unipelt: {type(sub).__name__}.layers {list(sub.layers)} is out of range "
                 f"for a model with {dims['n_layers']} layers"
             )
+
+    if stacks is not None and cfg.prefix is not None and cfg.prefix.positions != "tokens_only":
+        raise NotImplementedError(
+            "apply_unipelt: PrefixConfig.positions='after_prefix' is not supported on "
+            "encoder-decoder models; use 'tokens_only'"
+        )
 
     def chosen(sub) -> set[int]:
         return set(range(dims["n_layers"]) if sub.layers is None else sub.layers)
@@ -181,7 +218,9 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
     if cfg.lora is not None:
         lora_layers = chosen(cfg.lora)
         for i, attn in enumerate(attns):
-            if i not in lora_layers:
+            if i not in lora_layers or (
+                attn_types is not None and attn_types[i] not in cfg.lora.attention_types
+            ):
                 continue
             for parent, attr, slices in _lora_targets(attn, family, cfg.lora.targets, dims):
                 base = getattr(parent, attr)
@@ -223,23 +262,54 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                 for _ in range(T)
             )
 
-        def wrap(parent: nn.Module, attr: str, cls, *extra) -> nn.Module:
+        def wrap(parent: nn.Module, attr: str, cls, *extra, stack: str | None = None):
             adapters = make()
             w = cls(getattr(parent, attr), adapters, *extra)
-            _tag(w, snap, _unipelt_root=root)
+            _tag(w, snap, _unipelt_root=root, _unipelt_stack=stack)  # stack: the gate's mask
             setattr(parent, attr, w)
             new_modules.append(adapters)
             return w
+
+        def hooked(module: nn.Module, x_from: nn.Module | None, stack: str) -> None:
+            """Adapters on ``module``'s output by a forward hook (encoder-decoder layers)."""
+            adapters = make()
+            h = SublayerOutputAdapters(adapters, ac.placement, x_is_input=x_from is None)
+            _tag(h, snap, _unipelt_root=root, _unipelt_stack=stack)
+            snap.added.append((module, "unipelt_adapters"))
+            module.add_module("unipelt_adapters", h)
+            snap.handles.append(module.register_forward_hook(h.hook, with_kwargs=True))
+            if x_from is not None and ac.placement == "ffn_parallel":
+                snap.handles.append(
+                    x_from.register_forward_pre_hook(_residual_pre_hook(h), with_kwargs=True)
+                )
+            new_modules.append(adapters)
 
         seq = ac.placement in ("ffn_output", "attn_and_ffn_output")
         blocks = ffns
         if not seq and family == "bert":  # the *Output module: dense -> LayerNorm(h + x)
             blocks = [(_parent_of(model, p), _name_in_parent(model, p)) for p, _ in ffns]
+        if ffn_stacks is not None and ac.placement == "attn_and_ffn_output":
+            raise NotImplementedError(
+                "apply_unipelt: adapter placement 'attn_and_ffn_output' is not supported on "
+                "encoder-decoder models; use 'block_output', 'ffn_output' or 'ffn_parallel'"
+            )
         for i, (parent, attr) in enumerate(blocks):
             if i not in adapter_layers:
                 continue
+            stack = None if ffn_stacks is None else ffn_stacks[i]
             if seq:
-                wrap(parent, attr, AdapterWrapper)
+                wrap(parent, attr, AdapterWrapper, stack=stack)
+            elif stack is not None and encdec.ffn_is_post_ln(dims["model_type"]):
+                w = wrap(parent, "final_layer_norm", PostLNNormWrapper, ac.placement, stack=stack)
+                if ac.placement == "ffn_parallel":
+                    snap.handles.append(
+                        parent.fc1.register_forward_pre_hook(
+                            _residual_pre_hook(w), with_kwargs=True
+                        )
+                    )
+            elif stack is not None:  # T5LayerFF (x is its input) or a pre-LN BART layer
+                t5 = attr == "DenseReluDense"
+                hooked(parent, None if t5 else parent.final_layer_norm, stack)
             elif family == "bert":
                 wrap(parent, attr, PostLNOutputWrapper, ac.placement)
             else:
@@ -295,6 +365,9 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
         for slot, i in enumerate(prefix_layers):  # slot: the layer's rows in the encoder
             attn = attns[i]
             _tag(attn, snap, _unipelt_root=root, _unipelt_layer=slot)
+            if stacks is not None:  # the gate's mask (query side) and the keys' mask
+                keys_of = "enc" if attn_types[i] == "cross" else stacks[i]
+                _tag(attn, snap, _unipelt_stack=stacks[i], _unipelt_keys=keys_of)
             if legacy:
                 _tag(attn, snap, forward=types.MethodType(_legacy_bert_forward, attn))
             if root.prefix_gates is not None:
@@ -303,6 +376,10 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                 )
         if not legacy:
             model.config._attn_implementation = ATTN_NAME
+            for c in {id(a.config): a.config for a in attns if hasattr(a, "config")}.values():
+                if c is not model.config:  # T5's stacks hold their own copies of the config
+                    snap.sub_configs.append((c, c._attn_implementation))
+                    c._attn_implementation = ATTN_NAME
 
     for m in new_modules:
         m.to(device=device, dtype=dtype)
@@ -310,6 +387,10 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
             p.requires_grad_(True)
     model.unipelt = root
     snap.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
+    if stacks is not None:  # encoder-decoder: generate() calls the encoder directly
+        enc = model.get_encoder()
+        _tag(enc, snap, _unipelt_root=root)
+        snap.handles.append(enc.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True))
     root._handles = snap.handles
     # Reentrant gradient checkpointing only backpropagates into a checkpointed block when its
     # input requires grad; with a frozen embedding it would not (and the PELT gradients would

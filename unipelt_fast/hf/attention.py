@@ -6,6 +6,7 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import ops
 from .masks import layer_masks
@@ -41,8 +42,20 @@ def unipelt_attention(
     if attention_mask is None and kwargs.get("is_causal") is not None:
         causal = bool(kwargs["is_causal"])
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    kpm, causal, key, value = layer_masks(root, attention_mask, causal, query, key, value, window)
+    position_bias = kwargs.get("position_bias")  # T5: (1 or B, H, Lq, Lk), no mask in it
+    keys_of = module.__dict__.get("_unipelt_keys", "enc")  # whose 2-D mask covers the keys
+    kpm, causal, key, value = layer_masks(
+        root, attention_mask, causal, query, key, value, window, keys_of
+    )
     pk, pv = root.layer_prefix(layer)
+    attn_bias = None
+    if position_bias is not None:
+        # Token keys keep their relative positions; prefix keys get 0. Under PEFT the bias
+        # is frozen, and kernel backends take no bias gradient: detach for them.
+        bias = position_bias[..., : key.shape[2]]  # a static cache's unwritten slots dropped
+        if root.backend != "eager":
+            bias = bias.detach()
+        attn_bias = F.pad(bias, (pk.shape[2], 0))
     gate = module.__dict__.pop("_unipelt_gate", None)
     B = query.shape[0]
     if gate is not None and gate.shape[0] != B:
@@ -62,6 +75,7 @@ def unipelt_attention(
         key_padding_mask=kpm,
         causal=causal,
         softmax_scale=scaling,
+        attn_bias=attn_bias,
         backend=root.backend,
     )
     return out.transpose(1, 2).contiguous(), None

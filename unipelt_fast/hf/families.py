@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .encdec import encdec_dims, is_encdec
+
 _DEFAULT_HEADS = ("classifier", "score", "qa_outputs")
 _BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 
 
 def _dims(config) -> dict:
+    if is_encdec(config.model_type):
+        return encdec_dims(config)
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -75,7 +79,9 @@ def _lora_targets(attn: nn.Module, family: str, roles, dims) -> list:
         slices = sorted((pos[r] * d, (pos[r] + 1) * d) for r in roles)
         return [(attn, "c_attn", slices)]
     names = {"query": "query", "key": "key", "value": "value"}
-    if family != "bert":
+    if family == "t5":
+        names = {"query": "q", "key": "k", "value": "v"}
+    elif family != "bert":
         names = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
     return [(attn, names[r], None) for r in roles]
 

@@ -18,7 +18,7 @@ def _attn_pre_hook(module: nn.Module, args, kwargs):
     if h is None or root.prefix_gates is None:
         return None
     gates = root.prefix_gates[module.__dict__["_unipelt_layer"]]
-    mask = root.mask_for(h)
+    mask = root.mask_for(h, module.__dict__.get("_unipelt_stack"))
     dt = gates[0].proj.weight.dtype
     module.__dict__["_unipelt_gate"] = _tasks.gates(
         gates, h.to(dt), root.task_ids_for(h.shape[0]), root.default_task, mask=mask
@@ -64,6 +64,11 @@ def _model_pre_hook(model: nn.Module, args, kwargs):
         _positions_after_prefix(model, root, kwargs)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     root.mask_cache = {}  # masks are worked out once per forward (hf.masks.layer_masks)
+    dmask = kwargs.get("decoder_attention_mask")
+    is_2d = isinstance(dmask, torch.Tensor) and dmask.dim() == 2
+    root.dec_mask2d = dmask.bool() if is_2d else None
+    ids = kwargs.get("input_ids")
+    root.entry_ref = ids if ids is not None else kwargs.get("inputs_embeds")
     return args, kwargs
 
 
@@ -98,6 +103,27 @@ def _task_ids_tensor(task_ids, tasks: tuple[str, ...], device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def _encoder_pre_hook(encoder: nn.Module, args, kwargs):
+    """Encoder-decoder models: generate() runs the encoder directly, not through the
+    model's forward (whose pre-hook set the state). Then take the encoder's own mask and the
+    active task (generate takes no task_ids), instead of a previous forward's."""
+    root: UniPELTRoot = encoder.__dict__["_unipelt_root"]
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    if ref is not None and ref is root.entry_ref:
+        return None  # called by the model's forward
+    if root.prompt is not None:
+        raise NotImplementedError(
+            "unipelt: the soft prompt with generate() on encoder-decoder models; call the "
+            "model's forward (the prompt is prepended there)"
+        )
+    root.task_ids = None
+    root.mask_cache = {}
+    mask = kwargs.get("attention_mask")
+    root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    return None
+
+
 def _prepend_prompt(model, root, kwargs, task_ids, mask):
     past = kwargs.get("past_key_values")
     if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
@@ -120,7 +146,13 @@ def _prepend_prompt(model, root, kwargs, task_ids, mask):
     if tt is not None:
         kwargs["token_type_ids"] = torch.cat([tt.new_zeros(B, P), tt], dim=1)
     labels = kwargs.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == L:
+    decoder_side = getattr(model.config, "is_encoder_decoder", False)  # labels: the decoder's
+    if (
+        not decoder_side
+        and isinstance(labels, torch.Tensor)
+        and labels.dim() == 2
+        and labels.shape[1] == L
+    ):
         kwargs["labels"] = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
     return kwargs, mask
 

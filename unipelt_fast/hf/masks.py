@@ -74,6 +74,7 @@ def layer_masks(
     k: torch.Tensor,
     v: torch.Tensor,
     sliding_window: int | None = None,
+    keys_of: str = "enc",
 ):
     """(key_padding_mask or None, causal, k, v) for one layer, with no host read per layer.
 
@@ -83,13 +84,15 @@ def layer_masks(
     padding (knowing that would need a host read). Otherwise (a 4-D mask from the caller, a
     static cache whose slots outnumber the mask, a sliding window shorter than the keys)
     the 4-D mask is inspected with :func:`_convert_mask`, once per forward per mask.
+    Encoder-decoders: ``keys_of`` "dec" (decoder self-attention) takes the decoder's 2-D
+    mask; encoder self- and cross-attention keys are the encoder's tokens.
     """
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     cache = root.mask_cache
-    m2 = root.mask2d
+    m2 = root.dec_mask2d if keys_of == "dec" else root.mask2d
     windowed = sliding_window is not None and Lk > sliding_window
     if m2 is not None and m2.shape[1] == Lk and B % m2.shape[0] == 0 and not windowed:
-        key = ("2d", B, Lk, q.device)
+        key = ("2d", keys_of, B, Lk, q.device)
         kpm = cache.get(key)
         if kpm is None:
             kpm = m2.to(q.device)

@@ -6,6 +6,11 @@ adapter (its gate reads a's input), N: the post-FFN LayerNorm (BERT-like) or not
 
 * "block_output": ``N(h + x + a(N(h + x)))`` (AdapterHub SeqBn, ``original_ln_before=True``)
 * "ffn_parallel": ``N(h + x + a(x))`` (AdapterHub ParBn)
+
+Encoder-decoder layers run their FFN inline, so the adapter attaches where ``s = x + h``
+(after the FFN's dropout) is visible: the post-FFN LayerNorm of post-LN BART/Marian
+(:class:`PostLNNormWrapper`), or a forward hook on the module that returns ``s`` (T5's
+``T5LayerFF``, a pre-LN mBART/Pegasus layer: :class:`SublayerOutputAdapters`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .. import _tasks
+from .wrappers import AdapterWrapper
 
 
 def _run_adapters(wrapper: nn.Module, a_in: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -21,7 +27,7 @@ def _run_adapters(wrapper: nn.Module, a_in: torch.Tensor, residual: torch.Tensor
     for the whole (mixed-task) batch."""
     root = wrapper.__dict__.get("_unipelt_root")
     task_ids = None if root is None else root.task_ids_for(a_in.shape[0])
-    mask = None if root is None else root.mask_for(a_in)
+    mask = None if root is None else root.mask_for(a_in, wrapper.__dict__.get("_unipelt_stack"))
     adapters = wrapper.adapters
     dt = adapters[0].down.weight.dtype
     default = 0 if root is None else root.default_task
@@ -70,10 +76,69 @@ class PreLNMLPWrapper(nn.Module):
         return _run_adapters(self, a_in, h)  # the block adds x
 
 
-def _residual_pre_hook(wrapper: PreLNMLPWrapper):
+def _recorded_residual(wrapper: nn.Module, placement: str, like: torch.Tensor) -> torch.Tensor:
+    x = wrapper.__dict__.get("_unipelt_residual")
+    if x is None or x.shape != like.shape:
+        raise RuntimeError(
+            f"unipelt: adapter placement {placement!r} did not see this block's FFN input"
+        )
+    wrapper.__dict__["_unipelt_residual"] = None
+    return x
+
+
+class PostLNNormWrapper(nn.Module):
+    """Replaces the post-FFN LayerNorm N of a post-LN layer with an inline FFN (BART,
+    Marian), whose input is ``s = x + h``: "block_output" ``N(s + a(N(s)))``,
+    "ffn_parallel" ``N(s + a(x))`` (x recorded by a pre-hook on the first FFN projection)."""
+
+    def __init__(self, inner: nn.Module, adapters: nn.ModuleList, placement: str) -> None:
+        super().__init__()
+        self.inner, self.adapters, self.placement = inner, adapters, placement
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        if self.placement == "block_output":
+            a_in = self.inner(s)
+        else:
+            a_in = _recorded_residual(self, self.placement, s)
+        return self.inner(_run_adapters(self, a_in, s))
+
+
+class SublayerOutputAdapters(nn.Module):
+    """The adapters of a module whose output is ``s = x + h`` (T5LayerFF, a pre-LN
+    mBART/Pegasus layer), run by a forward hook so the module itself stays as it is:
+    "block_output" ``s + a(s)``, "ffn_parallel" ``s + a(x)`` (x: the FFN's input, the
+    hooked module's input for T5, recorded from the pre-FFN norm otherwise)."""
+
+    def __init__(self, adapters: nn.ModuleList, placement: str, x_is_input: bool) -> None:
+        super().__init__()
+        self.adapters, self.placement, self.x_is_input = adapters, placement, x_is_input
+
+    def hook(self, module: nn.Module, args, kwargs, output):
+        s = output[0] if isinstance(output, tuple) else output
+        if self.placement == "block_output":
+            a_in = s
+        elif self.x_is_input:
+            a_in = kwargs.get("hidden_states", args[0] if args else None)
+        else:
+            a_in = _recorded_residual(self, self.placement, s)
+        new = _run_adapters(self, a_in, s)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def _residual_pre_hook(wrapper: nn.Module):
     def hook(module: nn.Module, args, kwargs):
         x = kwargs.get("hidden_states", args[0] if args else None)
         wrapper.__dict__["_unipelt_residual"] = x
         return None
 
     return hook
+
+
+# Every module that holds a layer's per-task adapters (as ``.adapters``), whatever the placement.
+ADAPTER_HOSTS = (
+    AdapterWrapper,
+    PostLNOutputWrapper,
+    PreLNMLPWrapper,
+    PostLNNormWrapper,
+    SublayerOutputAdapters,
+)

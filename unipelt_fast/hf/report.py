@@ -6,9 +6,8 @@ import torch.nn as nn
 
 from ..lora import GatedLoRA
 from .families import _DEFAULT_HEADS
-from .placements import PostLNOutputWrapper, PreLNMLPWrapper
+from .placements import ADAPTER_HOSTS
 from .root import _root
-from .wrappers import AdapterWrapper
 
 
 def set_active_task(model: nn.Module, task: str | int) -> None:
@@ -47,7 +46,7 @@ def _method_of_params(model: nn.Module) -> dict[int, str]:
     inner = getattr(model, "module", model)
     for m in inner.modules():
         what = None
-        if isinstance(m, (AdapterWrapper, PostLNOutputWrapper, PreLNMLPWrapper)):
+        if isinstance(m, ADAPTER_HOSTS):
             what, ps = "adapter", m.adapters.parameters()
         elif isinstance(m, GatedLoRA):
             what, ps = "lora", m.units.parameters()

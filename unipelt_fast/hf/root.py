@@ -20,6 +20,8 @@ class UniPELTRoot(nn.Module):
         self.task_ids: torch.Tensor | None = None
         self.mask2d: torch.Tensor | None = None
         self.mask_cache: dict = {}  # hf.masks.layer_masks, reset per forward
+        self.dec_mask2d: torch.Tensor | None = None  # encoder-decoder: the decoder's mask
+        self.entry_ref: torch.Tensor | None = None  # the model forward's input (identity)
         T, L = len(cfg.tasks), dims["n_layers"]
         gm = "masked_mean" if cfg.gate_mode == "token" else cfg.gate_mode
         self.prefix = self.prefix_gates = self.prompt = None
@@ -59,10 +61,11 @@ class UniPELTRoot(nn.Module):
             return torch.full((batch,), self.default_task, dtype=torch.long, device=device)
         return t
 
-    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+    def mask_for(self, x: torch.Tensor, stack: str | None = None) -> torch.Tensor | None:
         """The (B, L) real-token mask for a (B, L, d) activation: the last L columns of the
-        forward's 2-D mask (with a KV cache the mask also covers the cached tokens)."""
-        m = self.mask2d
+        forward's 2-D mask (with a KV cache the mask also covers the cached tokens). In an
+        encoder-decoder, ``stack`` "dec" selects the decoder's mask."""
+        m = self.dec_mask2d if stack == "dec" else self.mask2d
         if m is None or x.dim() != 3:
             return None
         B, L = x.shape[0], x.shape[1]

@@ -19,7 +19,7 @@ class AdapterWrapper(nn.Module):
         y = self.inner(*args, **kwargs)
         root = self.__dict__.get("_unipelt_root")
         task_ids = None if root is None else root.task_ids_for(y.shape[0])
-        mask = None if root is None else root.mask_for(y)
+        mask = None if root is None else root.mask_for(y, self.__dict__.get("_unipelt_stack"))
         dt = self.adapters[0].down.weight.dtype
         default = 0 if root is None else root.default_task
         return _tasks.gated_adapters(self.adapters, y.to(dt), task_ids, default, mask=mask).to(

@@ -2,7 +2,7 @@
 # The GPU suite, in one go (fits one 10-minute device call on an H100):
 #   1. the gpu-marked tests (every backend, every dtype)      -> OUTDIR/gpu_tests.log
 #   2. unipelt-fast bench for every op (bf16, GPU shapes)       -> OUTDIR/ops.{json,csv,md}
-#   3. unipelt-fast bench for both models (bert-base, llama)    -> OUTDIR/models.{json,csv,md}
+#   3. unipelt-fast bench for every model (bert, llama, bart)    -> OUTDIR/models.{json,csv,md}
 #   4. the torch.compile rows of every op (slow to compile,     -> OUTDIR/compile.{json,csv,md}
 #      so they come last, with whatever time is left)
 #   5. one combined table with device, versions and commit      -> OUTDIR/results.md

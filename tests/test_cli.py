@@ -369,3 +369,60 @@ def test_plot_shows_every_row_and_says_why_timings_are_missing(tmp_path, monkeyp
     assert len(mem_ax.patches) == len(with_bytes)  # saved-bytes bars, also the interpreter's
     heights = sorted(p.get_height() for p in mem_ax.patches)
     assert heights == pytest.approx(sorted(r["saved_bytes"] / 2**20 for r in with_bytes))
+
+
+def test_like_for_like_rows_and_speedups():
+    """Each peer has this package's same-configuration rows next to it, and the summary's
+    speedup is the peer's time over ours (the times are written here)."""
+    from unipelt_fast.bench import models
+
+    names = [r for r, _, _ in models.MODEL_ROWS]
+    for ours, peer in models.LIKE_FOR_LIKE.items():
+        assert {f"{ours}_eager", f"{ours}_fused", peer} <= set(names)
+    rows = [
+        {"impl": "full_ft", "pass": "train", "available": True, "time_ms": 10.0},
+        {"impl": "frozen_base", "pass": "infer", "available": True, "time_ms": 2.0},
+        {"impl": "peft_prefix", "pass": "train", "available": True, "time_ms": 6.0},
+        {"impl": "peft_prefix", "pass": "infer", "available": True, "time_ms": 3.0},
+        {"impl": "as_peft_prefix_fused", "pass": "train", "available": True, "time_ms": 4.0},
+        {"impl": "as_peft_prefix_fused", "pass": "infer", "available": False},
+    ]
+    fr = models.fractions(rows)
+    assert fr["as_peft_prefix_fused_train_speedup_vs_peft_prefix"] == pytest.approx(1.5)
+    assert fr["as_peft_prefix_fused_train_frac_of_full_ft"] == pytest.approx(0.4)
+    assert fr["peft_prefix_infer_frac_of_frozen"] == pytest.approx(1.5)
+    assert "as_peft_prefix_fused_infer_speedup_vs_peft_prefix" not in fr
+
+
+def test_as_peft_prefix_trains_what_peft_trains():
+    """The like-for-like row's configuration holds exactly peft's prefix (P x layers x 2 x
+    Hkv x D values, nothing else trained besides the heads both train)."""
+    peft = pytest.importorskip("peft")
+    from unipelt_fast.bench import models
+
+    cpu = torch.device("cpu")
+    ref, _, _ = models.build_model("llama-1b-like", True, cpu, torch.float32)
+    ref = models.adapt(ref, "peft_prefix", cpu)
+    assert isinstance(ref, peft.PeftModel)
+    want = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    m, _, _ = models.build_model("llama-1b-like", True, cpu, torch.float32)
+    m = models.adapt(m, "as_peft_prefix:eager", cpu)
+    got = {n: p.numel() for n, p in m.named_parameters() if p.requires_grad}
+    assert sum(got.values()) == want, got
+    assert all(n.startswith("unipelt.prefix.") for n in got), got
+    with pytest.raises(NotImplementedError, match="decoder self-attention"):
+        bart, _, _ = models.build_model("bart-base", True, cpu, torch.float32)
+        models.adapt(bart, "as_peft_prefix:eager", cpu)
+
+
+def test_model_level_bart_quick(tmp_path):
+    j = tmp_path / "m.json"
+    rc = main(["bench", "--quick", "--ops", "none", "--model", "bart-base", "--json", str(j),
+               "--no-progress"])  # fmt: skip
+    assert rc == 0
+    rows = {(r["impl"], r["pass"]): r for r in _load_strict(j)["rows"]}
+    for key in [("full_ft", "train"), ("frozen_base", "infer"), ("unipelt_eager", "train"),
+                ("unipelt_eager", "infer")]:  # fmt: skip
+        assert rows[key]["available"] and rows[key]["time_ms"] > 0, rows[key]
+    assert 0 < rows[("unipelt_eager", "train")]["trainable_params"] < rows[key]["params"]
+    assert "layers=2+2" in rows[("full_ft", "train")]["shape"]

@@ -165,3 +165,16 @@ def test_from_adapters_bad_input_leaves_model_untouched(tmp_path):
     with pytest.raises(up.InteropError, match="missing"):
         up.from_adapters(m, str(tmp_path))
     assert [n for n, _ in m.named_modules()] == names and not hasattr(m, "unipelt")
+
+
+@pytest.mark.parametrize("kind", ("bert", "llama"))
+def test_bench_like_for_like_config_is_adapters_unipelt(kind):
+    """The bench's as_adapters_unipelt rows run adapters' own UniPELTConfig() (the bench
+    holds a copy of its dict so the row runs without the library)."""
+    from unipelt_fast.bench.models import ADAPTERS_UNIPELT
+    from unipelt_fast.interop import adapters_config
+
+    m = tiny_model(kind)
+    want = adapters_config(adapters.UniPELTConfig().to_dict(), m)
+    assert adapters_config(ADAPTERS_UNIPELT, m) == want
+    assert want.prefix.mlp_hidden == 512 and want.lora.r == 8 and want.adapter.gate

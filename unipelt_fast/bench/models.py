@@ -1,9 +1,13 @@
-"""Model-level run: one training step and peak memory for a BERT-base-sized encoder and a
-LLaMA-style decoder, built from transformers configs (random weights, no download).
+"""Model-level run: one training step and peak memory for a BERT-base-sized encoder, a
+LLaMA-style decoder and BART-base, built from transformers configs (random weights, no
+download).
 
-Rows: full fine-tuning (train step), frozen base (inference forward), UniPELT on eager
-and on the fused backend (train step and inference forward), and peers when importable
-(peft prefix tuning, the adapters library's UniPELT).
+Rows: full fine-tuning (train step), frozen base (inference forward), this package's UniPELT
+on eager and on the fused backend (train step and inference forward), and each peer (when
+importable) next to this package running the same configuration, like for like:
+peft prefix tuning against ``as_peft_prefix`` (a flat ungated prefix of the same length,
+tokens after the prefix) and the adapters library's UniPELT against ``as_adapters_unipelt``
+(``adapters.UniPELTConfig()`` translated by :func:`unipelt_fast.interop.adapters_config`).
 """
 
 from __future__ import annotations
@@ -16,26 +20,77 @@ import torch
 from .runners import first_line, record, saved_bytes
 from .shapes import MODEL_SIZES
 
+PEERS = ("peft_prefix", "adapters_unipelt")
+# this package's configuration row -> the peer row that runs the same configuration
+LIKE_FOR_LIKE = {"as_peft_prefix": "peft_prefix", "as_adapters_unipelt": "adapters_unipelt"}
+PEFT_PREFIX_LEN = 16
+
+
+def _rows() -> tuple[tuple[str, str, str], ...]:
+    rows = [("full_ft", "train", "full"), ("frozen_base", "infer", "full")]
+    for cfg in ("unipelt", *LIKE_FOR_LIKE):
+        for backend in ("eager", "fused"):
+            rows += [(f"{cfg}_{backend}", mode, f"{cfg}:{backend}") for mode in ("train", "infer")]
+        peer = LIKE_FOR_LIKE.get(cfg)
+        if peer:
+            rows += [(peer, mode, peer) for mode in ("train", "infer")]
+    return tuple(rows)
+
+
 # (row name, what is timed, how the model is adapted)
-MODEL_ROWS = (
-    ("full_ft", "train", "full"),
-    ("frozen_base", "infer", "full"),
-    ("unipelt_eager", "train", "unipelt:eager"),
-    ("unipelt_eager", "infer", "unipelt:eager"),
-    ("unipelt_fused", "train", "unipelt:fused"),
-    ("unipelt_fused", "infer", "unipelt:fused"),
-    ("peft_prefix", "train", "peft_prefix"),
-    ("adapters_unipelt", "train", "adapters_unipelt"),
-)
+MODEL_ROWS = _rows()
+
+# adapters 1.3's ``UniPELTConfig().to_dict()`` (the keys that matter; a test in the adapters
+# venv checks it against the library), so the like-for-like row runs without the library.
+ADAPTERS_UNIPELT = {
+    "architecture": "union",
+    "configs": [
+        {"architecture": "prefix_tuning", "prefix_length": 10, "bottleneck_size": 512,
+         "non_linearity": "tanh", "flat": False, "use_gating": True, "shared_gating": True,
+         "leave_out": []},
+        {"architecture": None, "mh_adapter": False, "output_adapter": True,
+         "reduction_factor": 16, "non_linearity": "relu", "original_ln_before": True,
+         "original_ln_after": True, "residual_before_ln": True, "is_parallel": False,
+         "scaling": 1.0, "use_gating": True, "leave_out": []},
+        {"architecture": "lora", "selfattn_lora": True, "r": 8, "alpha": 2,
+         "attn_matrices": ["q", "v"], "use_gating": True, "leave_out": []},
+    ],
+}  # fmt: skip
 
 
 def unipelt_config():
-    """The UniPELT configuration the model rows use (BitFit + gated adapter + gated prefix)."""
+    """The UniPELT configuration the ``unipelt_*`` rows use (BitFit + gated adapter + gated
+    prefix)."""
     import unipelt_fast
 
     return unipelt_fast.UniPELTConfig(
         bitfit=True, adapter=True, prefix=True, lora=False, prompt=False, gate_mode="mean"
     )
+
+
+def config_for(cfg: str, model):
+    """This package's configuration for row family ``cfg`` on ``model``."""
+    import unipelt_fast
+    from unipelt_fast.interop import adapters_config
+
+    if cfg == "unipelt":
+        return unipelt_config()
+    if cfg == "as_adapters_unipelt":
+        return adapters_config(ADAPTERS_UNIPELT, model)
+    if cfg == "as_peft_prefix":  # peft's PrefixTuningConfig defaults: flat, ungated
+        if model.config.is_encoder_decoder:
+            raise NotImplementedError(
+                "peft prefixes only the decoder self-attention of an encoder-decoder; this "
+                "package prefixes every attention site (no per-site selection), so there is "
+                "no like-for-like row"
+            )
+        return unipelt_fast.UniPELTConfig(
+            bitfit=False, adapter=False, lora=False, prompt=False,
+            prefix=unipelt_fast.PrefixConfig(
+                length=PEFT_PREFIX_LEN, reparam=False, gate=False, positions="after_prefix"
+            ),
+        )  # fmt: skip
+    raise ValueError(f"unknown configuration {cfg!r}")
 
 
 def build_model(name: str, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -48,7 +103,15 @@ def build_model(name: str, tiny: bool, device: torch.device, dtype: torch.dtype)
     vocab = size["config"]["vocab_size"]
     ids = torch.randint(0, vocab, (B, L), generator=g)
     mask = torch.ones(B, L, dtype=torch.long)
-    if name == "bert-base":
+    if name == "bart-base":
+        cfg = transformers.BartConfig(**size["config"])
+        cls = transformers.BartForConditionalGeneration
+        mask[1::2, L - L // 8 :] = 0  # padded sources
+        labels = torch.randint(0, vocab, (B, size["target_len"]), generator=g)
+        start = cfg.decoder_start_token_id
+        dec_in = torch.cat([torch.full((B, 1), start), labels[:, :-1]], dim=1)
+        extra = {"decoder_input_ids": dec_in, "use_cache": False}  # inference decodes it too
+    elif name == "bert-base":
         cfg = transformers.BertConfig(**size["config"], num_labels=2)
         cls = transformers.BertForSequenceClassification
         mask[1::2, L - L // 8 :] = 0  # some padding: exercises the key masks
@@ -66,9 +129,15 @@ def build_model(name: str, tiny: bool, device: torch.device, dtype: torch.dtype)
         "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
         "labels": labels.to(device),
-        **extra,
+        **{k: v.to(device) if torch.is_tensor(v) else v for k, v in extra.items()},
     }
-    shape = f"B={B} L={L} hidden={cfg.hidden_size} layers={cfg.num_hidden_layers}"
+    if name == "bart-base":
+        shape = (
+            f"B={B} L={L}->{size['target_len']} hidden={cfg.d_model} "
+            f"layers={cfg.encoder_layers}+{cfg.decoder_layers}"
+        )
+    else:
+        shape = f"B={B} L={L} hidden={cfg.hidden_size} layers={cfg.num_hidden_layers}"
     return model, batch, shape
 
 
@@ -77,23 +146,25 @@ def adapt(model, how: str, device: torch.device):
     method is not available here."""
     if how == "full":
         return model
-    if how.startswith("unipelt:"):
+    if ":" in how:
         import unipelt_fast
 
-        if not hasattr(unipelt_fast, "apply_unipelt"):
-            raise NotImplementedError("unipelt_fast.apply_unipelt is not available yet")
-        backend = how.split(":")[1]
+        cfg, backend = how.split(":")
         if backend == "fused":
             if device.type != "cuda":
                 raise RuntimeError("the fused backend at model level needs a CUDA GPU")
             backend = "triton"
-        out = unipelt_fast.apply_unipelt(model, unipelt_config(), backend=backend)
-        return model if out is None else out  # in place or returned: either works
+        return unipelt_fast.apply_unipelt(model, config_for(cfg, model), backend=backend)
     if how == "peft_prefix":
         import peft  # noqa: F401 - ImportError is the reason the row is skipped
 
-        task = "SEQ_CLS" if "Sequence" in type(model).__name__ else "CAUSAL_LM"
-        cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=16)
+        name = type(model).__name__
+        task = (
+            "SEQ_CLS" if "Sequence" in name
+            else "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder
+            else "CAUSAL_LM"
+        )  # fmt: skip
+        cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=PEFT_PREFIX_LEN)
         return peft.get_peft_model(model, cfg)
     if how == "adapters_unipelt":
         import adapters
@@ -184,13 +255,20 @@ def run_model_row(
 
 
 def fractions(rows: list[dict]) -> dict[str, float]:
-    """UniPELT train time / full fine-tuning, and inference time / frozen base (the paper
-    reports 55-67% and 118-127%)."""
+    """Train time / full fine-tuning and inference time / frozen base for every adapted row
+    (the UniPELT paper reports 55-67% and 118-127%), and, like for like, each peer's time /
+    this package's on the same configuration (``<row>_<pass>_speedup_vs_<peer>``)."""
     t = {(r["impl"], r["pass"]): r.get("time_ms") for r in rows if r.get("available")}
     out = {}
-    for impl in ("unipelt_eager", "unipelt_fused", "peft_prefix", "adapters_unipelt"):
+    impls = dict.fromkeys(i for i, _, _ in MODEL_ROWS if i not in ("full_ft", "frozen_base"))
+    for impl in impls:
         if t.get((impl, "train")) and t.get(("full_ft", "train")):
             out[f"{impl}_train_frac_of_full_ft"] = t[(impl, "train")] / t[("full_ft", "train")]
         if t.get((impl, "infer")) and t.get(("frozen_base", "infer")):
             out[f"{impl}_infer_frac_of_frozen"] = t[(impl, "infer")] / t[("frozen_base", "infer")]
+        cfg = impl.rsplit("_", 1)[0]
+        peer = LIKE_FOR_LIKE.get(cfg)
+        for mode in ("train", "infer"):
+            if peer and t.get((impl, mode)) and t.get((peer, mode)):
+                out[f"{impl}_{mode}_speedup_vs_{peer}"] = t[(peer, mode)] / t[(impl, mode)]
     return out

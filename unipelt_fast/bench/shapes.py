@@ -115,6 +115,41 @@ MODEL_SIZES: dict[str, dict[str, dict]] = {
             "seq_len": 16,
         },
     },
+    # BART-base (6 + 6 layers, d 768): summarisation-like, 512 source and 128 target tokens.
+    "bart-base": {
+        "full": {
+            "config": dict(
+                d_model=768,
+                encoder_layers=6,
+                decoder_layers=6,
+                encoder_attention_heads=12,
+                decoder_attention_heads=12,
+                encoder_ffn_dim=3072,
+                decoder_ffn_dim=3072,
+                vocab_size=50265,
+                max_position_embeddings=1024,
+            ),
+            "batch": 16,
+            "seq_len": 512,
+            "target_len": 128,
+        },
+        "tiny": {
+            "config": dict(
+                d_model=64,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=128,
+                decoder_ffn_dim=128,
+                vocab_size=1000,
+                max_position_embeddings=64,
+            ),
+            "batch": 2,
+            "seq_len": 16,
+            "target_len": 8,
+        },
+    },
     # Llama-3.2-1B's body (hidden 2048, 16 layers, GQA 32/8, SwiGLU 8192) with a 32k vocab.
     "llama-1b-like": {
         "full": {

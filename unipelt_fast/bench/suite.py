@@ -159,9 +159,7 @@ def run_models(
         for impl, mode, how in models.MODEL_ROWS:
             r = models.run_model_row(name, impl, mode, how, quick, device, dtype, timer)
             r.update(kind="model", op=name, dtype=dtype_name(dtype), timer=timer_name)
-            r.setdefault(
-                "impl_kind", "peer" if how in ("peft_prefix", "adapters_unipelt") else "backend"
-            )
+            r.setdefault("impl_kind", "peer" if how in models.PEERS else "backend")
             if quick and r.get("available"):
                 r["note"] = "tiny stand-in (--quick)"
             mrows.append(r)

@@ -139,6 +139,36 @@ def _lora_config(c: dict, dims: dict, family: str, who: str) -> LoRAConfig:
     )
 
 
+def _methods(c: dict, dims: dict, family: str, who: str) -> dict:
+    """adapters' config dict (one method or a "union") -> the adapter/prefix/lora sub-configs."""
+    parts = c.get("configs") if c.get("architecture") == "union" else [c]
+    sub: dict = {"adapter": None, "prefix": None, "lora": None}
+    for part in parts:
+        arch = part.get("architecture")
+        key = {"prefix_tuning": "prefix", "lora": "lora", None: "adapter"}.get(arch)
+        need(key is not None, who, f"adapter architecture {arch!r} is not supported")
+        need(sub[key] is None, who, f"two {key} components in one adapter")
+        if key == "adapter":
+            sub[key] = _bn_config(part, dims, who)
+        elif key == "prefix":
+            sub[key] = _prefix_config(part, dims, who)
+        else:
+            sub[key] = _lora_config(part, dims, family, who)
+    return sub
+
+
+def adapters_config(config: dict, model: nn.Module) -> UniPELTConfig:
+    """The :class:`UniPELTConfig` equal to the adapters library's config ``config`` (its
+    ``to_dict()``, e.g. of ``adapters.UniPELTConfig()``) on ``model``'s architecture: bitfit
+    off, gate_mode "mean", as :func:`from_adapters` builds it. Raises InteropError where a
+    part has no equivalent."""
+    who = "adapters_config"
+    inner = getattr(model, "module", model)
+    dims = _dims(inner.config)
+    sub = _methods(config, dims, _family(dims["model_type"]), who)
+    return UniPELTConfig(bitfit=False, gate_mode="mean", prompt=False, **sub)
+
+
 def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Module:
     """Load the adapters ``save_adapter`` directory ``path`` onto ``model`` (its plain HF base
     model), in place, with the equivalent :class:`UniPELTConfig` (bitfit off, gate_mode
@@ -170,19 +200,7 @@ def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.M
     need(
         isinstance(c, dict) and isinstance(name, str), who, "adapter_config.json lacks config/name"
     )
-    parts = c.get("configs") if c.get("architecture") == "union" else [c]
-    sub: dict = {"adapter": None, "prefix": None, "lora": None}
-    for part in parts:
-        arch = part.get("architecture")
-        key = {"prefix_tuning": "prefix", "lora": "lora", None: "adapter"}.get(arch)
-        need(key is not None, who, f"adapter architecture {arch!r} is not supported")
-        need(sub[key] is None, who, f"two {key} components in one adapter")
-        if key == "adapter":
-            sub[key] = _bn_config(part, dims, who)
-        elif key == "prefix":
-            sub[key] = _prefix_config(part, dims, who)
-        else:
-            sub[key] = _lora_config(part, dims, family, who)
+    sub = _methods(c, dims, family, who)
     heads: dict[str, torch.Tensor] = {}
     if any(
         os.path.isfile(os.path.join(path, s + e))

@@ -534,3 +534,16 @@ def test_encdec_refuses_what_it_cannot_place():
         up.apply_unipelt(
             tiny_bart(), up.UniPELTConfig(prefix=up.PrefixConfig(positions="after_prefix"))
         )
+
+
+def test_example_tiny_bart_loss_goes_down(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "finetune_tiny_bart.py")
+    spec = importlib.util.spec_from_file_location("finetune_tiny_bart", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--steps", "20", "--backend", "eager"]) < 0
+    out = capsys.readouterr().out
+    assert "  adapter " in out and "copy:" in out

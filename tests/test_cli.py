@@ -392,6 +392,20 @@ def test_like_for_like_rows_and_speedups():
     assert fr["as_peft_prefix_fused_train_frac_of_full_ft"] == pytest.approx(0.4)
     assert fr["peft_prefix_infer_frac_of_frozen"] == pytest.approx(1.5)
     assert "as_peft_prefix_fused_infer_speedup_vs_peft_prefix" not in fr
+    mixed = [
+        {"impl": "as_adapters_unipelt_eager", "pass": "train", "available": True, "time_ms": 5.0},
+        {"impl": "as_adapters_unipelt_mixed_eager", "pass": "train", "available": True,
+         "time_ms": 5.5},
+        {"impl": "adapters_unipelt", "pass": "train", "available": True, "time_ms": 8.0},
+        {"impl": "adapters_unipelt_mixed", "pass": "train", "available": True, "time_ms": 22.0},
+    ]  # fmt: skip
+    fr = models.fractions(mixed)
+    assert fr["as_adapters_unipelt_mixed_eager_train_mix_cost"] == pytest.approx(1.1)
+    assert fr["adapters_unipelt_mixed_train_mix_cost"] == pytest.approx(2.75)
+    assert fr[
+        "as_adapters_unipelt_mixed_eager_train_speedup_vs_adapters_unipelt_mixed"
+    ] == pytest.approx(4.0)
+    assert fr["as_adapters_unipelt_eager_train_speedup_vs_adapters_unipelt"] == pytest.approx(1.6)
 
 
 def test_as_peft_prefix_trains_what_peft_trains():

@@ -178,3 +178,21 @@ def test_bench_like_for_like_config_is_adapters_unipelt(kind):
     want = adapters_config(adapters.UniPELTConfig().to_dict(), m)
     assert adapters_config(ADAPTERS_UNIPELT, m) == want
     assert want.prefix.mlp_hidden == 512 and want.lora.r == 8 and want.adapter.gate
+
+
+@pytest.mark.parametrize("name", ("bert-base", "llama-1b-like"))
+def test_bench_adapters_rows_train_what_ours_train(name):
+    """Tiny model rows: adapters' UniPELT and this package's as_adapters_unipelt train the
+    same number of parameters; the mixed-task (BatchSplit) rows run."""
+    from unipelt_fast.bench import models
+
+    cpu = torch.device("cpu")
+    got = {}
+    for how in ("adapters_unipelt", "as_adapters_unipelt:eager", "adapters_unipelt_mixed",
+                "as_adapters_unipelt_mixed:eager"):  # fmt: skip
+        fn, info = models.prepare(name, how, "train", True, cpu, torch.float32)
+        fn()
+        got[how] = info["trainable_params"]
+    assert got["adapters_unipelt"] == got["as_adapters_unipelt:eager"]
+    # mixed: adapters holds a prefix MLP per task, this package one MLP for all tasks
+    assert got["as_adapters_unipelt_mixed:eager"] < got["adapters_unipelt_mixed"]

@@ -20,21 +20,32 @@ import torch
 from .runners import first_line, record, saved_bytes
 from .shapes import MODEL_SIZES
 
-PEERS = ("peft_prefix", "adapters_unipelt")
+PEERS = ("peft_prefix", "adapters_unipelt", "adapters_unipelt_mixed")
 # this package's configuration row -> the peer row that runs the same configuration
 LIKE_FOR_LIKE = {"as_peft_prefix": "peft_prefix", "as_adapters_unipelt": "adapters_unipelt"}
 PEFT_PREFIX_LEN = 16
 
 
+MIXED = "_mixed"  # a mixed-task batch: min(16, B) tasks in contiguous blocks of examples
+MAX_MIXED_TASKS = 16
+
+
 def _rows() -> tuple[tuple[str, str, str], ...]:
     rows = [("full_ft", "train", "full"), ("frozen_base", "infer", "full")]
-    for cfg in ("unipelt", *LIKE_FOR_LIKE):
+    for cfg in ("unipelt", *LIKE_FOR_LIKE, "as_adapters_unipelt" + MIXED):
         for backend in ("eager", "fused"):
             rows += [(f"{cfg}_{backend}", mode, f"{cfg}:{backend}") for mode in ("train", "infer")]
-        peer = LIKE_FOR_LIKE.get(cfg)
-        if peer:
+        peer = LIKE_FOR_LIKE.get(cfg.removesuffix(MIXED))
+        if peer:  # adapters' mixed batch: BatchSplit over one adapter per task
+            peer += MIXED if cfg.endswith(MIXED) else ""
             rows += [(peer, mode, peer) for mode in ("train", "infer")]
     return tuple(rows)
+
+
+def mixed_tasks(batch: int) -> list[int]:
+    """Examples per task of a mixed batch (contiguous blocks, as BatchSplit needs)."""
+    T = min(MAX_MIXED_TASKS, batch)
+    return [batch // T + (1 if i < batch % T else 0) for i in range(T)]
 
 
 # (row name, what is timed, how the model is adapted)
@@ -68,8 +79,9 @@ def unipelt_config():
     )
 
 
-def config_for(cfg: str, model):
-    """This package's configuration for row family ``cfg`` on ``model``."""
+def config_for(cfg: str, model, batch: int = 1):
+    """This package's configuration for row family ``cfg`` on ``model`` (``batch``: the
+    batch size, which sets the task count of a mixed-task row)."""
     import unipelt_fast
     from unipelt_fast.interop import adapters_config
 
@@ -90,6 +102,12 @@ def config_for(cfg: str, model):
                 length=PEFT_PREFIX_LEN, reparam=False, gate=False, positions="after_prefix"
             ),
         )  # fmt: skip
+    if cfg.endswith(MIXED):
+        import dataclasses
+
+        base = config_for(cfg.removesuffix(MIXED), model)
+        T = len(mixed_tasks(batch))
+        return dataclasses.replace(base, tasks=tuple(f"task{i}" for i in range(T)))
     raise ValueError(f"unknown configuration {cfg!r}")
 
 
@@ -141,7 +159,7 @@ def build_model(name: str, tiny: bool, device: torch.device, dtype: torch.dtype)
     return model, batch, shape
 
 
-def adapt(model, how: str, device: torch.device):
+def adapt(model, how: str, device: torch.device, batch: int = 1):
     """Apply the row's method in place; returns the model. Raises with the reason if the
     method is not available here."""
     if how == "full":
@@ -154,7 +172,7 @@ def adapt(model, how: str, device: torch.device):
             if device.type != "cuda":
                 raise RuntimeError("the fused backend at model level needs a CUDA GPU")
             backend = "triton"
-        return unipelt_fast.apply_unipelt(model, config_for(cfg, model), backend=backend)
+        return unipelt_fast.apply_unipelt(model, config_for(cfg, model, batch), backend=backend)
     if how == "peft_prefix":
         import peft  # noqa: F401 - ImportError is the reason the row is skipped
 
@@ -172,6 +190,17 @@ def adapt(model, how: str, device: torch.device):
         adapters.init(model)
         model.add_adapter("unipelt", config=adapters.UniPELTConfig())
         model.train_adapter("unipelt")
+        return model
+    if how == "adapters_unipelt" + MIXED:
+        import adapters
+        from adapters.composition import BatchSplit
+
+        adapters.init(model)
+        sizes = mixed_tasks(batch)
+        names = [f"task{i}" for i in range(len(sizes))]
+        for n in names:
+            model.add_adapter(n, config=adapters.UniPELTConfig())
+        model.train_adapter(BatchSplit(*names, batch_sizes=sizes))
         return model
     raise ValueError(f"unknown model method {how!r}")
 
@@ -205,7 +234,14 @@ def prepare(
     model, batch, shape = build_model(name, tiny, device, dtype)
     info = {} if info is None else info
     info.update(shape=shape, params=sum(p.numel() for p in model.parameters()))
-    model = adapt(model, how, device)
+    B = batch["input_ids"].shape[0]
+    model = adapt(model, how, device, B)
+    if MIXED in how:
+        sizes = mixed_tasks(B)
+        info["tasks"] = len(sizes)
+        if ":" in how:  # this package: each example's task id (BatchSplit needs none)
+            ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+            batch["task_ids"] = ids.to(device)
     if mode == "infer" and how == "full":
         model.requires_grad_(False)  # the frozen base
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -266,9 +302,14 @@ def fractions(rows: list[dict]) -> dict[str, float]:
             out[f"{impl}_train_frac_of_full_ft"] = t[(impl, "train")] / t[("full_ft", "train")]
         if t.get((impl, "infer")) and t.get(("frozen_base", "infer")):
             out[f"{impl}_infer_frac_of_frozen"] = t[(impl, "infer")] / t[("frozen_base", "infer")]
-        cfg = impl.rsplit("_", 1)[0]
-        peer = LIKE_FOR_LIKE.get(cfg)
+        cfg = impl.rsplit("_", 1)[0] if impl not in PEERS else impl
+        mixed = cfg.endswith(MIXED)
+        peer = LIKE_FOR_LIKE.get(cfg.removesuffix(MIXED))
+        peer = peer and peer + (MIXED if mixed else "")
+        single = impl.replace(MIXED, "") if mixed else None
         for mode in ("train", "infer"):
             if peer and t.get((impl, mode)) and t.get((peer, mode)):
                 out[f"{impl}_{mode}_speedup_vs_{peer}"] = t[(peer, mode)] / t[(impl, mode)]
+            if single and t.get((impl, mode)) and t.get((single, mode)):
+                out[f"{impl}_{mode}_mix_cost"] = t[(impl, mode)] / t[(single, mode)]
     return out

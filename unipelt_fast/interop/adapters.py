@@ -164,6 +164,12 @@ def adapters_config(config: dict, model: nn.Module) -> UniPELTConfig:
     part has no equivalent."""
     who = "adapters_config"
     inner = getattr(model, "module", model)
+    need(
+        not getattr(inner.config, "is_encoder_decoder", False),
+        who,
+        "adapters' encoder-decoder layout (which sites get prefixes, LoRA and adapters) is not "
+        "mapped",
+    )
     dims = _dims(inner.config)
     sub = _methods(config, dims, _family(dims["model_type"]), who)
     return UniPELTConfig(bitfit=False, gate_mode="mean", prompt=False, **sub)

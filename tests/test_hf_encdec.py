@@ -32,12 +32,16 @@ def tiny_bart(seed: int = 0, kind: str = "bart"):
         return tf.MarianMTModel(tf.MarianConfig(**common)).eval()
     if kind == "mbart":  # pre-LN
         return tf.MBartForConditionalGeneration(tf.MBartConfig(**common)).eval()
-    if kind == "t5":  # 2 blocks: block 1 reuses block 0's relative position bias
-        cfg = tf.T5Config(
+    if kind == "pegasus":  # pre-LN, sinusoidal positions
+        return tf.PegasusForConditionalGeneration(tf.PegasusConfig(**common)).eval()
+    if kind in ("t5", "mt5"):  # 2 blocks: block 1 reuses block 0's relative position bias
+        cfg = (tf.T5Config if kind == "t5" else tf.MT5Config)(
             vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
             dropout_rate=0.0, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=BOS,
             relative_attention_num_buckets=8, relative_attention_max_distance=16,
         )  # fmt: skip
+        if kind == "mt5":
+            return tf.MT5ForConditionalGeneration(cfg).eval()
         return tf.T5ForConditionalGeneration(cfg).eval()
     raise ValueError(kind)
 
@@ -62,6 +66,7 @@ def bart_batch(seed: int = 1, LT: int = LT) -> dict:
 
 
 KINDS = ("bart", "t5")
+EVERY_KIND = ("bart", "marian", "mbart", "pegasus", "t5", "mt5")  # each family member
 
 
 def pelt_bart(cfg=None, backend="eager", seed=0, kind="bart"):
@@ -334,7 +339,7 @@ def test_gradient_checkpointing_same_grads(kind, reentrant):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EVERY_KIND)
 def test_mixed_task_batch_equals_per_task(kind):
     cfg = up.UniPELTConfig(lora=True, gate_mode="masked_mean", tasks=("a", "b"), adapter=ADAPTER)
     m = pelt_bart(cfg, kind=kind)
@@ -374,11 +379,18 @@ def test_a_few_steps_lower_the_loss_and_eject_keeps_outputs(kind):
         torch.testing.assert_close(m(**b).logits, before, rtol=1e-5, atol=1e-5)
 
 
-def test_marian_applies():
-    m = pelt_bart(kind="marian")
+@pytest.mark.parametrize("kind", EVERY_KIND)
+def test_every_family_member_trains_every_method(kind):
+    m = pelt_bart(kind=kind)
     b = bart_batch()
     m(**b).loss.backward()
-    assert m.unipelt.prefix.n_layers == 3
+    n_sites = 6 if kind in ("t5", "mt5") else 3  # enc self + dec self + dec cross per layer
+    assert m.unipelt.prefix.n_layers == n_sites
+    report = up.trainable_report(m)
+    for what in ("adapter", "prefix", "lora"):
+        assert f"  {what} " in report, report
+    tuned = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in tuned if ".B." not in n)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,10 +1,13 @@
 """BitFit LayerNorm: ``(x - mean) * rstd * gamma + beta`` with gamma frozen.
 
 Forward: one program per row, statistics in fp32 (two-pass mean/variance, no E[x^2]
-cancellation). Backward: each program walks a chunk of rows once, writing dx and
-accumulating its own fp32 partial column sum of grad_y (= d beta); a fixed-order
-``partials.sum(0)`` finishes d beta. d gamma is never computed. The per-program partial rows
-follow the Triton LayerNorm tutorial's idea, without its lock-based accumulation.
+cancellation). Backward: a grid of a few programs per SM (bounded by the GPU, not by M);
+each walks its chunk of rows a row block (up to 32 rows, a tile of about 8192 elements) at
+a time, writing dx and accumulating its own fp32 partial column sum of grad_y (= d beta).
+A second launch, one program per column block, sums the partial rows in a fixed order
+into d beta (deterministic, in x's dtype). d gamma is never computed. The per-program
+partial rows follow the Triton LayerNorm tutorial's idea, without its lock-based
+accumulation.
 
 Rows that fit one block (N <= 16384) stay in registers; wider rows loop over N in blocks.
 
@@ -21,6 +24,8 @@ from unipelt_fast import _alloc
 from unipelt_fast._alloc import new_output, on_input_device
 
 MAX_BLOCK_N = 16384  # widest row kept whole in registers; tests lower it to cover the loop
+MAX_BLOCK_M = 32  # most rows per backward row block; tests lower it to cover the row loop
+_DBIAS_BLOCK_N = 32  # narrow column blocks: N / 32 programs finish dbias
 
 
 @triton.jit
@@ -95,45 +100,50 @@ def _ln_bwd_kernel(
     stride_xn,
     stride_dxm,
     stride_dxn,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row0 = pid * rows_per_prog
-    n_rows = tl.minimum(row0 + rows_per_prog, M) - row0
-    row0 = row0.to(tl.int64)
+    row_end = tl.minimum(row0 + rows_per_prog, M)
     part_row = part_ptr + pid.to(tl.int64) * N
     if SINGLE:
+        # Row blocks of BLOCK_M rows at a time: each row's sums reduce along axis 1.
         cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for i in range(0, n_rows):
-            r = row0 + i
-            x = tl.load(x_ptr + r * stride_xm + cols.to(tl.int64) * stride_xn, mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + r * N + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + r)
-            rstd = tl.load(rstd_ptr + r)
+        cmask = cols < N
+        xcol = cols.to(tl.int64) * stride_xn
+        dxcol = cols.to(tl.int64) * stride_dxn
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(row0, row_end, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            rmask = rows < row_end
+            mask = rmask[:, None] & cmask[None, :]
+            r = rows.to(tl.int64)[:, None]
+            x = tl.load(x_ptr + r * stride_xm + xcol[None, :], mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + r * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)[:, None]
+            rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)[:, None]
             xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
             wdy = w * dy
-            c1 = tl.sum(xhat * wdy, axis=0) / N
-            c2 = tl.sum(wdy, axis=0) / N
+            c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
+            c2 = tl.sum(wdy, axis=1)[:, None] / N
             dx = (wdy - (xhat * c1 + c2)) * rstd
             tl.store(
-                dx_ptr + r * stride_dxm + cols.to(tl.int64) * stride_dxn,
-                dx.to(dx_ptr.dtype.element_ty),
-                mask=mask,
+                dx_ptr + r * stride_dxm + dxcol[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask
             )
-            db += dy
-        tl.store(part_row + cols, db, mask=mask)
+            db += dy  # masked lanes hold dy = 0
+        tl.store(part_row + cols, tl.sum(db, axis=0), mask=cmask)
     else:
         # Wide rows: two sweeps per row (row sums, then dx); this program owns its partial
         # row, so the read-add-write below is race-free and in a fixed order.
         for off in range(0, N, BLOCK_N):
             cols = off + tl.arange(0, BLOCK_N)
             tl.store(part_row + cols, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=cols < N)
-        for i in range(0, n_rows):
-            r = row0 + i
+        row0_64 = row0.to(tl.int64)
+        for i in range(0, row_end - row0):
+            r = row0_64 + i
             mean = tl.load(mean_ptr + r)
             rstd = tl.load(rstd_ptr + r)
             a1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -170,6 +180,28 @@ def _ln_bwd_kernel(
                 tl.store(part_row + cols, p + dy, mask=mask)
 
 
+@triton.jit(do_not_specialize=["P"])  # the partial-row count follows M when M is small
+def _ln_dbias_kernel(
+    part_ptr,  # (P, N) fp32 partial column sums, contiguous
+    db_ptr,  # (N,) dbias in x's dtype
+    P,
+    N,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per column block sums every partial row in a fixed order: deterministic.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows[:, None] < P) & cmask[None, :]
+        acc += tl.load(
+            part_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0
+        )
+    tl.store(db_ptr + cols, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=cmask)
+
+
 def _block_n(N: int) -> tuple[int, bool]:
     block = triton.next_power_of_2(max(N, 1))
     if block <= MAX_BLOCK_N:
@@ -177,8 +209,13 @@ def _block_n(N: int) -> tuple[int, bool]:
     return MAX_BLOCK_N, False
 
 
-def _num_warps(block_n: int) -> int:
-    return max(1, min(16, block_n // 512))
+def _block_m(block_n: int) -> int:
+    """Rows per block in the backward: a tile of about 8192 elements (one row at 16384)."""
+    return max(1, min(MAX_BLOCK_M, 8192 // block_n))
+
+
+def _num_warps(tile: int) -> int:
+    return max(1, min(16, tile // 512))
 
 
 @on_input_device
@@ -226,15 +263,15 @@ def backward(
     dx = torch.empty_like(x)
     if _alloc.NAN_FILL:
         dx.fill_(float("nan"))
-    if x.device.type == "cuda":
-        progs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:
-        progs = 4  # interpreter
-    rows_per_prog = triton.cdiv(M, max(1, min(M, progs))) if M > 0 else 1
-    progs = triton.cdiv(M, rows_per_prog) if M > 0 else 0
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    block, single = _block_n(N)
+    block_m = _block_m(block) if single else 1
+    # 4 chunks of rows per SM (1 row block at least each): a grid bounded by the GPU, not
+    # by M, and few partial rows for the dbias kernel to finish.
+    rows_per_prog = triton.cdiv(triton.cdiv(max(M, 1), 4 * sms), block_m) * block_m
+    progs = triton.cdiv(M, rows_per_prog)
     part = new_output((progs, N), torch.float32, x.device)
     if M > 0:
-        block, single = _block_n(N)
         _ln_bwd_kernel[(progs,)](
             grad_y,
             x,
@@ -250,9 +287,14 @@ def backward(
             x.stride(1),
             dx.stride(0),
             dx.stride(1),
+            BLOCK_M=block_m,
             BLOCK_N=block,
             SINGLE=single,
-            num_warps=_num_warps(block),
+            num_warps=_num_warps(block_m * block),
         )
-    dbias = part.sum(0).to(x.dtype)  # second stage: fixed-order, deterministic
+    dbias = new_output((N,), x.dtype, x.device)
+    if N > 0:  # M == 0 still launches: no partial rows, dbias is written as zeros
+        db_n = min(_DBIAS_BLOCK_N, triton.next_power_of_2(N))
+        db_p = max(1, min(4096 // db_n, triton.next_power_of_2(max(progs, 1))))
+        _ln_dbias_kernel[(triton.cdiv(N, db_n),)](part, dbias, progs, N, BLOCK_P=db_p, BLOCK_N=db_n)
     return dx, dbias

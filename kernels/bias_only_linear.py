@@ -1,18 +1,19 @@
 """BitFit linear: ``act(x @ W.T + b)`` with W frozen; gradients for x and b only.
 
-Forward: the GEMM runs on the vendor GEMM (``torch.addmm``), which adds the bias in its
-epilogue for free; one Triton pass then applies the activation. For relu that pass
-overwrites the GEMM result in place (nothing else is saved); for gelu/gelu_tanh/silu/tanh
-it reads the pre-activation (kept for the backward) and writes y. With no activation there
-is no extra pass at all. (A bias-less GEMM plus a Triton bias+activation pass costs one more
-full-size write for gelu, and rounds the GEMM result before the bias is added, which flips
-relu's sign near zero in fp16 relative to eager.)
+Forward: the GEMM runs on the vendor GEMM, which adds the bias in its epilogue. With no
+activation that is all (``torch.addmm``); relu is fused into the epilogue as well
+(``torch._addmm_activation``, cuBLASLt where it applies), so neither launches a Triton
+kernel and relu saves only y. gelu/gelu_tanh/silu/tanh take one Triton pass that reads the
+pre-activation (kept for the backward) and writes y. (A bias-less GEMM plus a Triton
+bias+activation pass costs one more full-size write for gelu, and rounds the GEMM result
+before the bias is added, which flips relu's sign near zero in fp16 relative to eager.)
 
-Backward: one Triton pass reads grad_y (and the saved pre-activation or y), writes
-``grad_pre = grad_y * act'(pre)`` and per-program fp32 column sums; a second stage
-(``partials.sum(0)``, fixed order) makes ``dbias``. Then ``dx = grad_pre @ W`` on the vendor
-GEMM. No weight gradient is computed or allocated. The partial-sum-then-reduce scheme is the
-usual deterministic bias-grad split (as in Liger-Kernel / the Triton LayerNorm tutorial).
+Backward: one Triton launch reads grad_y (and the saved pre-activation or y), writes
+``grad_pre = grad_y * act'(pre)`` and finishes ``dbias``: each program owns a column block
+and walks every row in a fixed order with fp32 accumulation, so dbias is deterministic and
+needs no partial sums or second stage. The column blocks are narrow enough (down to 16) to
+give every SM programs. Then ``dx = grad_pre @ W`` on the vendor GEMM. No weight gradient
+is computed or allocated.
 
 Calling convention: see ``unipelt_fast/ops.py``.
 """
@@ -27,7 +28,6 @@ from unipelt_fast._alloc import new_output, on_input_device
 
 # activation codes (constexpr in the kernels)
 _ACT = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
-_SAVES_PRE = ("gelu", "gelu_tanh", "silu", "tanh")
 
 # Constants below: 0.70710678 = 1/sqrt(2), 0.39894228 = 1/sqrt(2*pi),
 # 0.79788456 = sqrt(2/pi), 0.044715 = the tanh-GELU cubic coefficient.
@@ -99,30 +99,27 @@ def _act_fwd_kernel(
     tl.store(y_ptr + offs, _act_fwd(z, ACT).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "rows_per_prog"])  # row counts vary per batch
+@triton.jit(do_not_specialize=["M"])  # row counts vary per batch
 def _act_bias_bwd_kernel(
     gy_ptr,  # (M, N) contiguous
     s_ptr,  # (M, N) contiguous saved tensor (pre, or y for relu); unused for identity
     gp_ptr,  # (M, N) contiguous grad_pre output; unused when not WRITE_GP
-    part_ptr,  # (num_row_chunks, N) fp32 column partial sums
+    db_ptr,  # (N,) dbias, in grad_y's dtype
     M,
     N,
-    rows_per_prog,  # a multiple of BLOCK_M
     ACT: tl.constexpr,
     WRITE_GP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # One program per column block walks every row in a fixed order, so dbias is finished
+    # here (one launch, no partials) and is deterministic.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row0 = pid_m * rows_per_prog
-    row_end = tl.minimum(row0 + rows_per_prog, M)
-    for start in range(row0, row_end, BLOCK_M):
+    for start in range(0, M, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows[:, None] < row_end) & cmask[None, :]
+        mask = (rows[:, None] < M) & cmask[None, :]
         offs = rows[:, None].to(tl.int64) * N + cols[None, :]
         g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if ACT == 0:
@@ -131,17 +128,27 @@ def _act_bias_bwd_kernel(
             s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             gp = _act_grad(g, s, ACT)
         if WRITE_GP:
-            gp_lo = gp.to(gp_ptr.dtype.element_ty)
-            tl.store(gp_ptr + offs, gp_lo, mask=mask)
+            tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=mask)
         # masked lanes hold g = 0 (and act' finite), so they add nothing
         acc += gp
-    tl.store(part_ptr + pid_m * N + cols, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(db_ptr + cols, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=cmask)
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: few programs keep it fast
+
+
+def _bwd_blocks(N: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): the widest column block (16..128) that still gives two programs
+    per SM, and a tile of 4096 elements (whatever M is, so one config per N)."""
+    target = 2 * _num_sms(device)
+    block_n = 128
+    while block_n > 16 and triton.cdiv(N, block_n) < target:
+        block_n //= 2
+    block_n = min(block_n, triton.next_power_of_2(max(N, 1)))
+    return 4096 // block_n, block_n
 
 
 @on_input_device
@@ -151,26 +158,35 @@ def forward(
     """y = act(x @ weight.T + bias), plus pre for gelu/gelu_tanh/silu/tanh (else (0,))."""
     M, N = x.shape[0], weight.shape[0]
     act = _ACT[activation]
-    pre = new_output((M, N), x.dtype, x.device)
-    # Vendor GEMM with the bias in its epilogue (cuBLASLt): the pre-activation is rounded
-    # once, exactly as in eager F.linear, so act'(pre) and relu's sign agree with eager.
-    torch.addmm(bias, x, weight.t(), out=pre)
+    empty = x.new_empty((0,))
+    y = new_output((M, N), x.dtype, x.device)
     if act == 0:
-        return pre, x.new_empty((0,))
-    save_pre = activation in _SAVES_PRE
-    y = new_output((M, N), x.dtype, x.device) if save_pre else pre  # relu: in place
+        torch.addmm(bias, x, weight.t(), out=y)
+        return y, empty
+    if act == 1:
+        # relu in the GEMM epilogue (cuBLASLt where it applies): no pass, y is all that
+        # is saved (act'(pre) = y > 0).
+        torch._addmm_activation(bias, x, weight.t(), use_gelu=False, out=y)
+        return y, empty
+    # Vendor GEMM with the bias in its epilogue (cuBLASLt): the pre-activation is rounded
+    # once, exactly as in eager F.linear, so act'(pre) agrees with eager.
+    pre = new_output((M, N), x.dtype, x.device)
+    torch.addmm(bias, x, weight.t(), out=pre)
     numel = M * N
     if numel > 0:
         BLOCK = 4096
-        _act_fwd_kernel[(triton.cdiv(numel, BLOCK),)](pre, y, numel, ACT=act, BLOCK=BLOCK)
-    return y, (pre if save_pre else x.new_empty((0,)))
+        # 8 warps: 16 elements a thread keeps tanh's math clear of spills
+        _act_fwd_kernel[(triton.cdiv(numel, BLOCK),)](
+            pre, y, numel, ACT=act, BLOCK=BLOCK, num_warps=8
+        )
+    return y, pre
 
 
 @on_input_device
 def backward(
     grad_y: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dbias): grad_pre = grad_y * act'(pre) and its column sums in one pass, then
+    """(dx, dbias): grad_pre = grad_y * act'(pre) and its column sums in one launch, then
     dx = grad_pre @ weight. dbias is in grad_y's dtype, accumulated in fp32."""
     M, N = grad_y.shape
     act = _ACT[activation]
@@ -179,29 +195,21 @@ def backward(
         saved = saved.contiguous()
     write_gp = act != 0
     gp = new_output((M, N), grad_y.dtype, grad_y.device) if write_gp else grad_y
-    BLOCK_N = min(128, triton.next_power_of_2(max(N, 1)))
-    BLOCK_M = max(1, min(4096 // BLOCK_N, 32, triton.next_power_of_2(max(M, 1))))
-    n_col = triton.cdiv(N, BLOCK_N)
-    # Enough row chunks to fill the GPU, few enough that the partials stay small.
-    row_tiles = triton.cdiv(M, BLOCK_M)
-    chunks = max(1, min(row_tiles, triton.cdiv(8 * _num_sms(grad_y.device), max(n_col, 1))))
-    rows_per_prog = triton.cdiv(row_tiles, chunks) * BLOCK_M
-    chunks = triton.cdiv(M, rows_per_prog) if M > 0 else 0
-    part = new_output((chunks, N), torch.float32, grad_y.device)
-    if M > 0 and N > 0:
-        _act_bias_bwd_kernel[(chunks, n_col)](
+    dbias = new_output((N,), grad_y.dtype, grad_y.device)
+    if N > 0:  # M == 0 still launches: the loop is empty and dbias is written as zeros
+        BLOCK_M, BLOCK_N = _bwd_blocks(N, grad_y.device)
+        _act_bias_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
             grad_y,
             saved if act != 0 else grad_y,
             gp,
-            part,
+            dbias,
             M,
             N,
-            rows_per_prog,
             ACT=act,
             WRITE_GP=write_gp,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
+            num_warps=8,
         )
-    dbias = part.sum(0).to(grad_y.dtype)  # second stage: fixed-order, deterministic
     dx = torch.matmul(gp, weight)
     return dx, dbias

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import unipelt_fast as uf
+from tests.launches import Counter
 from tests.parity import Case, check_parity, noncontig
 
 
@@ -49,6 +50,51 @@ def test_parity_wide_rows_loop(monkeypatch, d, dtype):
 
     monkeypatch.setattr(kernel, "MAX_BLOCK_N", 16)
     check_parity(uf.bias_only_layer_norm, ln_case((9,), d, layout="strided"), dtype, "triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows", [3, 33])
+def test_parity_row_blocks_loop(monkeypatch, rows, dtype):
+    # Row blocks of 2 rows: 33 rows in 4 programs make 10-row chunks (5 blocks each) and a
+    # last chunk of 3 rows (a half-masked block); 3 rows make chunks of 2 and 1.
+    from unipelt_fast.kernels import bias_only_layer_norm as kernel  # needs triton
+
+    monkeypatch.setattr(kernel, "MAX_BLOCK_M", 2)
+    case = ln_case((rows,), 21, layout="transposed")
+    check_parity(uf.bias_only_layer_norm, case, dtype, "triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("wide", [False, True])
+def test_launches_per_call(monkeypatch, wide):
+    """Forward 1 launch; backward 2 (dx with per-program partial column sums, then the
+    fixed-order dbias finish), with no torch compute op around them and no zero grads
+    filled for mean and rstd."""
+    from unipelt_fast.kernels import bias_only_layer_norm as kernel
+
+    if wide:
+        monkeypatch.setattr(kernel, "MAX_BLOCK_N", 16)
+    x = torch.randn(33, 37, requires_grad=True)
+    w, b = torch.randn(37), torch.randn(37, requires_grad=True)
+    g = torch.randn(33, 37)
+    count = Counter(monkeypatch, "bias_only_layer_norm")
+    with count:
+        y = uf.bias_only_layer_norm(x, w, b, backend="triton")
+    assert count.launches == ["_ln_fwd_kernel"]
+    assert count.compute_ops() == ["unipelt_fast.bias_only_layer_norm"]
+    count.clear()
+    with count:
+        y.backward(g)
+    assert count.launches == ["_ln_bwd_kernel", "_ln_dbias_kernel"]
+    assert count.compute_ops() == ["unipelt_fast.bias_only_layer_norm_backward"]
+    # inside the launcher: allocation only (dx, partials, dbias)
+    count.clear()
+    with count:
+        _, mean, rstd = kernel.forward(x.detach(), w, b, 1e-5)
+        kernel.backward(g, x.detach(), w, mean, rstd)
+    assert count.launches == ["_ln_fwd_kernel", "_ln_bwd_kernel", "_ln_dbias_kernel"]
+    assert count.compute_ops() == []
 
 
 @pytest.mark.interpreter

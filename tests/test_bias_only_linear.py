@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import unipelt_fast as uf
+from tests.launches import Counter
 from tests.parity import bias_only_linear_case, check_parity
 from unipelt_fast.testing import assert_close
 
@@ -33,6 +34,50 @@ def test_parity_many_row_tiles_per_program():
     # 600 rows: the backward programs loop over several row tiles before storing partials.
     case = bias_only_linear_case((600,), 7, 130, activation="gelu")
     check_parity(uf.bias_only_linear, case, torch.float32, "triton")
+
+
+@pytest.mark.interpreter
+def test_parity_wide_column_blocks():
+    # 1100 columns: 128-wide column blocks in the backward (9 programs, the last masked).
+    case = bias_only_linear_case((21,), 6, 1100, activation="relu")
+    check_parity(uf.bias_only_linear, case, torch.float16, "triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("act", ACTS)
+def test_launches_per_call(monkeypatch, act):
+    """relu and identity run in the GEMM epilogue (no Triton launch), other activations
+    take one pass; the backward is one launch (grad_pre and the finished dbias) plus the dx
+    GEMM, with no torch reduction and no zero grad filled for the unused pre output."""
+    name = act or "identity"
+    fused = name in ("identity", "relu")
+    x, w, b = torch.randn(40, 9), torch.randn(70, 9), torch.randn(70)
+    g = torch.randn(40, 70)
+    count = Counter(monkeypatch, "bias_only_linear")
+    from unipelt_fast.kernels import bias_only_linear as kernel
+
+    # the launcher: the GEMM is its only torch compute op
+    with count:
+        y, pre = kernel.forward(x, w, b, name)
+    assert count.launches == ([] if fused else ["_act_fwd_kernel"])
+    assert count.compute_ops() == ["aten._addmm_activation" if name == "relu" else "aten.addmm"]
+    count.clear()
+    with count:
+        kernel.backward(g, w, pre if not fused else y, name)
+    assert count.launches == ["_act_bias_bwd_kernel"]
+    assert count.compute_ops() == ["aten.mm"]
+    # the op through autograd: the same launches, nothing else around the custom ops
+    x.requires_grad_(), b.requires_grad_()
+    count.clear()
+    with count:
+        y = uf.bias_only_linear(x, w, b, activation=act, backend="triton")
+    assert count.launches == ([] if fused else ["_act_fwd_kernel"])
+    assert count.compute_ops() == ["unipelt_fast.bias_only_linear"]
+    count.clear()
+    with count:
+        y.backward(g)
+    assert count.launches == ["_act_bias_bwd_kernel"]
+    assert count.compute_ops() == ["unipelt_fast.bias_only_linear_backward"]
 
 
 @pytest.mark.interpreter
@@ -81,6 +126,8 @@ def test_no_weight_grad_and_x_not_saved(act):
     big = [t for t in saved if t.numel() > 0 and t.data_ptr() != lin.weight.data_ptr()]
     assert len(big) == (0 if act is None else 1)
     assert all(t.shape == (10, 13) for t in big)
+    if act == "relu":  # relu keeps the output itself, no pre-activation
+        assert big[0].data_ptr() == y.data_ptr()
     y.square().sum().backward()
     assert lin.weight.grad is None
     assert lin.bias.grad is not None and x.grad is not None

@@ -746,6 +746,7 @@ def _bias_only_linear_setup(ctx, inputs, output):
     ctx.save_for_backward(weight, saved)
     ctx.args = (activation, backend)
     ctx.mark_non_differentiable(pre)
+    ctx.set_materialize_grads(False)  # else every backward fills an (M, N) zero grad for pre
 
 
 def _bias_only_linear_backward(ctx, grad_y, _grad_pre):
@@ -823,6 +824,7 @@ def _bias_only_layer_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.backend = backend
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero grads filled for mean and rstd
 
 
 def _bias_only_layer_norm_backward(ctx, grad_y, _gm, _gr):

@@ -41,6 +41,7 @@ LIMITS = {
     90: dict(shared_block=227 * 1024, shared_sm=228 * 1024),
 }
 MAX_REGS = 255
+GPU_SMS = 132  # an H100 SXM: launchers that size blocks by the SM count see this many
 REGS_SM, MAX_THREADS_SM, MAX_BLOCKS_SM = 65536, 2048, 32
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEAD_DIMS = (64, 80, 128, 256)
@@ -186,7 +187,7 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(launches: list):
-    """Kernels replaced by recorders; the attention launcher picks its GPU configs."""
+    """Kernels replaced by recorders; the attention and linear launchers pick GPU configs."""
     from triton.runtime.jit import JITFunction
 
     saved = []
@@ -199,6 +200,9 @@ def _recording(launches: list):
     kpa = _kmod("prefix_attention")
     saved.append((kpa, "_interpreting", kpa._interpreting))
     kpa._interpreting = lambda t: False
+    klin = _kmod("bias_only_linear")  # its backward's column blocks follow the SM count
+    saved.append((klin, "_num_sms", klin._num_sms))
+    klin._num_sms = lambda device: GPU_SMS
     try:
         yield
     finally:

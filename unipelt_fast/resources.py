@@ -158,8 +158,10 @@ def cases(quick: bool = False) -> list[Case]:
     """The report's matrix. Each flag that changes the compiled code (gate, mask, causal,
     activation) is switched off one at a time from the all-on variant (the cross product
     would double the compile time for rows that differ by one branch); the adapter's d
-    (768, 4096) changes no compiled code, so its rows share one compile. ``quick``: the
-    representative subset CI compiles (bf16 and fp32, the largest tiles of each op)."""
+    (768, 4096) changes no compiled code, so its rows share one compile. The attention's
+    HAS_BIAS and DROPOUT variants are one all-on row each (DROPOUT in the full matrix only).
+    ``quick``: the representative subset CI compiles (bf16 and fp32, the largest tiles of
+    each op, and the tiny debug keep-mask kernel, so every launched kernel is compiled)."""
     dts = ("bf16", "fp32") if quick else tuple(DTYPES)
     out: list[Case] = []
     attn_flags = [(True, True, True)]

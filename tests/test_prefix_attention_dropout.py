@@ -254,3 +254,58 @@ def test_hf_bert_prefix_attention_dropout(backend):
         p0 = m(**b).logits
     assert torch.equal(ev, p0)
     assert not torch.allclose(ev, logits[0])
+
+
+@pytest.mark.interpreter
+def test_fp16_kernel_matches_reference_with_its_mask():
+    case = prefix_attention_case(Lq=9, Lk=17, P=5, gate="b2", mask=True, causal=True)
+    test, ref = case.cast(torch.float16), case.cast(torch.float16).cast(torch.float64)
+    torch.manual_seed(4)
+    mask = _kpa().dropout_keep_mask(uf.ops.dropout_seed(torch.device("cpu")), 2, 4, 9, 5, 17, 0.2)
+    out = _call(test, "triton", 0.2, seed=4)
+    want = ref.call(reference.prefix_attention, dropout_p=0.2, dropout_mask=mask)
+    assert_close(out, want, torch.float16, "out")
+    g = torch.randn_like(want).half()
+    got_g = _grads(test, out, g)
+    for name, a, e in zip(case.diff, got_g, _grads(ref, want, g.double()), strict=True):
+        assert_close(a, e, torch.float16, f"d{name}")
+
+
+def _saved(backend, p):
+    c = prefix_attention_case(Lq=7, Lk=9, P=3, gate="b2", mask=True).cast(torch.float32)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
+        out = _call(c, backend, p, seed=0)
+    out.sum().backward()
+    return sum(sizes)
+
+
+@pytest.mark.interpreter
+def test_dropout_saves_only_the_seed():
+    """No keep-mask is saved: dropout adds exactly the 8-byte int64 seed to the saved state."""
+    assert _saved("triton", P_DROP) == _saved("triton", 0.0) + 8
+
+
+@pytest.mark.interpreter
+def test_opcheck_with_dropout(monkeypatch):
+    """Schema, fake tensors and autograd registration of the custom op with dropout_p/seed."""
+    import unipelt_fast.ops as ops
+
+    captured = {}
+    target = ops._prefix_attention_op
+
+    def spy(*args):
+        captured["args"] = args
+        return target(*args)
+
+    monkeypatch.setattr(ops, "_prefix_attention_op", spy)
+    case = prefix_attention_case(Lq=5, Lk=6, P=3, gate="b2", causal=True).cast(torch.float32)
+    _call(case, "triton", P_DROP, seed=0)
+    assert captured["args"][-2] == P_DROP and captured["args"][-1].dtype == torch.int64
+    torch.library.opcheck(
+        target._opoverload,
+        captured["args"],
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )

@@ -11,12 +11,13 @@ gate, before the masks. Masks (causal, bottom-right aligned; key padding) apply 
 only. GQA maps query head h to kv head h // (H // Hkv); K/V are never repeated in memory.
 Only ``out`` and the row log-sum-exp are kept for backward.
 
-Attention dropout (DROPOUT, a constexpr: p = 0 compiles the same kernels as before) drops
-probabilities over prefix and token keys with 1/(1-p) rescaling. The keep-mask is never
-stored: counter-based Philox (``tl.rand``) at offset (b*H + h)*Lq*(P + Lk) + row*(P + Lk) +
-column (columns [prefix ; tokens], int64) regenerates it in every backward kernel, from a
-seed that torch's generator drew on the device (read through a pointer: no host sync). The
-saved lse is that of the un-dropped softmax. ``dropout_keep_mask`` returns the mask of a
+Attention dropout (DROPOUT, a constexpr: with p = 0 no dropout instruction is compiled)
+drops probabilities over prefix and token keys with 1/(1-p) rescaling. The keep-mask is
+never stored: counter-based Philox (``tl.rand4x``, one call per 4 mask columns of a row, at
+counter ((b*H + h)*Lq + row)*NC4 + column // 4 in int64; prefix columns first, token
+columns from P rounded up to 4, NC4 groups per row) regenerates it in every backward
+kernel, from a seed that torch's generator drew on the device (read through a pointer: no
+host sync). The saved lse is that of the un-dropped softmax. ``dropout_keep_mask`` returns the mask of a
 call, so the eager reference can reproduce it exactly.
 
 Backward: a preprocess (delta = rowsum(dO * O)), a dK/dV kernel per token key block (it
@@ -127,16 +128,23 @@ def _task(IDX, b, T):
 
 
 @triton.jit
-def _keep(seed, off, dropout_p):
-    """Attention-dropout keep-mask at Philox offsets ``off`` (int64): True with prob 1 - p."""
-    return tl.rand(seed, off) >= dropout_p
-
-
-@triton.jit
-def _rng_off(row_base, rows, cols, NCOLS):
-    """Philox offsets of the (rows, cols) tile: (row_base + row) * NCOLS + col, in int64.
-    row_base = (b * H + h) * LQ; cols index [prefix ; tokens] (token j is column P + j)."""
-    return (row_base + rows.to(tl.int64))[:, None] * NCOLS + cols.to(tl.int64)[None, :]
+def _keep(seed, row_base, rows, col0, NC4, dropout_p, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+    """Attention-dropout keep-mask (True with prob 1 - p) of query rows ``rows`` x the
+    BLOCK_N mask columns from ``col0`` (a multiple of 4), as (rows, BLOCK_N), or with TRANS
+    (BLOCK_N, rows). One Philox call (``tl.rand4x``) gives columns 4c..4c+3 of a row, at
+    counter (row_base + row) * NC4 + c in int64 (row_base = (b * H + h) * LQ, NC4 = mask
+    columns / 4): a quarter of the Philox state of one call per element."""
+    r64 = row_base + rows.to(tl.int64)
+    c4 = col0 // 4 + tl.arange(0, BLOCK_N // 4).to(tl.int64)
+    if TRANS:
+        u0, u1, u2, u3 = tl.rand4x(seed, c4[:, None] + r64[None, :] * NC4)
+        u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [c, r, i, j] = u_{2i+j}
+        u = tl.reshape(tl.permute(u, (0, 2, 3, 1)), (BLOCK_N, r64.shape[0]))
+    else:
+        u0, u1, u2, u3 = tl.rand4x(seed, r64[:, None] * NC4 + c4[None, :])
+        u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [r, c, i, j] = u_{2i+j}
+        u = tl.reshape(u, (r64.shape[0], BLOCK_N))  # column 4c + 2i + j
+    return u >= dropout_p
 
 
 @triton.jit
@@ -237,7 +245,10 @@ def _fwd_kernel(
         seed = tl.load(SEED)
     else:
         seed = 0
-    NCOLS = P + LK
+    # Mask columns: prefix keys at [0, P), token key j at PP + j (PP = P rounded up to 4, so
+    # that every block starts a Philox group of 4); NC4 groups per row.
+    PP = (P + 3) // 4 * 4
+    NC4 = PP // 4 + (LK + 3) // 4
 
     # ---- prefix keys: always visible, gated
     if HAS_GATE:
@@ -263,7 +274,7 @@ def _fwd_kernel(
             bias_base, offs_m, cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], HAS_BIAS
         )
         if DROPOUT:
-            keep = _keep(seed, _rng_off(bh * LQ, offs_m, cols, NCOLS), dropout_p)
+            keep = _keep(seed, bh * LQ, offs_m, start_n, NC4, dropout_p, BLOCK_N, False)
         else:
             keep = 0
         m_i, l_i, acc = _online_block(
@@ -288,7 +299,7 @@ def _fwd_kernel(
             vis = 0
         bias = _load_bias(bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None], HAS_BIAS)
         if DROPOUT:
-            keep = _keep(seed, _rng_off(bh * LQ, offs_m, P + cols, NCOLS), dropout_p)
+            keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
         else:
             keep = 0
         m_i, l_i, acc = _online_block(
@@ -313,7 +324,7 @@ def _fwd_kernel(
             HAS_BIAS,
         )  # fmt: skip
         if DROPOUT:
-            keep = _keep(seed, _rng_off(bh * LQ, offs_m, P + cols, NCOLS), dropout_p)
+            keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
         else:
             keep = 0
         m_i, l_i, acc = _online_block(
@@ -397,12 +408,13 @@ def _dkdv_rows(
     ncols,
     seed,
     rng_base,
-    col_off,
-    NCOLS,
+    rng_col0,
+    NC4,
     dropout_p,
     drop_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -436,9 +448,8 @@ def _dkdv_rows(
         if CAUSAL_MASK:
             p_t = tl.where(cols[:, None] <= rows[None, :] + (LK - LQ), p_t, 0.0)
         dp_t = tl.dot(vb, tl.trans(dob), input_precision=PRECISION) * v_scale
-        if DROPOUT:  # the forward's mask, transposed: offsets (row, col_off + key)
-            off_t = (rng_base + r64)[None, :] * NCOLS + (col_off + cols).to(tl.int64)[:, None]
-            keep_t = _keep(seed, off_t, dropout_p)
+        if DROPOUT:  # the forward's mask, transposed (keys are rows)
+            keep_t = _keep(seed, rng_base, rows, rng_col0, NC4, dropout_p, BLOCK_N, True)
             dv = tl.dot(
                 tl.where(keep_t, p_t * drop_scale, 0.0).to(dob.dtype), dob, dv,
                 input_precision=PRECISION,
@@ -486,7 +497,8 @@ def _dkdv_loop(
     col_off,
     ncols,
     seed,
-    NCOLS,
+    rng_col0,
+    NC4,
     dropout_p,
     drop_scale,
     HEAD_DIM: tl.constexpr,
@@ -514,8 +526,9 @@ def _dkdv_loop(
             dk, dv = _dkdv_rows(
                 dk, dv, kb, vb, cols, lo, diag_end, q_base, do_base, LSE + row_base,
                 DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
-                bias_base, sbm, sbn, ncols, seed, row_base, col_off, NCOLS, dropout_p,
-                drop_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_BIAS, PRECISION, DROPOUT,
+                bias_base, sbm, sbn, ncols, seed, row_base, rng_col0, NC4, dropout_p,
+                drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, True, HAS_BIAS, PRECISION,
+                DROPOUT,
             )  # fmt: skip
             start = diag_end
         else:
@@ -523,8 +536,9 @@ def _dkdv_loop(
         dk, dv = _dkdv_rows(
             dk, dv, kb, vb, cols, start, LQ, q_base, do_base, LSE + row_base,
             DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
-            bias_base, sbm, sbn, ncols, seed, row_base, col_off, NCOLS, dropout_p,
-            drop_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_BIAS, PRECISION, DROPOUT,
+            bias_base, sbm, sbn, ncols, seed, row_base, rng_col0, NC4, dropout_p,
+            drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, HAS_BIAS, PRECISION,
+            DROPOUT,
         )  # fmt: skip
     return dk, dv
 
@@ -617,7 +631,8 @@ def _bwd_dkdv_kernel(
     dk, dv = _dkdv_loop(
         kb, vb, cols, lo, diag_end, b, hk, Q, DO, LSE, DELTA,
         sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale, 1.0,
-        BIAS, sbb, sbh, sbm, sbn, P, LK, seed, P + LK, dropout_p, drop_scale,
+        BIAS, sbb, sbh, sbm, sbn, P, LK, seed, (P + 3) // 4 * 4 + start_n,
+        (P + 3) // 4 + (LK + 3) // 4, dropout_p, drop_scale,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, HAS_BIAS, PRECISION, DROPOUT,
     )  # fmt: skip
     if HAS_MASK:  # a padding key is seen by no query: its gradients are 0
@@ -717,7 +732,8 @@ def _bwd_prefix_dkdv_kernel(
     dk, dv = _dkdv_loop(
         kb, vb, cols, 0, 0, b, hk, Q, DO, LSE, DELTA,
         sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale * gk, gv,
-        BIAS, sbb, sbh, sbm, sbn, 0, P, seed, P + LK, dropout_p, drop_scale,
+        BIAS, sbb, sbh, sbm, sbn, 0, P, seed, pid_n * BLOCK_N, (P + 3) // 4 + (LK + 3) // 4,
+        dropout_p, drop_scale,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, HAS_BIAS, PRECISION, DROPOUT,
     )  # fmt: skip
     # Rows past P hold garbage (possibly inf); zero them before the gate reductions.
@@ -852,7 +868,10 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bias_base = BIAS + b * sbb + h * sbh
     seed = tl.load(SEED) if DROPOUT else 0
-    NCOLS = P + LK
+    # Mask columns: prefix keys at [0, P), token key j at PP + j (PP = P rounded up to 4, so
+    # that every block starts a Philox group of 4); NC4 groups per row.
+    PP = (P + 3) // 4 * 4
+    NC4 = PP // 4 + (LK + 3) // 4
 
     # ---- prefix keys (gated): dq += gk * dS pk
     if HAS_GATE:
@@ -882,7 +901,7 @@ def _bwd_dq_kernel(
         p = tl.where(col_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * gv
         if DROPOUT:
-            keep = _keep(seed, _rng_off(row_base, offs_m, cols, NCOLS), dropout_p)
+            keep = _keep(seed, row_base, offs_m, start_n, NC4, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot((ds * gk).to(kb.dtype), kb, dq, input_precision=PRECISION)
@@ -904,7 +923,7 @@ def _bwd_dq_kernel(
             p = tl.where((tl.load(KPM + b * smb + cols * smn) != 0)[None, :], p, 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep(seed, _rng_off(row_base, offs_m, P + cols, NCOLS), dropout_p)
+            keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
@@ -928,7 +947,7 @@ def _bwd_dq_kernel(
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep(seed, _rng_off(row_base, offs_m, P + cols, NCOLS), dropout_p)
+            keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
@@ -1019,17 +1038,19 @@ def _dropout_args(
     return seed, (float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
 
 
-@triton.jit(do_not_specialize=["LQ", "NCOLS"])
+@triton.jit(do_not_specialize=["LQ", "NC4"])
 def _dropout_mask_kernel(
-    SEED, OUT, LQ, NCOLS, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    SEED, OUT, LQ, NC4, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
-    """The keep-mask the attention kernels draw, written out (debug/tests only)."""
+    """The keep-mask the attention kernels draw, over all 4 * NC4 mask columns (the prefix's
+    rounded up to 4, then the tokens'), written out (debug/tests only)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(1) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     row_base = tl.program_id(2).to(tl.int64) * LQ
-    off = _rng_off(row_base, rows, cols, NCOLS)
-    keep = _keep(tl.load(SEED), off, dropout_p)
-    tl.store(OUT + off, keep.to(tl.int8), mask=(rows < LQ)[:, None] & (cols < NCOLS)[None, :])
+    keep = _keep(tl.load(SEED), row_base, rows, col0, NC4, dropout_p, BLOCK_N, False)
+    off = (row_base + rows.to(tl.int64))[:, None] * (4 * NC4) + cols[None, :]
+    tl.store(OUT + off, keep.to(tl.int8), mask=(rows < LQ)[:, None] & (cols < 4 * NC4)[None, :])
 
 
 @on_input_device
@@ -1040,13 +1061,13 @@ def dropout_keep_mask(
     triton ``forward``/``backward`` with this ``seed`` (the int64 (1,) tensor ops.py draws,
     see ``unipelt_fast.ops.dropout_seed``) and ``dropout_p`` uses. Pass it as
     ``reference.prefix_attention(..., dropout_mask=)`` to reproduce that call exactly."""
-    out = torch.zeros((B, H, Lq, P + Lk), dtype=torch.int8, device=seed.device)
-    if out.numel() == 0:
-        return out.bool()
-    BM, BN = 16, 16
-    grid = (triton.cdiv(Lq, BM), triton.cdiv(P + Lk, BN), B * H)
-    _dropout_mask_kernel[grid](seed, out, Lq, P + Lk, float(dropout_p), BLOCK_M=BM, BLOCK_N=BN)
-    return out.bool()
+    PP, nc4 = triton.cdiv(P, 4) * 4, triton.cdiv(P, 4) + triton.cdiv(Lk, 4)
+    full = torch.zeros((B, H, Lq, 4 * nc4), dtype=torch.int8, device=seed.device)
+    if full.numel() > 0:
+        BM, BN = 16, 16
+        grid = (triton.cdiv(Lq, BM), triton.cdiv(4 * nc4, BN), B * H)
+        _dropout_mask_kernel[grid](seed, full, Lq, nc4, float(dropout_p), BLOCK_M=BM, BLOCK_N=BN)
+    return torch.cat([full[..., :P], full[..., PP : PP + Lk]], dim=-1).bool()
 
 
 @on_input_device

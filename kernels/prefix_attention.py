@@ -11,6 +11,15 @@ gate, before the masks. Masks (causal, bottom-right aligned; key padding) apply 
 only. GQA maps query head h to kv head h // (H // Hkv); K/V are never repeated in memory.
 Only ``out`` and the row log-sum-exp are kept for backward.
 
+Attention dropout (DROPOUT, a constexpr: with p = 0 no dropout instruction is compiled)
+drops probabilities over prefix and token keys with 1/(1-p) rescaling. The keep-mask is
+never stored: counter-based Philox (``tl.rand4x``, one call per 4 mask columns of a row, at
+counter ((b*H + h)*Lq + row)*NC4 + column // 4 in int64; prefix columns first, token
+columns from P rounded up to 4, NC4 groups per row) regenerates it in every backward
+kernel, from a seed that torch's generator drew on the device (read through a pointer: no
+host sync). The saved lse is that of the un-dropped softmax. ``dropout_keep_mask`` returns the mask of a
+call, so the eager reference can reproduce it exactly.
+
 Backward: a preprocess (delta = rowsum(dO * O)), a dK/dV kernel per token key block (it
 loops over the query heads of its GQA group, so no atomics), a dK/dV kernel per prefix key
 block and example, writing fp32 partials (plus the per-example gate partials) that a
@@ -51,14 +60,19 @@ def _online_block(
     logit_scale,
     v_scale,
     bias,
+    keep,
+    drop_scale,
     MASKED: tl.constexpr,
     SCALE_V: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """One key block of the online softmax. With MASKED, ``vis`` (broadcastable to
     (BLOCK_M, BLOCK_N)) marks the visible keys. With HAS_BIAS, ``bias`` is the block's
-    additive bias in base-2 logit units, added after the (gated) scale."""
+    additive bias in base-2 logit units, added after the (gated) scale. With DROPOUT,
+    ``keep`` is the block's keep-mask: the normaliser l_i (and so the lse) sums the
+    un-dropped probabilities, the values see the dropped ones times ``drop_scale``."""
     s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * logit_scale
     if HAS_BIAS:
         s = s + bias
@@ -71,6 +85,8 @@ def _online_block(
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(keep, p * drop_scale, 0.0)
     if SCALE_V:  # the gated value gv * v: fold gv into the probabilities
         p = p * v_scale
     # Accumulate inside the MMA (acc as the dot's accumulator), as in the Triton tutorial.
@@ -112,6 +128,26 @@ def _task(IDX, b, T):
 
 
 @triton.jit
+def _keep(seed, row_base, rows, col0, NC4, dropout_p, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+    """Attention-dropout keep-mask (True with prob 1 - p) of query rows ``rows`` x the
+    BLOCK_N mask columns from ``col0`` (a multiple of 4), as (rows, BLOCK_N), or with TRANS
+    (BLOCK_N, rows). One Philox call (``tl.rand4x``) gives columns 4c..4c+3 of a row, at
+    counter (row_base + row) * NC4 + c in int64 (row_base = (b * H + h) * LQ, NC4 = mask
+    columns / 4): a quarter of the Philox state of one call per element."""
+    r64 = row_base + rows.to(tl.int64)
+    c4 = col0 // 4 + tl.arange(0, BLOCK_N // 4).to(tl.int64)
+    if TRANS:
+        u0, u1, u2, u3 = tl.rand4x(seed, c4[:, None] + r64[None, :] * NC4)
+        u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [c, r, i, j] = u_{2i+j}
+        u = tl.reshape(tl.permute(u, (0, 2, 3, 1)), (BLOCK_N, r64.shape[0]))
+    else:
+        u0, u1, u2, u3 = tl.rand4x(seed, r64[:, None] * NC4 + c4[None, :])
+        u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [r, c, i, j] = u_{2i+j}
+        u = tl.reshape(u, (r64.shape[0], BLOCK_N))  # column 4c + 2i + j
+    return u >= dropout_p
+
+
+@triton.jit
 def _load_bias(base, rows, cols, srow, scol, mask, HAS_BIAS: tl.constexpr):
     """The attn_bias tile [rows, cols] in base-2 units (fp32); 0 without a bias. Broadcast
     dims have stride 0, so nothing bigger than the caller's tensor is ever read."""
@@ -134,6 +170,7 @@ def _fwd_kernel(
     GATE,
     KPM,
     BIAS,
+    SEED,
     OUT,
     LSE,
     sqb,
@@ -169,6 +206,8 @@ def _fwd_kernel(
     P,
     T,
     qk_scale,
+    dropout_p,
+    drop_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -179,6 +218,7 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
@@ -201,6 +241,14 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    # Mask columns: prefix keys at [0, P), token key j at PP + j (PP = P rounded up to 4, so
+    # that every block starts a Philox group of 4); NC4 groups per row.
+    PP = (P + 3) // 4 * 4
+    NC4 = PP // 4 + (LK + 3) // 4
 
     # ---- prefix keys: always visible, gated
     if HAS_GATE:
@@ -225,9 +273,13 @@ def _fwd_kernel(
         bias = _load_bias(
             bias_base, offs_m, cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], HAS_BIAS
         )
+        if DROPOUT:
+            keep = _keep(seed, bh * LQ, offs_m, start_n, NC4, dropout_p, BLOCK_N, False)
+        else:
+            keep = 0
         m_i, l_i, acc = _online_block(
-            q, kb, vb, col_ok[None, :], m_i, l_i, acc, qk_scale * gk, gv, bias,
-            True, HAS_GATE, HAS_BIAS, PRECISION,
+            q, kb, vb, col_ok[None, :], m_i, l_i, acc, qk_scale * gk, gv, bias, keep,
+            drop_scale, True, HAS_GATE, HAS_BIAS, PRECISION, DROPOUT,
         )  # fmt: skip
 
     # ---- token keys: causal (bottom-right) and padding masks
@@ -246,9 +298,13 @@ def _fwd_kernel(
         else:
             vis = 0
         bias = _load_bias(bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None], HAS_BIAS)
+        if DROPOUT:
+            keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
+        else:
+            keep = 0
         m_i, l_i, acc = _online_block(
-            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, HAS_MASK, False, HAS_BIAS,
-            PRECISION,
+            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, keep, drop_scale, HAS_MASK,
+            False, HAS_BIAS, PRECISION, DROPOUT,
         )  # fmt: skip
     # The causal diagonal and the ragged tail.
     for start_n in range(full, hi, BLOCK_N):
@@ -267,9 +323,13 @@ def _fwd_kernel(
             bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None] & (cols < LK)[None, :],
             HAS_BIAS,
         )  # fmt: skip
+        if DROPOUT:
+            keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
+        else:
+            keep = 0
         m_i, l_i, acc = _online_block(
-            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, True, False, HAS_BIAS,
-            PRECISION,
+            q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, keep, drop_scale, True,
+            False, HAS_BIAS, PRECISION, DROPOUT,
         )  # fmt: skip
 
     # Rows with no visible key: out 0, lse -inf (backward reads that as "no key").
@@ -346,12 +406,20 @@ def _dkdv_rows(
     sbm,
     sbn,
     ncols,
+    seed,
+    rng_base,
+    rng_col0,
+    NC4,
+    dropout_p,
+    drop_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Accumulate dS^T q and P^T dO over query rows [row_start, row_end) of one head for one
     key block (transposed: keys are rows). Rows past LQ and rows with no visible key get
@@ -379,8 +447,16 @@ def _dkdv_rows(
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(cols[:, None] <= rows[None, :] + (LK - LQ), p_t, 0.0)
-        dv = tl.dot(p_t.to(dob.dtype), dob, dv, input_precision=PRECISION)
         dp_t = tl.dot(vb, tl.trans(dob), input_precision=PRECISION) * v_scale
+        if DROPOUT:  # the forward's mask, transposed (keys are rows)
+            keep_t = _keep(seed, rng_base, rows, rng_col0, NC4, dropout_p, BLOCK_N, True)
+            dv = tl.dot(
+                tl.where(keep_t, p_t * drop_scale, 0.0).to(dob.dtype), dob, dv,
+                input_precision=PRECISION,
+            )  # fmt: skip
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(dob.dtype), dob, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(qb.dtype), qb, dk, input_precision=PRECISION)
     return dk, dv
@@ -420,6 +496,11 @@ def _dkdv_loop(
     sbn,
     col_off,
     ncols,
+    seed,
+    rng_col0,
+    NC4,
+    dropout_p,
+    drop_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -427,6 +508,7 @@ def _dkdv_loop(
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Sum over the group's query heads (GQA, in a fixed order: no atomics) and query rows
     >= lo; with CAUSAL, rows [lo, diag_end) get the causal mask and later rows none.
@@ -444,7 +526,9 @@ def _dkdv_loop(
             dk, dv = _dkdv_rows(
                 dk, dv, kb, vb, cols, lo, diag_end, q_base, do_base, LSE + row_base,
                 DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
-                bias_base, sbm, sbn, ncols, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_BIAS, PRECISION,
+                bias_base, sbm, sbn, ncols, seed, row_base, rng_col0, NC4, dropout_p,
+                drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, True, HAS_BIAS, PRECISION,
+                DROPOUT,
             )  # fmt: skip
             start = diag_end
         else:
@@ -452,7 +536,9 @@ def _dkdv_loop(
         dk, dv = _dkdv_rows(
             dk, dv, kb, vb, cols, start, LQ, q_base, do_base, LSE + row_base,
             DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
-            bias_base, sbm, sbn, ncols, HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_BIAS, PRECISION,
+            bias_base, sbm, sbn, ncols, seed, row_base, rng_col0, NC4, dropout_p,
+            drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, HAS_BIAS, PRECISION,
+            DROPOUT,
         )  # fmt: skip
     return dk, dv
 
@@ -467,6 +553,7 @@ def _bwd_dkdv_kernel(
     DELTA,
     KPM,
     BIAS,
+    SEED,
     DK,
     DV,
     sqb,
@@ -499,6 +586,8 @@ def _bwd_dkdv_kernel(
     P,
     qk_scale,
     sm_scale,
+    dropout_p,
+    drop_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -507,6 +596,7 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Token keys: one program per (key block, kv head, example)."""
     pid_n = tl.program_id(0)
@@ -537,11 +627,13 @@ def _bwd_dkdv_kernel(
         lo = tl.maximum(start_n - (LK - LQ), 0)
         first_full = tl.maximum(lo, start_n + BLOCK_N - 1 - (LK - LQ))
         diag_end = lo + ((first_full - lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    seed = tl.load(SEED) if DROPOUT else 0
     dk, dv = _dkdv_loop(
         kb, vb, cols, lo, diag_end, b, hk, Q, DO, LSE, DELTA,
         sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale, 1.0,
-        BIAS, sbb, sbh, sbm, sbn, P, LK,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, HAS_BIAS, PRECISION,
+        BIAS, sbb, sbh, sbm, sbn, P, LK, seed, (P + 3) // 4 * 4 + start_n,
+        (P + 3) // 4 + (LK + 3) // 4, dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, HAS_BIAS, PRECISION, DROPOUT,
     )  # fmt: skip
     if HAS_MASK:  # a padding key is seen by no query: its gradients are 0
         col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
@@ -560,6 +652,7 @@ def _bwd_prefix_dkdv_kernel(
     IDX,
     GATE,
     BIAS,
+    SEED,
     DO,
     LSE,
     DELTA,
@@ -595,6 +688,8 @@ def _bwd_prefix_dkdv_kernel(
     T,
     qk_scale,
     sm_scale,
+    dropout_p,
+    drop_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -602,6 +697,7 @@ def _bwd_prefix_dkdv_kernel(
     HAS_GATE: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Prefix keys: one program per (prefix block, example, kv head). Writes this example's
     fp32 partials d prefix_k/v (B, Hkv, P, D) and gate partials (B, Hkv, n_blocks, 2)."""
@@ -632,11 +728,13 @@ def _bwd_prefix_dkdv_kernel(
     )
     # The gated key is gk * pk, so its logits are the ungated ones times gk; likewise dP
     # uses the gated value gv * pv.
+    seed = tl.load(SEED) if DROPOUT else 0
     dk, dv = _dkdv_loop(
         kb, vb, cols, 0, 0, b, hk, Q, DO, LSE, DELTA,
         sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale * gk, gv,
-        BIAS, sbb, sbh, sbm, sbn, 0, P,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, HAS_BIAS, PRECISION,
+        BIAS, sbb, sbh, sbm, sbn, 0, P, seed, pid_n * BLOCK_N, (P + 3) // 4 + (LK + 3) // 4,
+        dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, HAS_BIAS, PRECISION, DROPOUT,
     )  # fmt: skip
     # Rows past P hold garbage (possibly inf); zero them before the gate reductions.
     dkey = tl.where(col_ok[:, None], dk * sm_scale, 0.0)  # d loss / d (gk * pk)
@@ -682,6 +780,7 @@ def _bwd_dq_kernel(
     GATE,
     KPM,
     BIAS,
+    SEED,
     DO,
     LSE,
     DELTA,
@@ -724,6 +823,8 @@ def _bwd_dq_kernel(
     T,
     qk_scale,
     sm_scale,
+    dropout_p,
+    drop_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -734,6 +835,7 @@ def _bwd_dq_kernel(
     PRECISION: tl.constexpr,
     EVEN_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
@@ -765,6 +867,11 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bias_base = BIAS + b * sbb + h * sbh
+    seed = tl.load(SEED) if DROPOUT else 0
+    # Mask columns: prefix keys at [0, P), token key j at PP + j (PP = P rounded up to 4, so
+    # that every block starts a Philox group of 4); NC4 groups per row.
+    PP = (P + 3) // 4 * 4
+    NC4 = PP // 4 + (LK + 3) // 4
 
     # ---- prefix keys (gated): dq += gk * dS pk
     if HAS_GATE:
@@ -793,6 +900,9 @@ def _bwd_dq_kernel(
             )
         p = tl.where(col_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * gv
+        if DROPOUT:
+            keep = _keep(seed, row_base, offs_m, start_n, NC4, dropout_p, BLOCK_N, False)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot((ds * gk).to(kb.dtype), kb, dq, input_precision=PRECISION)
 
@@ -812,6 +922,9 @@ def _bwd_dq_kernel(
         if HAS_MASK:
             p = tl.where((tl.load(KPM + b * smb + cols * smn) != 0)[None, :], p, 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
     for start_n in range(full, hi, BLOCK_N):
@@ -833,6 +946,9 @@ def _bwd_dq_kernel(
             )
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
 
@@ -910,6 +1026,50 @@ def _bias_args(
     return attn_bias, tuple(attn_bias.stride())
 
 
+def _dropout_args(
+    dropout_p: float, seed: torch.Tensor | None, q: torch.Tensor
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(seed pointer, (p, 1 / (1 - p))): with p = 0 a placeholder pointer and (0, 1), and
+    DROPOUT=False compiles the kernels without any of it."""
+    if dropout_p <= 0:
+        return q, (0.0, 1.0)
+    if seed is None:
+        raise ValueError("prefix_attention: dropout_p > 0 needs the seed tensor (see ops.py)")
+    return seed, (float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
+
+
+@triton.jit(do_not_specialize=["LQ", "NC4"])
+def _dropout_mask_kernel(
+    SEED, OUT, LQ, NC4, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """The keep-mask the attention kernels draw, over all 4 * NC4 mask columns (the prefix's
+    rounded up to 4, then the tokens'), written out (debug/tests only)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = tl.program_id(1) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
+    row_base = tl.program_id(2).to(tl.int64) * LQ
+    keep = _keep(tl.load(SEED), row_base, rows, col0, NC4, dropout_p, BLOCK_N, False)
+    off = (row_base + rows.to(tl.int64))[:, None] * (4 * NC4) + cols[None, :]
+    tl.store(OUT + off, keep.to(tl.int8), mask=(rows < LQ)[:, None] & (cols < 4 * NC4)[None, :])
+
+
+@on_input_device
+def dropout_keep_mask(
+    seed: torch.Tensor, B: int, H: int, Lq: int, P: int, Lk: int, dropout_p: float
+) -> torch.Tensor:
+    """Debug hook: the bool keep-mask (B, H, Lq, P + Lk), columns [prefix ; tokens], that a
+    triton ``forward``/``backward`` with this ``seed`` (the int64 (1,) tensor ops.py draws,
+    see ``unipelt_fast.ops.dropout_seed``) and ``dropout_p`` uses. Pass it as
+    ``reference.prefix_attention(..., dropout_mask=)`` to reproduce that call exactly."""
+    PP, nc4 = triton.cdiv(P, 4) * 4, triton.cdiv(P, 4) + triton.cdiv(Lk, 4)
+    full = torch.zeros((B, H, Lq, 4 * nc4), dtype=torch.int8, device=seed.device)
+    if full.numel() > 0:
+        BM, BN = 16, 16
+        grid = (triton.cdiv(Lq, BM), triton.cdiv(4 * nc4, BN), B * H)
+        _dropout_mask_kernel[grid](seed, full, Lq, nc4, float(dropout_p), BLOCK_M=BM, BLOCK_N=BN)
+    return torch.cat([full[..., :P], full[..., PP : PP + Lk]], dim=-1).bool()
+
+
 @on_input_device
 def forward(
     q: torch.Tensor,
@@ -923,6 +1083,8 @@ def forward(
     causal: bool,
     softmax_scale: float,
     attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -936,18 +1098,20 @@ def forward(
     gate = q if prefix_gate is None else prefix_gate  # a placeholder pointer when unused
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     bias, b_strides = _bias_args(attn_bias, q)
+    seed_t, drop = _dropout_args(dropout_p, seed, q)
     grid = (triton.cdiv(Lq, BM), H, B)
     _fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, out, lse,
+        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         kpm.stride(0) if key_padding_mask is not None else 0,
         kpm.stride(1) if key_padding_mask is not None else 0,
         *b_strides,
-        H, H // Hkv, Lq, Lk, P, prefix_k.shape[0], softmax_scale * LOG2E,
+        H, H // Hkv, Lq, Lk, P, prefix_k.shape[0], softmax_scale * LOG2E, *drop,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
         HAS_GATE=prefix_gate is not None, HAS_MASK=key_padding_mask is not None,
         CAUSAL=causal, PRECISION=_precision(q), EVEN_D=_block_d(D) == D,
-        HAS_BIAS=attn_bias is not None, num_warps=warps, num_stages=stages,
+        HAS_BIAS=attn_bias is not None, DROPOUT=dropout_p > 0, num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return out, lse
 
@@ -968,6 +1132,8 @@ def backward(
     causal: bool,
     softmax_scale: float,
     attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
 ]:
@@ -994,6 +1160,8 @@ def backward(
     km_strides = (kpm.stride(0), kpm.stride(1)) if has_mask else (0, 0)
     bias, b_strides = _bias_args(attn_bias, q)
     has_bias = attn_bias is not None
+    seed_t, drop = _dropout_args(dropout_p, seed, q)
+    has_drop = dropout_p > 0
     qk_scale = softmax_scale * LOG2E
     do_strides = grad_out.stride()
 
@@ -1007,11 +1175,11 @@ def backward(
     BM, BN, warps, stages = cfg["dkdv"]
     if Lk > 0:
         _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), Hkv, B)](
-            q, k, v, grad_out, lse, delta, kpm, bias, dk, dv,
+            q, k, v, grad_out, lse, delta, kpm, bias, seed_t, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do_strides, *km_strides, *b_strides,
-            H, Hkv, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale,
+            H, Hkv, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale, *drop,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_MASK=has_mask,
-            CAUSAL=causal, PRECISION=prec, HAS_BIAS=has_bias,
+            CAUSAL=causal, PRECISION=prec, HAS_BIAS=has_bias, DROPOUT=has_drop,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -1022,12 +1190,13 @@ def backward(
         part_k = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
         part_v = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
         _bwd_prefix_dkdv_kernel[(n_pblocks, Hkv, B)](
-            q, prefix_k, prefix_v, prefix_index, gate, bias, grad_out, lse, delta,
+            q, prefix_k, prefix_v, prefix_index, gate, bias, seed_t, grad_out, lse, delta,
             part_k, part_v, dg_part,
             *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *do_strides, *b_strides,
-            H, Hkv, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale,
+            H, Hkv, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale, *drop,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
-            PRECISION=prec, HAS_BIAS=has_bias, num_warps=warps, num_stages=stages,
+            PRECISION=prec, HAS_BIAS=has_bias, DROPOUT=has_drop, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
         N = Hkv * P * D
         SB, _, sw, ss = cfg["sum"]
@@ -1041,13 +1210,14 @@ def backward(
 
     BM, BN, warps, stages = cfg["dq"]
     _bwd_dq_kernel[(triton.cdiv(Lq, BM), H, B)](
-        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, grad_out, lse, delta, dq,
+        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, grad_out, lse,
+        delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         *do_strides, *km_strides, *b_strides,
-        H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale,
+        H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale, *drop,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
         HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
-        HAS_BIAS=has_bias, num_warps=warps, num_stages=stages,
+        HAS_BIAS=has_bias, DROPOUT=has_drop, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
     dg = dg_part.sum(dim=(1, 2)) if has_gate else None

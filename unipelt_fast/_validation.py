@@ -124,6 +124,7 @@ def validate_prefix_attention(
     causal,
     softmax_scale,
     attn_bias=None,
+    dropout_p=0.0,
 ) -> None:
     op = "prefix_attention"
     check_tensor(q, "q", op, ndim=4)
@@ -192,6 +193,16 @@ def validate_prefix_attention(
             )
     if attn_bias is not None:
         _check_attn_bias(attn_bias, (B, H, Lq, pk[-2] + Lk), dt, dev, op)
+    check_dropout_p(dropout_p, op)
+
+
+def check_dropout_p(dropout_p: object, op: str) -> float:
+    """A finite float probability in [0, 1) (1 would drop every key: no output to rescale)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float):
+        raise TypeError(f"{op}: dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not (math.isfinite(dropout_p) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: dropout_p must be a finite float in [0, 1), got {dropout_p}")
+    return float(dropout_p)
 
 
 def _check_attn_bias(

@@ -29,9 +29,11 @@ def prefix_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Same result as ``reference.prefix_attention`` (rows with no visible key give 0).
-    An ``attn_bias`` becomes SDPA's float mask (masked keys -inf), which SDPA materialises."""
+    An ``attn_bias`` becomes SDPA's float mask (masked keys -inf), which SDPA materialises.
+    ``dropout_p`` is SDPA's own attention dropout (its mask, from torch's generator)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     pk = select_prefix(prefix_k, prefix_index, B)
@@ -41,7 +43,7 @@ def prefix_attention(
         return reference.prefix_attention(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_gate=prefix_gate,
             key_padding_mask=key_padding_mask, causal=causal, softmax_scale=softmax_scale,
-            attn_bias=attn_bias,
+            attn_bias=attn_bias, dropout_p=dropout_p,
         )  # fmt: skip
     if prefix_gate is not None:
         gk, gv = split_prefix_gate(prefix_gate.to(q.dtype), B)
@@ -61,8 +63,9 @@ def prefix_attention(
         bias = attn_bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=softmax_scale, enable_gqa=H != Hkv
-    )
+        q, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale,
+        enable_gqa=H != Hkv,
+    )  # fmt: skip
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out

@@ -12,7 +12,7 @@ for cuda) exposes ``forward`` and ``backward``. Inputs arrive validated and cano
 
 prefix_attention
     ``forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate, key_padding_mask,
-    causal, softmax_scale[, attn_bias=]) -> (out, lse)``
+    causal, softmax_scale[, attn_bias=][, dropout_p=, seed=]) -> (out, lse)``
       q (B, H, Lq, D); k, v (B, Hkv, Lk, D); prefix_k, prefix_v (T, Hkv, P, D); all with
       any strides. prefix_index int64 (B,) in [0, T). prefix_gate None or float32 (B, 2)
       contiguous, columns (key gate, value gate). key_padding_mask None or bool (B, Lk).
@@ -20,11 +20,17 @@ prefix_attention
       view in q's dtype or float32, stride 0 on broadcast dims (never materialised; read
       it with its strides), columns [prefix ; tokens]. It is added to the logits after
       the key gate scaled the prefix logits, before the masks; it never requires grad.
+      dropout_p, seed, passed (as keywords) only when dropout_p > 0: the attention-dropout
+      probability in (0, 1) and an int64 (1,) tensor on q's device, drawn by
+      :func:`dropout_seed` from torch's generator (read it on the device: no host sync).
+      The same (seed, dropout_p) must give the same keep-mask in forward and backward;
+      lse stays that of the un-dropped softmax. A backend without dropout raises
+      NotImplementedError naming dropout (cuda does, before any launch).
       out: (B, H, Lq, D) contiguous, q's dtype. lse: float32 (B, H, Lq), in units the same
       backend's backward understands.
     ``backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate,
-    key_padding_mask, out, lse, causal, softmax_scale[, attn_bias=]) -> (dq, dk, dv,
-    dprefix_k, dprefix_v, dprefix_gate)``
+    key_padding_mask, out, lse, causal, softmax_scale[, attn_bias=][, dropout_p=, seed=]) ->
+    (dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate)``
       grad_out contiguous. dprefix_* are (T, Hkv, P, D), summed deterministically over the
       examples (and query heads) that used each task. dprefix_gate float32 (B, 2), or None
       when prefix_gate is None. attn_bias as in forward (no gradient is returned for it).
@@ -133,6 +139,8 @@ def _prefix_attention_op(
     softmax_scale: float,
     backend: str,
     attn_bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     impl = kernel_impl("prefix_attention", backend)
     return impl.forward(
@@ -147,6 +155,7 @@ def _prefix_attention_op(
         causal,
         softmax_scale,
         **_bias_kw(attn_bias),
+        **_dropout_kw(dropout_p, seed),
     )
 
 
@@ -164,6 +173,8 @@ def _(
     softmax_scale,
     backend,
     attn_bias=None,
+    dropout_p=0.0,
+    seed=None,
 ):
     B, H, Lq, D = q.shape
     return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=torch.float32)
@@ -186,6 +197,8 @@ def _prefix_attention_bwd_op(
     softmax_scale: float,
     backend: str,
     attn_bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = kernel_impl("prefix_attention", backend)
     dq, dk, dv, dpk, dpv, dg = impl.backward(
@@ -203,6 +216,7 @@ def _prefix_attention_bwd_op(
         causal,
         softmax_scale,
         **_bias_kw(attn_bias),
+        **_dropout_kw(dropout_p, seed),
     )
     return dq, dk, dv, dpk, dpv, _or_empty(dg, lse)
 
@@ -224,6 +238,8 @@ def _(
     softmax_scale,
     backend,
     attn_bias=None,
+    dropout_p=0.0,
+    seed=None,
 ):
     dg = lse.new_empty(_EMPTY) if prefix_gate is None else torch.empty_like(prefix_gate)
     return (
@@ -241,16 +257,29 @@ def _bias_kw(attn_bias: Tensor | None) -> dict[str, Tensor]:
     return {} if attn_bias is None else {"attn_bias": attn_bias}
 
 
+def _dropout_kw(dropout_p: float, seed: Tensor | None) -> dict:
+    # Passed only with dropout, so p = 0 calls every backend exactly as before.
+    return {} if dropout_p == 0 else {"dropout_p": dropout_p, "seed": seed}
+
+
+def dropout_seed(device: torch.device) -> Tensor:
+    """The attention-dropout seed of a kernel call: an int64 (1,) tensor drawn on ``device``
+    from torch's default generator there (``torch.manual_seed`` reproduces it), without a
+    host sync; the kernels read it through its pointer."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
 def _prefix_attention_setup(ctx, inputs, output):
-    q, k, v, pk, pv, idx, gate, kpm, causal, scale, backend, bias = inputs
+    q, k, v, pk, pv, idx, gate, kpm, causal, scale, backend, bias, drop_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, pk, pv, idx, gate, kpm, out, lse, bias)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    # The seed (8 bytes, only with dropout) regenerates the keep-mask: no mask is saved.
+    ctx.save_for_backward(q, k, v, pk, pv, idx, gate, kpm, out, lse, bias, seed)
+    ctx.causal, ctx.scale, ctx.backend, ctx.dropout_p = causal, scale, backend, drop_p
     ctx.mark_non_differentiable(lse)
 
 
 def _prefix_attention_backward(ctx, grad_out, _grad_lse):
-    q, k, v, pk, pv, idx, gate, kpm, out, lse, bias = ctx.saved_tensors
+    q, k, v, pk, pv, idx, gate, kpm, out, lse, bias, seed = ctx.saved_tensors
     dq, dk, dv, dpk, dpv, dg = _prefix_attention_bwd_op(
         grad_out.contiguous(),
         q,
@@ -267,9 +296,11 @@ def _prefix_attention_backward(ctx, grad_out, _grad_lse):
         ctx.scale,
         ctx.backend,
         bias,
+        ctx.dropout_p,
+        seed,
     )
     dg = None if gate is None else dg
-    return dq, dk, dv, dpk, dpv, None, dg, None, None, None, None, None
+    return dq, dk, dv, dpk, dpv, None, dg, None, None, None, None, None, None, None
 
 
 _prefix_attention_op.register_autograd(
@@ -303,6 +334,7 @@ def prefix_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     attn_bias: Tensor | None = None,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> Tensor:
     """Softmax attention over the concatenation [gated prefix ; tokens], without building it.
@@ -328,6 +360,11 @@ def prefix_attention(
             are read with stride 0, never materialised. The eager and torch backends
             differentiate it; kernel backends raise NotImplementedError for a bias that
             requires grad (T5's bias is frozen under PEFT).
+        dropout_p: attention-probability dropout in [0, 1), over prefix and token keys,
+            with 1/(1-p) rescaling (as HF eager/SDPA attention); applied whenever > 0, so
+            pass 0 in eval. The mask comes from torch's default generator for q's device
+            (``torch.manual_seed`` reproduces a call); triton regenerates it in backward
+            (Philox), nothing is stored. The cuda backend raises NotImplementedError.
         backend: "auto", "eager", "torch", "triton" or "cuda".
 
     Returns:
@@ -348,8 +385,15 @@ def prefix_attention(
         causal,
         softmax_scale,
         attn_bias,
+        dropout_p,
     )
     be = resolve_backend(backend, q.device, "prefix_attention", q.dtype)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0 and be == "cuda":
+        raise NotImplementedError(
+            "prefix_attention: backend='cuda' does not implement attention dropout "
+            "(dropout_p > 0); use backend='triton', 'torch' or 'eager', or dropout_p=0"
+        )
     check_backend_dtype(q.dtype, be, "prefix_attention")
     if be not in ("eager", "torch") and attn_bias is not None and attn_bias.requires_grad:
         if torch.is_grad_enabled():
@@ -371,6 +415,7 @@ def prefix_attention(
             causal=causal,
             softmax_scale=softmax_scale,
             attn_bias=attn_bias,
+            dropout_p=dropout_p,
         )
     B, H, Lq, D = q.shape
     pk, pv, idx = _canonical_prefix(prefix_k, prefix_v, prefix_index, B)
@@ -381,8 +426,9 @@ def prefix_attention(
     if prefix_gate is not None:  # (B,) or (B, 2) -> float32 (B, 2); autograd sums back
         gate = prefix_gate.float().reshape(B, -1).expand(B, 2).contiguous()
     scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
+    seed = dropout_seed(q.device) if dropout_p > 0 else None
     out, _ = _prefix_attention_op(
-        q, k, v, pk, pv, idx, gate, key_padding_mask, causal, scale, be, bias
+        q, k, v, pk, pv, idx, gate, key_padding_mask, causal, scale, be, bias, dropout_p, seed
     )
     return out
 

@@ -74,13 +74,21 @@ def prefix_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q [g_k*Pk ; K]^T * scale + bias) [g_v*Pv ; V] with token-only masks; empty
     rows give 0.
 
     ``attn_bias`` (broadcastable to (B, H, Lq, P + Lk); columns [prefix ; tokens]) is added
     after the key gate has scaled the prefix logits and before the masks, so the gate never
-    scales the bias and a masked key stays masked whatever its bias."""
+    scales the bias and a masked key stays masked whatever its bias.
+
+    ``dropout_p`` > 0 drops attention probabilities (prefix and token keys alike) and scales
+    the kept ones by 1 / (1 - dropout_p), as HF's eager attention does. The keep-mask is
+    ``dropout_mask`` (bool, broadcastable to (B, H, Lq, P + Lk)) when given, e.g. a triton
+    call's from ``kernels.prefix_attention.dropout_keep_mask``; otherwise a Bernoulli(1 - p)
+    draw from torch's generator."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
@@ -111,6 +119,11 @@ def prefix_attention(
     row_ok = visible.any(dim=-1, keepdim=True)
     logits = torch.where(row_ok, logits, torch.zeros_like(logits))
     probs = torch.softmax(logits, dim=-1) * row_ok
+    if dropout_p > 0:
+        keep = dropout_mask
+        if keep is None:
+            keep = torch.bernoulli(torch.full_like(probs, 1.0 - dropout_p)).bool()
+        probs = torch.where(keep, probs / (1.0 - dropout_p), torch.zeros_like(probs))
     return torch.matmul(probs, values).to(q.dtype)
 
 

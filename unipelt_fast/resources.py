@@ -66,8 +66,9 @@ class Case:
 
 
 def _attention_case(
-    dt: str, D: int, gate: bool, mask: bool, causal: bool, bias: bool = False
-) -> Case:
+    dt: str, D: int, gate: bool, mask: bool, causal: bool, bias: bool = False,
+    dropout: bool = False,
+) -> Case:  # fmt: skip
     def run():
         kpa = _kmod("prefix_attention")
         t = DTYPES[dt]
@@ -81,11 +82,24 @@ def _attention_case(
         kw = {}
         if bias:  # T5's case: a (1, H, Lq, P + Lk) bias, stride 0 on the batch dim
             kw["attn_bias"] = torch.zeros(1, H, L, P + L, dtype=t).expand(B, H, L, P + L)
+        if dropout:  # DROPOUT: Philox keep-masks regenerated in every kernel
+            kw.update(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.long))
         out, lse = kpa.forward(q, k, k, pk, pk, idx, g, m, causal, 0.1, **kw)
         kpa.backward(out, q, k, k, pk, pk, idx, g, m, out, lse, causal, 0.1, **kw)
 
-    label = {"gate": gate, "mask": mask, "causal": causal, "attn_bias": bias}
+    label = {"gate": gate, "mask": mask, "causal": causal, "attn_bias": bias, "dropout": dropout}
     return Case("prefix_attention", dt, D, label, run)
+
+
+def _dropout_mask_case() -> Case:
+    """The debug hook's keep-mask kernel (dtype-free: one row per arch)."""
+
+    def run():
+        _kmod("prefix_attention").dropout_keep_mask(
+            torch.zeros(1, dtype=torch.long), 2, 32, 128, 16, 128, 0.1
+        )
+
+    return Case("prefix_attention", "bool", None, {"dropout_keep_mask": True}, run)
 
 
 def _adapter_case(
@@ -145,8 +159,10 @@ def cases(quick: bool = False) -> list[Case]:
     """The report's matrix. Each flag that changes the compiled code (gate, mask, causal,
     activation) is switched off one at a time from the all-on variant (the cross product
     would double the compile time for rows that differ by one branch); the adapter's d
-    (768, 4096) changes no compiled code, so its rows share one compile. ``quick``: the
-    representative subset CI compiles (bf16 and fp32, the largest tiles of each op)."""
+    (768, 4096) changes no compiled code, so its rows share one compile. The attention's
+    HAS_BIAS and DROPOUT variants are one all-on row each (DROPOUT in the full matrix only).
+    ``quick``: the representative subset CI compiles (bf16 and fp32, the largest tiles of
+    each op, and the tiny debug keep-mask kernel, so every launched kernel is compiled)."""
     dts = ("bf16", "fp32") if quick else tuple(DTYPES)
     out: list[Case] = []
     attn_flags = [(True, True, True)]
@@ -157,6 +173,9 @@ def cases(quick: bool = False) -> list[Case]:
             out += [_attention_case(dt, D, *f) for f in attn_flags]
             if not quick or (dt, D) == ("fp32", 128):  # the attn_bias variant (HAS_BIAS)
                 out.append(_attention_case(dt, D, True, True, True, bias=True))
+            if not quick:  # the dropout variant (DROPOUT)
+                out.append(_attention_case(dt, D, True, True, True, dropout=True))
+    out.append(_dropout_mask_case())  # launched by the debug hook only; tiny, no tl.dot
     ad = [("token", "relu")]
     if not quick:
         ad += [(None, "relu"), ("mean", "relu"), ("token", "identity")]

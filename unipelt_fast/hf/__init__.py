@@ -31,8 +31,9 @@ Runtime state (task ids, the 2-D mask) is kept on the model between a forward an
 backward: a gradient-checkpointed backward recomputes with the state of the *latest* forward,
 so run forward/backward pairs in order (as every training loop does).
 
-Not supported on the prefix path: attention-probability dropout (the prefix path has none),
-``output_attentions``.
+Attention-probability dropout on the prefix path is the attention module's own (training
+mode only, as HF's eager/SDPA attention), passed to ``prefix_attention(dropout_p=)``. Not
+supported on the prefix path: ``output_attentions``.
 
 Layout: ``apply.py`` (apply_unipelt), ``families.py`` (per-family wiring tables), ``masks.py``
 (HF mask conversion), ``attention.py`` (the registered attention function), ``hooks.py``

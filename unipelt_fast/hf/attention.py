@@ -76,6 +76,9 @@ def unipelt_attention(
         causal=causal,
         softmax_scale=scaling,
         attn_bias=attn_bias,
+        # HF passes its attention-probability dropout already 0 outside training; eval mode
+        # stays exact even if a caller passes it anyway (as HF eager attention does).
+        dropout_p=float(dropout) if module.training else 0.0,
         backend=root.backend,
     )
     return out.transpose(1, 2).contiguous(), None
@@ -118,7 +121,8 @@ def _legacy_bert_forward(
         heads(self.key(hidden_states)),
         heads(self.value(hidden_states)),
     )
-    out, _ = unipelt_attention(self, q, k, v, attention_mask, scaling=D**-0.5)
+    drop = getattr(self.dropout, "p", 0.0) if self.training else 0.0  # 4.x: nn.Dropout
+    out, _ = unipelt_attention(self, q, k, v, attention_mask, scaling=D**-0.5, dropout=drop)
     return out.reshape(B, L, H * D), None
 
 

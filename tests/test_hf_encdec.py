@@ -12,6 +12,7 @@ import transformers as tf
 
 import unipelt_fast as up
 from tests.hf_tiny import ADAPTER, perturb, trainable_grads
+from tests.test_hf_placements import _adapter  # the placement formulas' adapter
 
 VOCAB, B, LS, LT = 64, 3, 7, 5
 PAD, BOS, EOS = 1, 0, 2
@@ -440,15 +441,6 @@ def test_soft_prompt_on_the_encoder_input(kind):
 # ---- adapter placements, against their formulas --------------------------------------------
 
 
-def _adapter_formula(z, ad):
-    """g * scaling * up(relu(down(z))), g the sequence mean of sigmoid(gate(z))."""
-    out = F.linear(F.relu(F.linear(z, ad.down.weight, ad.down.bias)), ad.up.weight, ad.up.bias)
-    out = out * ad.scaling
-    if ad.gate is not None:
-        out = out * torch.sigmoid(F.linear(z, ad.gate.weight, ad.gate.bias)).mean(1, keepdim=True)
-    return out
-
-
 def _ln(n, t):  # the norm's formula (calling n inside its own hook would recurse)
     return F.layer_norm(t, n.normalized_shape, n.weight, n.bias, n.eps)
 
@@ -468,9 +460,7 @@ def _placement_hooks(base, kind, placement, adapters):
         else:
             fc2, block, norm = layer.fc2, layer, layer.final_layer_norm
         if placement == "ffn_output":
-            handles.append(
-                fc2.register_forward_hook(lambda m, a, o, ad=ad: o + _adapter_formula(o, ad))
-            )
+            handles.append(fc2.register_forward_hook(lambda m, a, o, ad=ad: o + _adapter(o, ad)))
         elif kind in ("bart", "marian"):
             handles.append(
                 layer.fc1.register_forward_pre_hook(lambda m, a, s=seen: s.update(x=a[0]))
@@ -479,7 +469,7 @@ def _placement_hooks(base, kind, placement, adapters):
             def post(m, args, out, ad=ad, seen=seen):
                 s = args[0]
                 a_in = out if placement == "block_output" else seen["x"]
-                return _ln(m, s + _adapter_formula(a_in, ad))
+                return _ln(m, s + _adapter(a_in, ad))
 
             handles.append(norm.register_forward_hook(post))
         else:  # pre-LN: the FFN's input x is the pre-FFN norm's input
@@ -487,7 +477,7 @@ def _placement_hooks(base, kind, placement, adapters):
 
             def pre(m, args, out, ad=ad, seen=seen):
                 s = out[0] if isinstance(out, tuple) else out
-                new = s + _adapter_formula(s if placement == "block_output" else seen["x"], ad)
+                new = s + _adapter(s if placement == "block_output" else seen["x"], ad)
                 return (new, *out[1:]) if isinstance(out, tuple) else new
 
             handles.append(block.register_forward_hook(pre))

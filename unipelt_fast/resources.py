@@ -206,7 +206,8 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(launches: list):
-    """Kernels replaced by recorders; the attention and linear launchers pick GPU configs."""
+    """Kernels replaced by recorders; the launchers pick GPU configs, every autotuning
+    candidate included."""
     from triton.runtime.jit import JITFunction
 
     saved = []
@@ -216,6 +217,10 @@ def _recording(launches: list):
             if isinstance(fn, JITFunction) and (name.endswith("_kernel") or "preprocess" in name):
                 saved.append((mod, name, fn))
                 setattr(mod, name, _Recorder(name, fn, launches))
+    from unipelt_fast import _autotune
+
+    saved.append((_autotune, "RECORD_ALL", _autotune.RECORD_ALL))
+    _autotune.RECORD_ALL = True  # every autotuning candidate is launched, so reported
     kpa = _kmod("prefix_attention")
     saved.append((kpa, "_interpreting", kpa._interpreting))
     kpa._interpreting = lambda t: False

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from unipelt_fast._alloc import new_output, on_input_device
+from unipelt_fast import _autotune
+from unipelt_fast._alloc import new_output, new_output_like, on_input_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -199,6 +200,10 @@ def _fwd_kernel(
     sbh,
     sbm,
     sbn,
+    sob,
+    soh,
+    som,
+    sod,
     H,
     GROUP,
     LQ,
@@ -211,6 +216,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_GATE: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -222,6 +228,8 @@ def _fwd_kernel(
 ):
     # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first (less tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     hk = (h // GROUP).to(tl.int64)
@@ -229,6 +237,7 @@ def _fwd_kernel(
     bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM  # head dims that are not a power of two: padded, masked
     row_ok = offs_m < LQ
@@ -260,8 +269,9 @@ def _fwd_kernel(
     t = _task(IDX, b, T)
     pk_base = PK + t * spkt + hk * spkh
     pv_base = PV + t * spvt + hk * spvh
-    for start_n in range(0, P, BLOCK_N):
-        cols = start_n + offs_n
+    # BLOCK_P-wide tiles (the launcher sizes them to P: a 16-key prefix is not a 64-wide tile)
+    for start_n in range(0, P, BLOCK_P):
+        cols = start_n + offs_p
         col_ok = cols < P
         kv_mask = col_ok[:, None] & mask_d[None, :]
         kb = tl.load(
@@ -274,7 +284,7 @@ def _fwd_kernel(
             bias_base, offs_m, cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], HAS_BIAS
         )
         if DROPOUT:
-            keep = _keep(seed, bh * LQ, offs_m, start_n, NC4, dropout_p, BLOCK_N, False)
+            keep = _keep(seed, bh * LQ, offs_m, start_n, NC4, dropout_p, BLOCK_P, False)
         else:
             keep = 0
         m_i, l_i, acc = _online_block(
@@ -337,7 +347,7 @@ def _fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = OUT + bh * LQ * HEAD_DIM + rows64[:, None] * HEAD_DIM + offs_d[None, :]
+    o_ptrs = OUT + b * sob + h * soh + rows64[:, None] * som + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
     tl.store(LSE + bh * LQ + offs_m, lse, mask=row_ok)
 
@@ -352,6 +362,10 @@ def _bwd_preprocess(
     OUT,
     DO,
     DELTA,
+    sob,
+    soh,
+    som,
+    sod,
     sdb,
     sdh,
     sdm,
@@ -371,7 +385,7 @@ def _bwd_preprocess(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < LQ) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(
-        OUT + bh * LQ * HEAD_DIM + rows64[:, None] * HEAD_DIM + offs_d[None, :],
+        OUT + b * sob + h * soh + rows64[:, None] * som + offs_d[None, :] * sod,
         mask=mask,
         other=0.0,
     )
@@ -995,6 +1009,50 @@ def gpu_configs(dtype: torch.dtype, D: int) -> dict[str, tuple[int, int, int, in
     return {**c, "pre": (c["dq"][0], 0, 4, 3), "sum": (SUM_BLOCK, 0, 4, 3)}
 
 
+def fwd_candidates(dtype: torch.dtype, D: int, arch: int = 90) -> list[tuple[int, int, int, int]]:
+    """The forward's autotuning set (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU of
+    compute capability ``arch`` (80 for sm_80...), the ``gpu_configs`` default first, so
+    autotuning never picks something slower than it. Each compiles without spills for its
+    arch (``unipelt-fast resources`` reports every one); 128-wide key tiles halve the
+    online-softmax rescales per key. 128x128 at D = 128 spills on sm_80 (255 registers,
+    128 B) but not on sm_90, whose wgmma keeps the accumulators elsewhere."""
+    default = gpu_configs(dtype, D)["fwd"]
+    bd = _block_d(D)
+    if dtype == torch.float32 or bd > 128:
+        return [default]
+    if bd <= 64:
+        extra = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
+    else:
+        extra = [(64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2)]
+        if arch >= 90:
+            extra.insert(0, (128, 128, 8, 2))
+    return [default] + [c for c in extra if c != default]
+
+
+def _arch(device: torch.device) -> int:
+    """The GPU's compute capability as 80, 90... (``unipelt-fast resources`` patches it;
+    CPU tensors, which reach here only when a test mocks the GPU path, count as sm_90)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def prefix_block(P: int, block_n: int) -> int:
+    """The prefix's key tile: the widest power of two in 16..block_n whose padding of P
+    stays within 25% of the least padding (16-wide tiles), since wider tiles cost fewer
+    online-softmax rescales. P = 16 walks one 16-wide tile, not a 64-wide one (+300%)."""
+    widths = [w for w in (16, 32, 64, 128) if w <= block_n] or [block_n]
+    padded = lambda w: triton.cdiv(max(P, 1), w) * w  # noqa: E731
+    least = min(padded(w) for w in widths)
+    return max(w for w in widths if padded(w) * 4 <= least * 5)
+
+
+def _bucket(n: int) -> int:
+    """Autotuning buckets for lengths: powers of two, capped (configs rarely change above)."""
+    return min(triton.next_power_of_2(max(n, 1)), 8192)
+
+
 def _configs(q: torch.Tensor, D: int) -> dict[str, tuple[int, int, int, int]]:
     """The GPU's configs, or 16x16 blocks under the interpreter (fast, and small shapes still
     span several blocks) unless UNIPELT_GPU_CONFIGS=1 asks for the GPU's there too (tests)."""
@@ -1089,30 +1147,39 @@ def forward(
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = prefix_k.shape[2]
-    out = new_output((B, H, Lq, D), q.dtype, q.device)
+    out = new_output_like(q)  # q's layout: HF's (B, L, H, D) reshape of it is free
     lse = new_output((B, H, Lq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     _check_head_dim(q, D)
-    BM, BN, warps, stages = _configs(q, D)["fwd"]
     gate = q if prefix_gate is None else prefix_gate  # a placeholder pointer when unused
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     bias, b_strides = _bias_args(attn_bias, q)
     seed_t, drop = _dropout_args(dropout_p, seed, q)
-    grid = (triton.cdiv(Lq, BM), H, B)
-    _fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-        kpm.stride(0) if key_padding_mask is not None else 0,
-        kpm.stride(1) if key_padding_mask is not None else 0,
-        *b_strides,
-        H, H // Hkv, Lq, Lk, P, prefix_k.shape[0], softmax_scale * LOG2E, *drop,
-        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D),
+    flags = dict(
         HAS_GATE=prefix_gate is not None, HAS_MASK=key_padding_mask is not None,
         CAUSAL=causal, PRECISION=_precision(q), EVEN_D=_block_d(D) == D,
-        HAS_BIAS=attn_bias is not None, DROPOUT=dropout_p > 0, num_warps=warps,
-        num_stages=stages,
+        HAS_BIAS=attn_bias is not None, DROPOUT=dropout_p > 0,
     )  # fmt: skip
+
+    def launch(cfg: tuple[int, int, int, int]) -> None:
+        BM, BN, warps, stages = cfg
+        grid = (triton.cdiv(Lq, BM), H, B)
+        _fwd_kernel[grid](
+            q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+            kpm.stride(0) if key_padding_mask is not None else 0,
+            kpm.stride(1) if key_padding_mask is not None else 0,
+            *b_strides, *out.stride(),
+            H, H // Hkv, Lq, Lk, P, prefix_k.shape[0], softmax_scale * LOG2E, *drop,
+            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_P=prefix_block(P, BN),
+            BLOCK_D=_block_d(D), num_warps=warps, num_stages=stages, **flags,
+        )  # fmt: skip
+
+    default = _configs(q, D)["fwd"]
+    cands = [default] if _interpreting(q) else fwd_candidates(q.dtype, D, _arch(q.device))
+    key = (q.dtype, D, H // Hkv, _bucket(P), _bucket(Lq), _bucket(Lk), *flags.values())
+    launch(_autotune.choose("prefix_attention.fwd", key, cands, launch))
     return out, lse
 
 
@@ -1168,7 +1235,7 @@ def backward(
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
     BM, _, warps, stages = cfg["pre"]
     _bwd_preprocess[(triton.cdiv(Lq, BM), H, B)](
-        out, grad_out, delta, *do_strides, H, Lq, HEAD_DIM=D, BLOCK_M=BM, BLOCK_D=BD,
+        out, grad_out, delta, *out.stride(), *do_strides, H, Lq, HEAD_DIM=D, BLOCK_M=BM, BLOCK_D=BD,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 

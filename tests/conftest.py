@@ -5,6 +5,10 @@ import torch
 
 from unipelt_fast._backend import triton_import_error
 
+# Every launcher uses its default config in tests (no autotuning: a few compiles and timed
+# launches per key would make the GPU suite slow); tests that autotune set it back to 1.
+os.environ.setdefault("UNIPELT_AUTOTUNE", "0")
+
 
 def pytest_collection_modifyitems(config, items):
     no_cuda = pytest.mark.skip(reason="gpu test: no CUDA device")

@@ -28,7 +28,7 @@ def test_times_once_per_key_and_keeps_the_fastest(monkeypatch):
     assert timed == [("a", "b", "c")]  # the second call is a lookup
     assert _autotune.choose("k", (2,), cfgs, launched.append) == "c"
     assert len(timed) == 2  # a new key is timed again
-    assert _autotune.chosen() == {"k(1,)": "c", "k(2,)": "c"}
+    assert _autotune.chosen() == {"k(1,)": "'c'", "k(2,)": "'c'"}
 
 
 def test_pinned_and_single_config_never_time(monkeypatch):

@@ -6,10 +6,11 @@ bf16 is broken in the interpreter). GPU tests repeat the grid with bf16 and add 
 
 import pytest
 import torch
+from unipelt_fast.kernels import prefix_attention as kpa
 
 import unipelt_fast as uf
 from tests.parity import check_parity, noncontig, prefix_attention_case
-from unipelt_fast import reference
+from unipelt_fast import _autotune, reference
 from unipelt_fast.testing import assert_close
 
 # Each case covers several features; together: odd lengths (1, 7, 33), P in {0, 1, 16}
@@ -120,6 +121,81 @@ def test_noncontiguous_key_padding_mask_and_gate():
     check_parity(uf.prefix_attention, case, torch.float32, "triton")
 
 
+def _in_layout(q: torch.Tensor, layout: str) -> torch.Tensor:
+    """q's values as HF hands them over: "hf" a (B, L, H, D) buffer seen as (B, H, L, D);
+    "fused_qkv" GPT-2's slice of one fused projection (not dense); else contiguous."""
+    B, H, L, D = q.shape
+    if layout == "hf":
+        return q.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "fused_qkv":
+        qkv = torch.randn(B, L, 3, H, D, dtype=q.dtype)
+        qkv[:, :, 1] = q.transpose(1, 2)
+        return qkv[:, :, 1].transpose(1, 2)
+    return q.contiguous()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch", "eager"])
+@pytest.mark.parametrize("layout", ["hf", "fused_qkv", "contiguous"])
+def test_out_comes_back_in_q_layout(backend, layout):
+    """out is dense in q's dimension order on every backend, so HF's out.transpose(1, 2)
+    needs no copy; values and gradients are the reference's."""
+    case = prefix_attention_case(B=2, H=4, Hkv=2, Lq=7, Lk=7, P=3, gate="b2", causal=True)
+    ref_in = case.cast(torch.float64)
+    ref = ref_in.call(reference.prefix_attention)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    c = case.cast(torch.float32)
+    q = _in_layout(c.args["q"].detach(), layout).requires_grad_()
+    c.args["q"] = q
+    out = c.call(uf.prefix_attention, backend=backend)
+    if layout == "contiguous":
+        assert out.is_contiguous()
+    else:
+        assert out.transpose(1, 2).is_contiguous()  # (B, L, H, D) underneath
+    assert_close(out, ref, torch.float32, "out")
+    out.backward(g.float())
+    for name in case.diff:
+        got = q.grad if name == "q" else {**c.args, **c.kwargs}[name].grad
+        want = {**ref_in.args, **ref_in.kwargs}[name].grad
+        assert_close(got, want, torch.float32, name)
+
+
+@pytest.mark.parametrize(
+    "P, block_n, want",
+    [(0, 64, 16), (16, 64, 16), (20, 64, 32), (48, 64, 16), (64, 64, 64), (80, 128, 32),
+     (100, 128, 128), (16, 16, 16), (64, 32, 32)],
+)  # fmt: skip
+def test_prefix_block_pads_p_little_with_the_widest_tile(P, block_n, want):
+    assert kpa.prefix_block(P, block_n) == want
+
+
+FWD_CANDIDATES = sorted(
+    {c for D in (64, 128) for a in (80, 90) for c in kpa.fwd_candidates(torch.float16, D, a)}
+)
+
+
+def test_forward_candidates_start_with_the_default_and_stay_few():
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for D in (64, 128, 256):
+            c = kpa.fwd_candidates(dt, D, 90)
+            assert c[0] == kpa.gpu_configs(dt, D)["fwd"] and len(c) <= 6 and len(set(c)) == len(c)
+            assert all(bm >= 16 and bn >= 16 for bm, bn, _, _ in c)  # tl.dot on a GPU
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("cfg", FWD_CANDIDATES, ids=lambda c: "x".join(map(str, c)))
+def test_forward_candidates_interpreter(cfg, monkeypatch):
+    """Every autotuning candidate's tiles (two query and two key blocks of 128, a 32-wide
+    prefix tile for P = 20, causal, padding, gate) match the reference."""
+    real = kpa._configs
+    monkeypatch.setattr(kpa, "_configs", lambda q, D: {**real(q, D), "fwd": cfg})
+    case = prefix_attention_case(
+        B=2, H=2, Hkv=1, Lq=150, Lk=140, P=20, D=32, causal=True, mask=True, gate="b2"
+    )
+    check_parity(uf.prefix_attention, case, torch.float16, "triton")
+
+
 def _saved_bytes(backend: str, P: int, L: int) -> int:
     case = prefix_attention_case(B=2, H=2, Hkv=1, Lq=L, Lk=L, P=P, gate="b2", mask=True)
     c = case.cast(torch.float32)
@@ -208,3 +284,30 @@ def test_backward_is_deterministic_gpu(dtype):
         grads.append(g)
     for name, a, b in zip(case.diff, *grads, strict=True):
         assert torch.equal(a, b), f"d{name} differs between two identical backward runs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("i", range(6))
+def test_every_forward_candidate_gpu(i, D, monkeypatch):
+    """Each autotuning candidate, forced, matches the reference (bf16)."""
+    cands = kpa.fwd_candidates(torch.bfloat16, D, kpa._arch(torch.device("cuda")))
+    if i >= len(cands):
+        pytest.skip(f"{len(cands)} candidates at D={D}")
+    monkeypatch.setattr(kpa, "fwd_candidates", lambda dtype, d, arch: [cands[i]])
+    cfg = dict(D=D, Lq=300, Lk=300, P=20, causal=True, gate="b2", mask=True, noncontiguous=True)
+    check_parity(uf.prefix_attention, prefix_attention_case(**cfg, device="cuda"),
+                 torch.bfloat16, "triton")  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_autotuned_forward_gpu(monkeypatch):
+    """With autotuning on, the first call times the candidates, the result is right and
+    the choice is recorded."""
+    monkeypatch.setenv("UNIPELT_AUTOTUNE", "1")
+    _autotune.reset()
+    cfg = dict(D=128, Lq=1024, Lk=1024, P=64, causal=True, gate="b2")
+    check_parity(uf.prefix_attention, prefix_attention_case(**cfg, device="cuda"),
+                 torch.bfloat16, "triton")  # fmt: skip
+    assert any(k.startswith("prefix_attention.fwd") for k in _autotune.chosen())
+    _autotune.reset()

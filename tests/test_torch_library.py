@@ -31,6 +31,10 @@ CASES = {
         uf.prefix_attention,
         prefix_attention_case(layout="indexed", gate="b2", causal=True, mask=True, bias="1hqk"),
     ),
+    "prefix_attention_hf_layout": (  # q (B, L, H, D)-strided: out comes back in that layout
+        uf.prefix_attention,
+        prefix_attention_case(layout="indexed", gate="b2", causal=True, noncontiguous=True),
+    ),
     "gated_adapter": (uf.gated_adapter, gated_adapter_case(gate_mode="mean", masked=True)),
     "gated_adapter_residual": (
         uf.gated_adapter,
@@ -57,6 +61,7 @@ def test_custom_op_autograd_matches_eager(name, monkeypatch):
     [
         "prefix_attention",
         "prefix_attention_bias",
+        "prefix_attention_hf_layout",
         "gated_adapter",
         "gated_adapter_mixed",
         "bias_only_linear",
@@ -65,7 +70,7 @@ def test_custom_op_autograd_matches_eager(name, monkeypatch):
 def test_opcheck(op, monkeypatch):
     convention_backend.install(monkeypatch)
     fn, case = CASES[op]
-    op = op.removesuffix("_mixed").removesuffix("_bias")
+    op = op.removesuffix("_mixed").removesuffix("_bias").removesuffix("_hf_layout")
     case = case.cast(torch.float32)
     captured = {}
     import unipelt_fast.ops as ops

@@ -75,11 +75,13 @@ def test_quick_report_fits(tmp_path):
     import torch
     from unipelt_fast.kernels import prefix_attention as kpa
 
-    bm, bn, warps, stages = kpa.gpu_configs(torch.bfloat16, 128)["fwd"]
-    (fwd,) = [r for r in rows if r["kernel"] == "_fwd_kernel" and r["dtype"] == "bf16"
-              and r["head_dim"] == 128 and r["arch"] == "sm_90"]  # fmt: skip
-    assert (fwd["config"]["BLOCK_M"], fwd["config"]["BLOCK_N"]) == (bm, bn)
-    assert (fwd["num_warps"], fwd["num_stages"]) == (warps, stages)
+    # Every autotuning candidate of that forward is a row, the default among them.
+    fwd = [r for r in rows if r["kernel"] == "_fwd_kernel" and r["dtype"] == "bf16"
+           and r["head_dim"] == 128 and r["arch"] == "sm_90" and not r["variant"]["attn_bias"]]  # fmt: skip
+    got = {(r["config"]["BLOCK_M"], r["config"]["BLOCK_N"], r["num_warps"], r["num_stages"])
+           for r in fwd}  # fmt: skip
+    assert got == set(kpa.fwd_candidates(torch.bfloat16, 128, 90))
+    assert kpa.gpu_configs(torch.bfloat16, 128)["fwd"] in got
     pre = [r for r in rows if r["kernel"] == "_bwd_preprocess"]
     assert all(r["num_stages"] == 3 and r["num_warps"] == 4 for r in pre)  # Triton's defaults
 

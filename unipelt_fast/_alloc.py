@@ -28,6 +28,22 @@ def new_output(
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+def layout_order(ref: torch.Tensor) -> list[int]:
+    """``ref``'s dims, outermost first: sorted by stride, largest first (ties keep their
+    order). A (B, L, H, D) buffer seen as (B, H, L, D) gives [0, 2, 1, 3]."""
+    return sorted(range(ref.dim()), key=lambda i: (-ref.stride(i), i))
+
+
+def new_output_like(ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``new_output`` of ``ref``'s shape, dense, in ``ref``'s dimension order (even where
+    ``ref`` itself is not dense, e.g. a slice of a fused QKV projection), so that the
+    caller's inverse permute + reshape costs no copy."""
+    order = layout_order(ref)
+    t = new_output([ref.shape[i] for i in order], dtype or ref.dtype, ref.device)
+    inverse = sorted(range(ref.dim()), key=order.__getitem__)
+    return t.permute(inverse)
+
+
 def device_context(device: torch.device) -> contextlib.AbstractContextManager:
     """``torch.cuda.device(device)`` for a CUDA device, else nothing to enter."""
     if device.type == "cuda":

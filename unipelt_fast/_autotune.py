@@ -63,8 +63,11 @@ def _fastest(configs: Sequence[C], launch: Callable[[C], None]) -> int:
 
 
 def chosen() -> dict[str, object]:
-    """What each (launcher, key) picked so far, for benchmark logs."""
-    return {f"{n}{k!r}": c for (n, k), c in _CHOSEN.items()}
+    """What each (launcher, key) picked so far, for benchmark logs (tuples as lists, other
+    configs as their repr, so the result is JSON-ready)."""
+    return {
+        f"{n}{k!r}": list(c) if isinstance(c, tuple) else repr(c) for (n, k), c in _CHOSEN.items()
+    }
 
 
 def reset() -> None:

@@ -156,6 +156,7 @@ def bench(args, parser, argv) -> int:
 def _bench(args, parser, argv) -> int:
     import torch
 
+    from . import _autotune
     from .bench import MODELS, OPS, report, suite
     from .bench.floors import measure_limits
     from .bench.runners import DTYPE_ALIASES, DTYPES, TimerCfg, interpreter_on, make_timer
@@ -272,6 +273,7 @@ def _bench(args, parser, argv) -> int:
     dev_name = doc["meta"]["device"]
 
     def flush() -> None:  # after every task, so a run cut short still leaves its rows
+        doc["meta"]["autotune"] = _autotune.chosen()  # the configs the timed runs used
         if args.json:
             report.write_json(args.json, doc)
         if args.csv:

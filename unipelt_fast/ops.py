@@ -26,8 +26,11 @@ prefix_attention
       The same (seed, dropout_p) must give the same keep-mask in forward and backward;
       lse stays that of the un-dropped softmax. A backend without dropout raises
       NotImplementedError naming dropout (cuda does, before any launch).
-      out: (B, H, Lq, D) contiguous, q's dtype. lse: float32 (B, H, Lq), in units the same
-      backend's backward understands.
+      out: (B, H, Lq, D), q's dtype, dense in q's dimension order
+      (``_alloc.new_output_like(q)``: for HF's (B, L, H, D)-strided q, ``out.transpose(1, 2)``
+      is contiguous). A backend may return it contiguous instead; the op then copies it
+      into that layout (the triton backend writes it there directly). lse: float32
+      (B, H, Lq), in units the same backend's backward understands.
     ``backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate,
     key_padding_mask, out, lse, causal, softmax_scale[, attn_bias=][, dropout_p=, seed=]) ->
     (dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate)``
@@ -82,6 +85,7 @@ from __future__ import annotations
 import torch
 
 from . import composite, reference
+from ._alloc import layout_order, new_output_like
 from ._backend import kernel_impl, resolve_backend
 from ._validation import (
     check_activation,
@@ -143,7 +147,7 @@ def _prefix_attention_op(
     seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     impl = kernel_impl("prefix_attention", backend)
-    return impl.forward(
+    out, lse = impl.forward(
         q,
         k,
         v,
@@ -157,6 +161,22 @@ def _prefix_attention_op(
         **_bias_kw(attn_bias),
         **_dropout_kw(dropout_p, seed),
     )
+    return _in_layout_of(q, out), lse
+
+
+def _in_layout_of(q: Tensor, out: Tensor) -> Tensor:
+    """``out`` laid out like ``new_output_like(q)`` (the fake's strides), copied only if not."""
+    if out.stride() == _layout_strides(q):
+        return out
+    return new_output_like(q).copy_(out)
+
+
+def _layout_strides(q: Tensor) -> tuple[int, ...]:
+    order = layout_order(q)
+    strides, n = [0] * q.dim(), 1
+    for i in reversed(order):
+        strides[i], n = n, n * q.shape[i]
+    return tuple(strides)
 
 
 @_prefix_attention_op.register_fake
@@ -177,7 +197,8 @@ def _(
     seed=None,
 ):
     B, H, Lq, D = q.shape
-    return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=torch.float32)
+    out = torch.empty_strided(q.shape, _layout_strides(q), dtype=q.dtype, device=q.device)
+    return out, q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
 @torch.library.custom_op("unipelt_fast::prefix_attention_backward", mutates_args=())
@@ -403,7 +424,7 @@ def prefix_attention(
             )
     if be in ("eager", "torch"):
         impl = reference if be == "eager" else composite
-        return impl.prefix_attention(
+        out = impl.prefix_attention(
             q,
             k,
             v,
@@ -417,6 +438,7 @@ def prefix_attention(
             attn_bias=attn_bias,
             dropout_p=dropout_p,
         )
+        return _in_layout_of(q, out)  # the same layout on every backend
     B, H, Lq, D = q.shape
     pk, pv, idx = _canonical_prefix(prefix_k, prefix_v, prefix_index, B)
     bias = None

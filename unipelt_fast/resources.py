@@ -1,7 +1,8 @@
 """``unipelt-fast resources``: what each Triton kernel costs a GPU, computed without one.
 
 Every launcher (``unipelt_fast.kernels.*.forward``/``backward``) is run on small CPU tensors
-with its kernels replaced by recorders, with the launchers picking their GPU configs. Each
+with its kernels replaced by recorders, once per arch, with the launchers picking the GPU
+configs of that arch (every autotuning candidate: see ``_autotune.RECORD_ALL``). Each
 recorded launch is then specialised by Triton's own launch binder (ints equal to 1 become
 constants, pointers/strides/sizes divisible by 16 get divisibility hints; num_warps and
 num_stages as launched, Triton's defaults where the launcher gives none) and compiled for
@@ -205,7 +206,7 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(launches: list):
+def _recording(launches: list, arch: int = 90):
     """Kernels replaced by recorders; the launchers pick GPU configs, every autotuning
     candidate included."""
     from triton.runtime.jit import JITFunction
@@ -224,6 +225,8 @@ def _recording(launches: list):
     kpa = _kmod("prefix_attention")
     saved.append((kpa, "_interpreting", kpa._interpreting))
     kpa._interpreting = lambda t: False
+    saved.append((kpa, "_arch", kpa._arch))  # candidate sets may depend on the arch
+    kpa._arch = lambda device: arch
     klin = _kmod("bias_only_linear")  # its backward's column blocks follow the SM count
     saved.append((klin, "_num_sms", klin._num_sms))
     klin._num_sms = lambda device: GPU_SMS
@@ -337,12 +340,12 @@ def collect(
     pending: dict[str, dict] = {}
     rows: list[tuple[dict, str]] = []
     for case in cases(quick):
-        launches: list = []
-        with _recording(launches):
-            case.run()
         seen = set()
-        for name, fn, args, kwargs in launches:
-            for arch in archs:
+        for arch in archs:
+            launches: list = []
+            with _recording(launches, arch):  # what a launch on this arch would run
+                case.run()
+            for name, fn, args, kwargs in launches:
                 options, sig, consts, attrs = _specialise(fn, args, kwargs, arch)
                 mod = fn.__module__.rsplit(".", 1)[-1]
                 job = dict(module=mod, kernel=name, arch=arch, signature=sig,

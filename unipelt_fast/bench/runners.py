@@ -117,6 +117,8 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) 
             ),
         }
         kw = {"causal": p["causal"]}
+        if p.get("dropout"):
+            kw["dropout_p"] = p["dropout"]
         out_shape = (B, H, L, D)
     elif op == "gated_adapter":
         B, L, d, r = p["B"], p["L"], p["d"], p["r"]
@@ -222,10 +224,11 @@ def _sdpa_preconcat(case: OpCase) -> Callable[[], torch.Tensor]:
     q = t["q"]
     case.tensors["_k_cat"], case.tensors["_v_cat"] = kk, vv
     case.leaves += [kk, vv]
+    drop = p.get("dropout", 0.0)
     if p["causal"]:
         mask = _lower_right_causal(L, kk.shape[2], q.device)
-        return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-    return lambda: F.scaled_dot_product_attention(q, kk, vv)
+        return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, dropout_p=drop)
+    return lambda: F.scaled_dot_product_attention(q, kk, vv, dropout_p=drop)
 
 
 def _concat_mask_sdpa(case: OpCase) -> Callable[[], torch.Tensor]:
@@ -244,7 +247,8 @@ def _concat_mask_sdpa(case: OpCase) -> Callable[[], torch.Tensor]:
         if causal:
             tok = torch.tril(tok)
         mask = torch.cat([tok.new_ones(B, 1, L, P), tok], dim=-1)
-        return F.scaled_dot_product_attention(t["q"], kk, vv, attn_mask=mask)
+        drop = p.get("dropout", 0.0)
+        return F.scaled_dot_product_attention(t["q"], kk, vv, attn_mask=mask, dropout_p=drop)
 
     return run
 

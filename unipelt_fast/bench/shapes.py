@@ -18,11 +18,11 @@ class Shape:
     params: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def _pa(B, H, L, P, D, causal=False) -> Shape:
-    tag = "causal " if causal else ""
+def _pa(B, H, L, P, D, causal=False, dropout=0.0) -> Shape:
+    tag = ("causal " if causal else "") + (f"dropout={dropout}" if dropout else "")
     return Shape(
         f"B={B} H={H} L={L} P={P} D={D} {tag}".strip(),
-        {"B": B, "H": H, "L": L, "P": P, "D": D, "causal": causal},
+        {"B": B, "H": H, "L": L, "P": P, "D": D, "causal": causal, "dropout": dropout},
     )
 
 
@@ -44,11 +44,16 @@ def _ln(M, N) -> Shape:
 
 SHAPES: dict[str, dict[str, list[Shape]]] = {
     # prefix attention: a long-context decoder layer (LLaMA-7B-like heads, causal) and an
-    # encoder batch; H == Hkv so torch SDPA peers need no GQA support. Gate: UniPELT's G_P.
+    # encoder batch, that batch again with BERT's 0.1 attention dropout (training mode);
+    # H == Hkv so torch SDPA peers need no GQA support. Gate: UniPELT's G_P.
     "prefix_attention": {
-        "gpu": [_pa(1, 32, 4096, 64, 128, causal=True), _pa(16, 16, 512, 32, 128)],
-        "cpu": [_pa(2, 8, 256, 16, 64)],
-        "quick": [_pa(2, 4, 64, 8, 32)],
+        "gpu": [
+            _pa(1, 32, 4096, 64, 128, causal=True),
+            _pa(16, 16, 512, 32, 128),
+            _pa(16, 16, 512, 32, 128, dropout=0.1),
+        ],
+        "cpu": [_pa(2, 8, 256, 16, 64), _pa(2, 8, 256, 16, 64, dropout=0.1)],
+        "quick": [_pa(2, 4, 64, 8, 32), _pa(2, 4, 64, 8, 32, dropout=0.1)],
     },
     # gated adapter (token gate, relu): M=16384, d=4096, r=64, and a BERT-base layer.
     "gated_adapter": {

@@ -81,6 +81,7 @@ def unipelt_attention(
         dropout_p=float(dropout) if module.training else 0.0,
         backend=root.backend,
     )
+    # out has query's layout ((B, L, H, D) underneath for HF), so this copies nothing.
     return out.transpose(1, 2).contiguous(), None
 
 

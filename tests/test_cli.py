@@ -440,3 +440,26 @@ def test_model_level_bart_quick(tmp_path):
         assert rows[key]["available"] and rows[key]["time_ms"] > 0, rows[key]
     assert 0 < rows[("unipelt_eager", "train")]["trainable_params"] < rows[key]["params"]
     assert "layers=2+2" in rows[("full_ft", "train")]["shape"]
+
+
+def test_prefix_attention_dropout_shape_runs_dropout_everywhere():
+    """The dropout bench shape: every row and peer drops (two calls differ; the same seed
+    repeats), at the shape's p; the no-dropout shape is deterministic."""
+    shapes = shapes_for("prefix_attention", "cpu", quick=True)
+    drop = [s for s in shapes if s.params.get("dropout")]
+    plain = [s for s in shapes if not s.params.get("dropout")]
+    assert drop and plain and drop[0].params["dropout"] == 0.1 and "dropout=0.1" in drop[0].label
+    case = make_case("prefix_attention", drop[0], torch.float32, "cpu")
+    assert case.kwargs["dropout_p"] == 0.1
+    for impl in ("eager", "torch", "sdpa_preconcat", "concat_mask_sdpa"):
+        run = case.runner(impl)
+        torch.manual_seed(1)
+        a = run().detach()
+        b = run().detach()
+        torch.manual_seed(1)
+        c = run().detach()
+        assert not torch.equal(a, b) and torch.equal(a, c), impl
+    case = make_case("prefix_attention", plain[0], torch.float32, "cpu")
+    assert "dropout_p" not in case.kwargs
+    run = case.runner("eager")
+    assert torch.equal(run().detach(), run().detach())

@@ -1009,17 +1009,28 @@ def gpu_configs(dtype: torch.dtype, D: int) -> dict[str, tuple[int, int, int, in
     return {**c, "pre": (c["dq"][0], 0, 4, 3), "sum": (SUM_BLOCK, 0, 4, 3)}
 
 
-def fwd_candidates(dtype: torch.dtype, D: int, arch: int = 90) -> list[tuple[int, int, int, int]]:
+def fwd_candidates(
+    dtype: torch.dtype, D: int, arch: int = 90, dropout: bool = False
+) -> list[tuple[int, int, int, int]]:
     """The forward's autotuning set (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU of
     compute capability ``arch`` (80 for sm_80...), the ``gpu_configs`` default first, so
     autotuning never picks something slower than it. Each compiles without spills for its
-    arch (``unipelt-fast resources`` reports every one); 128-wide key tiles halve the
-    online-softmax rescales per key. 128x128 at D = 128 spills on sm_80 (255 registers,
-    128 B) but not on sm_90, whose wgmma keeps the accumulators elsewhere."""
+    arch in fp16/bf16 (``unipelt-fast resources`` reports every one); 128-wide key tiles
+    halve the online-softmax rescales per key. 128x128 at D = 128 spills on sm_80 (255
+    registers, 128 B) but not on sm_90. With ``dropout`` (the Philox keep-masks hold many
+    more registers) the default and most large tiles spill, so the set is the tiles that
+    do not, for that arch (sm_90 D=64: 128x64 268 B, 128x128 240-272 B; sm_80 D=128:
+    128x64 2.5 KB)."""
     default = gpu_configs(dtype, D)["fwd"]
     bd = _block_d(D)
     if dtype == torch.float32 or bd > 128:
         return [default]
+    if dropout:
+        if bd <= 64:
+            return [(128, 32, 4, 3)] + ([(64, 64, 4, 3)] if arch >= 90 else [])
+        if arch >= 90:
+            return [default, (128, 32, 8, 3), (64, 64, 4, 3)]
+        return [(64, 64, 4, 3), (64, 128, 8, 2)]
     if bd <= 64:
         extra = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
     else:
@@ -1176,8 +1187,10 @@ def forward(
             BLOCK_D=_block_d(D), num_warps=warps, num_stages=stages, **flags,
         )  # fmt: skip
 
-    default = _configs(q, D)["fwd"]
-    cands = [default] if _interpreting(q) else fwd_candidates(q.dtype, D, _arch(q.device))
+    if _interpreting(q):
+        cands = [_configs(q, D)["fwd"]]
+    else:
+        cands = fwd_candidates(q.dtype, D, _arch(q.device), dropout_p > 0)
     key = (q.dtype, D, H // Hkv, _bucket(P), _bucket(Lq), _bucket(Lk), *flags.values())
     launch(_autotune.choose("prefix_attention.fwd", key, cands, launch))
     return out, lse

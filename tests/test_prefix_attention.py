@@ -178,9 +178,12 @@ FWD_CANDIDATES = sorted(
 def test_forward_candidates_start_with_the_default_and_stay_few():
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         for D in (64, 128, 256):
-            c = kpa.fwd_candidates(dt, D, 90)
-            assert c[0] == kpa.gpu_configs(dt, D)["fwd"] and len(c) <= 6 and len(set(c)) == len(c)
-            assert all(bm >= 16 and bn >= 16 for bm, bn, _, _ in c)  # tl.dot on a GPU
+            for arch in (80, 90):
+                assert kpa.fwd_candidates(dt, D, arch)[0] == kpa.gpu_configs(dt, D)["fwd"]
+                for drop in (False, True):
+                    c = kpa.fwd_candidates(dt, D, arch, drop)
+                    assert 1 <= len(c) <= 6 and len(set(c)) == len(c)
+                    assert all(bm >= 16 and bn >= 16 for bm, bn, _, _ in c)  # tl.dot on a GPU
 
 
 @pytest.mark.interpreter
@@ -294,7 +297,7 @@ def test_every_forward_candidate_gpu(i, D, monkeypatch):
     cands = kpa.fwd_candidates(torch.bfloat16, D, kpa._arch(torch.device("cuda")))
     if i >= len(cands):
         pytest.skip(f"{len(cands)} candidates at D={D}")
-    monkeypatch.setattr(kpa, "fwd_candidates", lambda dtype, d, arch: [cands[i]])
+    monkeypatch.setattr(kpa, "fwd_candidates", lambda *a: [cands[i]])
     cfg = dict(D=D, Lq=300, Lk=300, P=20, causal=True, gate="b2", mask=True, noncontiguous=True)
     check_parity(uf.prefix_attention, prefix_attention_case(**cfg, device="cuda"),
                  torch.bfloat16, "triton")  # fmt: skip

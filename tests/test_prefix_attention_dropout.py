@@ -120,6 +120,25 @@ def test_kernel_matches_reference_with_its_mask(cfg):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("fwd", [(128, 32, 4, 3), (64, 128, 8, 2)], ids=["128x32", "64x128"])
+def test_dropout_forward_at_gpu_tiles_matches_reference(fwd, monkeypatch):
+    """The forward's dropout candidates' tiles (mask columns in 32- and 128-wide blocks, a
+    32-wide prefix tile for P = 20) draw the same keep-mask as the debug hook."""
+    kpa = _kpa()
+    real = kpa._configs
+    monkeypatch.setattr(kpa, "_configs", lambda q, D: {**real(q, D), "fwd": fwd})
+    case = prefix_attention_case(B=2, H=2, Hkv=1, Lq=70, Lk=140, P=20, gate="b2", mask=True)
+    test, ref = case.cast(torch.float32), case.cast(torch.float64)
+    torch.manual_seed(3)
+    mask = kpa.dropout_keep_mask(
+        uf.ops.dropout_seed(torch.device("cpu")), 2, 2, 70, 20, 140, P_DROP
+    )
+    out = _call(test, "triton", P_DROP, seed=3)
+    want = ref.call(reference.prefix_attention, dropout_p=P_DROP, dropout_mask=mask)
+    assert_close(out, want, torch.float32, "out")
+
+
+@pytest.mark.interpreter
 def test_kernel_backward_matches_finite_differences():
     """With the seed fixed (the same mask every call), the triton gradient's directional
     derivative matches a central finite difference of the triton forward (fp32)."""

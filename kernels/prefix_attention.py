@@ -357,44 +357,6 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["LQ"])
-def _bwd_preprocess(
-    OUT,
-    DO,
-    DELTA,
-    sob,
-    soh,
-    som,
-    sod,
-    sdb,
-    sdh,
-    sdm,
-    sdd,
-    H,
-    LQ,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * H + h
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < LQ) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(
-        OUT + b * sob + h * soh + rows64[:, None] * som + offs_d[None, :] * sod,
-        mask=mask,
-        other=0.0,
-    )
-    do_base = DO + b * sdb + h * sdh
-    do = tl.load(do_base + rows64[:, None] * sdm + offs_d[None, :] * sdd, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * LQ + offs_m, delta, mask=offs_m < LQ)
-
-
 @triton.jit
 def _dkdv_rows(
     dk,
@@ -658,110 +620,61 @@ def _bwd_dkdv_kernel(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit(do_not_specialize=["LQ", "LK", "P"])
-def _bwd_prefix_dkdv_kernel(
-    Q,
-    PK,
-    PV,
+@triton.jit(do_not_specialize=["B", "N", "NPART", "NG"])
+def _bwd_prefix_sum_kernel(
+    DPK_PART,
+    DPV_PART,
+    DG_PART,
     IDX,
-    GATE,
-    BIAS,
-    SEED,
-    DO,
-    LSE,
-    DELTA,
     DPK,
     DPV,
     DG,
-    sqb,
-    sqh,
-    sqm,
-    sqd,
-    spkt,
-    spkh,
-    spkn,
-    spkd,
-    spvt,
-    spvh,
-    spvn,
-    spvd,
-    sdb,
-    sdh,
-    sdm,
-    sdd,
-    sbb,
-    sbh,
-    sbm,
-    sbn,
-    H,
+    B,
     HKV,
-    GROUP,
-    LQ,
-    LK,
-    P,
+    N,
+    NPART,
+    NG,
     T,
-    qk_scale,
-    sm_scale,
-    dropout_p,
-    drop_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     HAS_GATE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr,
 ):
-    """Prefix keys: one program per (prefix block, example, kv head). Writes this example's
-    fp32 partials d prefix_k/v (B, Hkv, P, D) and gate partials (B, Hkv, n_blocks, 2)."""
-    pid_n = tl.program_id(0)
+    """DPK[t, hk] = sum of the (P * D = N)-sized partials of every example b of task t
+    (clamped as in the other kernels), every query head of kv head hk's group and every
+    query block (NPART = GROUP * n_query_blocks of them, consecutive), in increasing b then
+    partial: a fixed order, so bit-reproducible (no atomics); likewise DPV. With HAS_GATE,
+    program (0, 0, t) also finishes DG[b] (NG = H * n_query_blocks partials) for t's b."""
+    pid = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bhk = b * HKV + hk
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = cols < P
-    kv_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    t = tl.program_id(2).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc_k = tl.zeros([BLOCK], tl.float32)
+    acc_v = tl.zeros([BLOCK], tl.float32)
+    for b in range(0, B):
+        if _task(IDX, b, T) == t:
+            base = (b * HKV + hk) * NPART * N  # int64 (hk is)
+            for _j in range(0, NPART):
+                acc_k += tl.load(DPK_PART + base + offs, mask=mask, other=0.0)
+                acc_v += tl.load(DPV_PART + base + offs, mask=mask, other=0.0)
+                base += N
+    out = (t * HKV + hk) * N + offs
+    tl.store(DPK + out, acc_k.to(DPK.dtype.element_ty), mask=mask)
+    tl.store(DPV + out, acc_v.to(DPV.dtype.element_ty), mask=mask)
     if HAS_GATE:
-        gk = tl.load(GATE + 2 * b)
-        gv = tl.load(GATE + 2 * b + 1)
-    else:
-        gk = 1.0
-        gv = 1.0
-    t = _task(IDX, b, T)
-    kb = tl.load(
-        PK + t * spkt + hk * spkh + cols[:, None] * spkn + offs_d[None, :] * spkd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    vb = tl.load(
-        PV + t * spvt + hk * spvh + cols[:, None] * spvn + offs_d[None, :] * spvd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    # The gated key is gk * pk, so its logits are the ungated ones times gk; likewise dP
-    # uses the gated value gv * pv.
-    seed = tl.load(SEED) if DROPOUT else 0
-    dk, dv = _dkdv_loop(
-        kb, vb, cols, 0, 0, b, hk, Q, DO, LSE, DELTA,
-        sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, H, GROUP, LQ, LK, qk_scale * gk, gv,
-        BIAS, sbb, sbh, sbm, sbn, 0, P, seed, pid_n * BLOCK_N, (P + 3) // 4 + (LK + 3) // 4,
-        dropout_p, drop_scale,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, HAS_BIAS, PRECISION, DROPOUT,
-    )  # fmt: skip
-    # Rows past P hold garbage (possibly inf); zero them before the gate reductions.
-    dkey = tl.where(col_ok[:, None], dk * sm_scale, 0.0)  # d loss / d (gk * pk)
-    dv = tl.where(col_ok[:, None], dv, 0.0)
-    out_off = bhk * P * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DPK + out_off, dkey * gk, mask=kv_mask)
-    tl.store(DPV + out_off, dv * gv, mask=kv_mask)
-    if HAS_GATE:  # d gk = sum pk . d(gk pk); d gv = sum pv . d(gv pv)
-        dgk = tl.sum(tl.sum(kb.to(tl.float32) * dkey, 1), 0)
-        dgv = tl.sum(tl.sum(vb.to(tl.float32) * dv, 1), 0)
-        g_off = (bhk * tl.num_programs(0) + pid_n) * 2
-        tl.store(DG + g_off, dgk)
-        tl.store(DG + g_off + 1, dgv)
+        if (pid == 0) & (hk == 0):
+            offs_g = tl.arange(0, BLOCK_G)
+            two = tl.arange(0, 2)
+            g_ptrs = DG_PART + offs_g[:, None] * 2 + two[None, :]  # advanced by 2 NG per b
+            for b in range(0, B):
+                if _task(IDX, b, T) == t:
+                    acc_g = tl.zeros([BLOCK_G, 2], tl.float32)
+                    for g0 in range(0, NG, BLOCK_G):
+                        acc_g += tl.load(
+                            g_ptrs + g0 * 2, mask=((g0 + offs_g) < NG)[:, None], other=0.0
+                        )
+                    tl.store(DG + b * 2 + two, tl.sum(acc_g, 0))
+                g_ptrs += 2 * NG
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -795,10 +708,14 @@ def _bwd_dq_kernel(
     KPM,
     BIAS,
     SEED,
+    OUT,
     DO,
     LSE,
     DELTA,
     DQ,
+    DPK_PART,
+    DPV_PART,
+    DG_PART,
     sqb,
     sqh,
     sqm,
@@ -819,6 +736,10 @@ def _bwd_dq_kernel(
     spvh,
     spvn,
     spvd,
+    sob,
+    soh,
+    som,
+    sod,
     sdb,
     sdh,
     sdm,
@@ -875,10 +796,18 @@ def _bwd_dq_kernel(
         mask=rd_mask,
         other=0.0,
     )
+    # delta = rowsum(dO * O), through O's and dO's own strides; stored for the dK/dV
+    # kernel, which runs after this one (so no preprocess launch).
+    ob = tl.load(
+        OUT + b * sob + h * soh + rows64[:, None] * som + offs_d[None, :] * sod,
+        mask=rd_mask,
+        other=0.0,
+    )
+    delta = tl.sum(ob.to(tl.float32) * dob.to(tl.float32), 1)
     row_base = bh * LQ
+    tl.store(DELTA + row_base + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bias_base = BIAS + b * sbb + h * sbh
     seed = tl.load(SEED) if DROPOUT else 0
@@ -897,6 +826,12 @@ def _bwd_dq_kernel(
     t = _task(IDX, b, T)
     pk_base = PK + t * spkt + hk * spkh
     pv_base = PV + t * spvt + hk * spvh
+    # This block's share of d prefix_k / d prefix_v (fp32, (B, H, n_query_blocks, P, D)),
+    # from the p and dS it has anyway; _bwd_prefix_sum_kernel adds them up per task in a
+    # fixed order. Rows past LQ or without a visible key have p = dS = 0.
+    part = ((bh * tl.num_programs(0) + pid_m) * P) * HEAD_DIM
+    dgk = 0.0
+    dgv = 0.0
     for start_n in range(0, P, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < P
@@ -917,8 +852,25 @@ def _bwd_dq_kernel(
         if DROPOUT:
             keep = _keep(seed, row_base, offs_m, start_n, NC4, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
+            pd = tl.where(keep, p * drop_scale, 0.0)
+        else:
+            pd = p
         ds = p * (dp - delta[:, None])
         dq = tl.dot((ds * gk).to(kb.dtype), kb, dq, input_precision=PRECISION)
+        # d(gk pk) = scale dS^T q and d(gv pv) = P_dropped^T dO; the gated key/value's
+        # gradients times the gates are prefix_k's and prefix_v's.
+        dkey = tl.dot(tl.trans(ds.to(qb.dtype)), qb, input_precision=PRECISION) * sm_scale
+        dval = tl.dot(tl.trans(pd.to(dob.dtype)), dob, input_precision=PRECISION)
+        p_off = part + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DPK_PART + p_off, dkey * gk, mask=kv_mask)
+        tl.store(DPV_PART + p_off, dval * gv, mask=kv_mask)
+        if HAS_GATE:  # d gk = sum pk . d(gk pk); d gv = sum pv . d(gv pv)
+            dgk += tl.sum(tl.sum(kb.to(tl.float32) * dkey, 1), 0)
+            dgv += tl.sum(tl.sum(vb.to(tl.float32) * dval, 1), 0)
+    if HAS_GATE:
+        g_off = (bh * tl.num_programs(0) + pid_m) * 2
+        tl.store(DG_PART + g_off, dgk)
+        tl.store(DG_PART + g_off + 1, dgv)
 
     # ---- token keys (same split as the forward)
     full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
@@ -983,14 +935,11 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-SUM_BLOCK = 1024  # _task_sum_kernel's block
-
-
 def gpu_configs(dtype: torch.dtype, D: int) -> dict[str, tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on a GPU ("pre": the backward
-    preprocess, "sum": _task_sum_kernel, BLOCK_N unused there), warps/stages included where
-    they are Triton's defaults (4, 3). Every tl.dot dim >= 16; smaller tiles for fp32 and for
-    D > 128 so that shared memory and registers stay within an sm80/sm90. The launch and
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on a GPU ("psum":
+    _bwd_prefix_sum_kernel's (BLOCK, BLOCK_G, num_warps, num_stages)). Every tl.dot dim
+    >= 16; smaller tiles for fp32 and for D > 128 so that shared memory and registers stay
+    within an sm80/sm90. The launch and
     ``unipelt-fast resources`` both read this, so the report is of what is launched."""
     bd = _block_d(D)
     if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles avoid spills
@@ -1006,7 +955,7 @@ def gpu_configs(dtype: torch.dtype, D: int) -> dict[str, tuple[int, int, int, in
         c = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}
     else:
         c = {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
-    return {**c, "pre": (c["dq"][0], 0, 4, 3), "sum": (SUM_BLOCK, 0, 4, 3)}
+    return {**c, "psum": (512, 64, 4, 3)}
 
 
 def fwd_candidates(
@@ -1069,7 +1018,7 @@ def _configs(q: torch.Tensor, D: int) -> dict[str, tuple[int, int, int, int]]:
     span several blocks) unless UNIPELT_GPU_CONFIGS=1 asks for the GPU's there too (tests)."""
     if _interpreting(q) and os.environ.get("UNIPELT_GPU_CONFIGS") != "1":
         c = (16, 16, 1, 1)
-        return {"fwd": c, "dkdv": c, "dq": c, "pre": c, "sum": (SUM_BLOCK, 0, 1, 1)}
+        return {"fwd": c, "dkdv": c, "dq": c, "psum": (64, 4, 1, 1)}
     return gpu_configs(q.dtype, D)
 
 
@@ -1230,7 +1179,7 @@ def backward(
         dg = None if prefix_gate is None else torch.zeros(B, 2, dtype=torch.float32, device=dev)
         return dq, dk.zero_(), dv.zero_(), dpk.zero_(), dpv.zero_(), dg
     _check_head_dim(q, D)
-    out, lse = out.contiguous(), lse.contiguous()  # as forward wrote them (no-ops)
+    lse = lse.contiguous()  # as forward wrote it (a no-op); out and grad_out: any strides
     cfg = _configs(q, D)
     BD = _block_d(D)
     prec = _precision(q)
@@ -1245,13 +1194,26 @@ def backward(
     qk_scale = softmax_scale * LOG2E
     do_strides = grad_out.stride()
 
+    # 1. dQ, delta = rowsum(dO * O) (for step 2) and, from the same p and dS, each query
+    # block's fp32 partials of d prefix_k / d prefix_v and of the gate gradients.
+    BM, BN, warps, stages = cfg["dq"]
+    n_m = triton.cdiv(Lq, BM)
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
-    BM, _, warps, stages = cfg["pre"]
-    _bwd_preprocess[(triton.cdiv(Lq, BM), H, B)](
-        out, grad_out, delta, *out.stride(), *do_strides, H, Lq, HEAD_DIM=D, BLOCK_M=BM, BLOCK_D=BD,
-        num_warps=warps, num_stages=stages,
+    part_k = new_output((B, H, n_m, P, D), torch.float32, dev)
+    part_v = new_output((B, H, n_m, P, D), torch.float32, dev)
+    dg_part = new_output((B, H, n_m, 2), torch.float32, dev) if has_gate else q
+    _bwd_dq_kernel[(n_m, H, B)](
+        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, out, grad_out,
+        lse, delta, dq, part_k, part_v, dg_part,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+        *out.stride(), *do_strides, *km_strides, *b_strides,
+        H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale, *drop,
+        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
+        HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
+        HAS_BIAS=has_bias, DROPOUT=has_drop, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
+    # 2. dK/dV of the token keys: one program per (key block, kv head, example).
     BM, BN, warps, stages = cfg["dkdv"]
     if Lk > 0:
         _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), Hkv, B)](
@@ -1263,42 +1225,14 @@ def backward(
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    n_pblocks = triton.cdiv(P, BN)
-    dg_part = torch.zeros((B, Hkv, n_pblocks, 2), dtype=torch.float32, device=dev)
-    if P > 0 and T > 0:
-        # Per-example fp32 partials, then a fixed-order sum per task (deterministic).
-        part_k = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
-        part_v = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
-        _bwd_prefix_dkdv_kernel[(n_pblocks, Hkv, B)](
-            q, prefix_k, prefix_v, prefix_index, gate, bias, seed_t, grad_out, lse, delta,
-            part_k, part_v, dg_part,
-            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *do_strides, *b_strides,
-            H, Hkv, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale, *drop,
-            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
-            PRECISION=prec, HAS_BIAS=has_bias, DROPOUT=has_drop, num_warps=warps,
-            num_stages=stages,
+    # 3. The partials summed per task (and the gate's per example) in a fixed order.
+    dg = new_output((B, 2), torch.float32, dev) if has_gate else None
+    N = P * D
+    if (N > 0 or has_gate) and T > 0:
+        SB, SG, sw, ss = cfg["psum"]
+        _bwd_prefix_sum_kernel[(max(1, triton.cdiv(N, SB)), Hkv, T)](
+            part_k, part_v, dg_part, prefix_index, dpk, dpv, q if dg is None else dg,
+            B, Hkv, N, (H // Hkv) * n_m, H * n_m, T,
+            BLOCK=SB, BLOCK_G=SG, HAS_GATE=has_gate, num_warps=sw, num_stages=ss,
         )  # fmt: skip
-        N = Hkv * P * D
-        SB, _, sw, ss = cfg["sum"]
-        for part, dst in ((part_k, dpk), (part_v, dpv)):
-            _task_sum_kernel[(triton.cdiv(N, SB), T)](
-                part, prefix_index, dst, B, N, BLOCK=SB, num_warps=sw, num_stages=ss
-            )
-    else:
-        dpk.zero_()
-        dpv.zero_()
-
-    BM, BN, warps, stages = cfg["dq"]
-    _bwd_dq_kernel[(triton.cdiv(Lq, BM), H, B)](
-        q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, grad_out, lse,
-        delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-        *do_strides, *km_strides, *b_strides,
-        H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale, *drop,
-        HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
-        HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
-        HAS_BIAS=has_bias, DROPOUT=has_drop, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-
-    dg = dg_part.sum(dim=(1, 2)) if has_gate else None
     return dq, dk, dv, dpk, dpv, dg

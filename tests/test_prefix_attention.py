@@ -9,6 +9,7 @@ import torch
 from unipelt_fast.kernels import prefix_attention as kpa
 
 import unipelt_fast as uf
+from tests.launches import Counter
 from tests.parity import check_parity, noncontig, prefix_attention_case
 from unipelt_fast import _autotune, reference
 from unipelt_fast.testing import assert_close
@@ -231,6 +232,84 @@ def test_saved_bytes_do_not_grow_with_p_times_l():
     # The measurement can fail: the eager reference saves (B, H, L, P + L) probabilities.
     eager_mix, _ = mixed("eager")
     assert eager_mix > 0
+
+
+def _hf_layout(t: torch.Tensor) -> torch.Tensor:
+    """The same (B, H, L, D) values in (B, L, H, D) memory: HF's transposed views."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.interpreter
+def test_backward_reads_grad_out_and_out_through_their_strides():
+    """The kernels take dO's and O's own strides (ops.py copies neither): an HF-strided dO
+    and O, and a stride-0 dO (``out.sum().backward()``), give the gradients of contiguous
+    ones bit for bit."""
+    from unipelt_fast.kernels import prefix_attention as kpa
+
+    case = prefix_attention_case(B=2, H=4, Hkv=2, Lq=20, Lk=9, P=16, layout="indexed", T=2,
+                                 gate="b2", mask=True, causal=True)  # fmt: skip
+    args = _canonical_call(case, torch.float32)
+    out, lse = kpa.forward(*args, True, 0.3)
+    g = torch.randn_like(out)
+    ones = torch.ones(1).expand_as(out)
+    assert not _hf_layout(out).is_contiguous() and ones.stride() == (0, 0, 0, 0)
+    for dout, o in ((g, out), (_hf_layout(g), _hf_layout(out)), (ones, _hf_layout(out))):
+        got = kpa.backward(dout, *args, o, lse, True, 0.3)
+        want = kpa.backward(dout.contiguous(), *args, out, lse, True, 0.3)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_strided_grad_out_reaches_the_kernels_and_matches_reference(dtype, monkeypatch):
+    """Through autograd, an HF-strided upstream gradient arrives at the kernel launcher
+    uncopied, and every gradient matches the float64 reference."""
+    from unipelt_fast.kernels import prefix_attention as kpa
+
+    seen = []
+    orig = kpa.backward
+    monkeypatch.setattr(
+        kpa, "backward", lambda g, *a, **k: seen.append(g.stride()) or orig(g, *a, **k)
+    )
+    case = prefix_attention_case(B=2, H=2, Hkv=1, Lq=9, Lk=7, P=5, noncontiguous=True,
+                                 gate="b2", layout="batch")  # fmt: skip
+    test, ref = case.cast(dtype), case.cast(dtype).cast(torch.float64)
+    out = test.call(uf.prefix_attention, backend="triton")
+    expected = ref.call(uf.prefix_attention, backend="eager")
+    g = _hf_layout(torch.randn_like(expected).to(dtype))
+    gt = torch.autograd.grad(out, test.tensors(case.diff), g)
+    gr = torch.autograd.grad(expected, ref.tensors(case.diff), g.double())
+    assert seen == [g.stride()]
+    for name, a, e in zip(case.diff, gt, gr, strict=True):
+        assert_close(a, e, dtype, f"d{name}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gate", [None, "b2"])
+def test_backward_launches(monkeypatch, gate):
+    """The whole backward is three launches (dQ with delta and the prefix partials, token
+    dK/dV, the per-task prefix and gate sums): no preprocess, zero-fill or torch op."""
+    from unipelt_fast.kernels import prefix_attention as kpa
+
+    case = prefix_attention_case(B=3, H=4, Hkv=2, Lq=20, Lk=9, P=5, layout="indexed", T=2,
+                                 gate=gate, mask=True, causal=True)  # fmt: skip
+    args = _canonical_call(case, torch.float32)
+    out, lse = kpa.forward(*args, True, 0.3)
+    expected = ["_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_prefix_sum_kernel"]
+    count = Counter(monkeypatch, "prefix_attention")
+    g = _hf_layout(torch.randn_like(out))
+    with count:
+        kpa.backward(g, *args, out, lse, True, 0.3)
+    assert count.launches == expected
+    assert count.compute_ops() == []
+    c = case.cast(torch.float32)
+    out = c.call(uf.prefix_attention, backend="triton")
+    count.clear()
+    with count:
+        out.backward(g)
+    assert count.launches == expected
+    assert count.compute_ops() == ["unipelt_fast.prefix_attention_backward"]
 
 
 # ---- GPU ----------------------------------------------------------------------------------

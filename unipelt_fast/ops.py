@@ -34,9 +34,11 @@ prefix_attention
     ``backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate,
     key_padding_mask, out, lse, causal, softmax_scale[, attn_bias=][, dropout_p=, seed=]) ->
     (dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate)``
-      grad_out contiguous. dprefix_* are (T, Hkv, P, D), summed deterministically over the
-      examples (and query heads) that used each task. dprefix_gate float32 (B, 2), or None
-      when prefix_gate is None. attn_bias as in forward (no gradient is returned for it).
+      grad_out (B, H, Lq, D) and out (as forward returned it) with any strides (a backend
+      that needs them contiguous copies them). dprefix_* are (T, Hkv, P, D), summed
+      deterministically over the examples (and query heads) that used each task.
+      dprefix_gate float32 (B, 2), or None when prefix_gate is None. attn_bias as in
+      forward (no gradient is returned for it).
 
 gated_adapter
     ``forward(x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate, gate_mask,
@@ -297,12 +299,15 @@ def _prefix_attention_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, pk, pv, idx, gate, kpm, out, lse, bias, seed)
     ctx.causal, ctx.scale, ctx.backend, ctx.dropout_p = causal, scale, backend, drop_p
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled (B, H, Lq) grad for lse per backward
 
 
 def _prefix_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, pk, pv, idx, gate, kpm, out, lse, bias, seed = ctx.saved_tensors
+    if grad_out is None:  # unreachable through out (lse is non-differentiable); be safe
+        grad_out = torch.zeros_like(out)
     dq, dk, dv, dpk, dpv, dg = _prefix_attention_bwd_op(
-        grad_out.contiguous(),
+        grad_out,  # any strides (the HF path's dO is a transposed view): no copy
         q,
         k,
         v,

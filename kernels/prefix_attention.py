@@ -20,11 +20,13 @@ kernel, from a seed that torch's generator drew on the device (read through a po
 host sync). The saved lse is that of the un-dropped softmax. ``dropout_keep_mask`` returns the mask of a
 call, so the eager reference can reproduce it exactly.
 
-Backward: a preprocess (delta = rowsum(dO * O)), a dK/dV kernel per token key block (it
-loops over the query heads of its GQA group, so no atomics), a dK/dV kernel per prefix key
-block and example, writing fp32 partials (plus the per-example gate partials) that a
-second kernel sums per task in a fixed order, and a dQ kernel. Every reduction is
-deterministic.
+Backward, three launches; dO and O are read through their own strides (no copies):
+1. dQ per query block, which also computes delta = rowsum(dO * O) for step 2 and, from the
+   prefix's p and dS it has anyway, this block's fp32 partials of d prefix_k, d prefix_v
+   (B, H, n_query_blocks, P, D) and of the gate gradients;
+2. dK/dV per token key block (it loops over the query heads of its GQA group: no atomics);
+3. the partials summed per task (and the gate's per example) in a fixed order.
+Every reduction is deterministic.
 
 Calling convention: see ``unipelt_fast/ops.py``.
 """
@@ -398,7 +400,7 @@ def _dkdv_rows(
     DROPOUT: tl.constexpr,
 ):
     """Accumulate dS^T q and P^T dO over query rows [row_start, row_end) of one head for one
-    key block (transposed: keys are rows). Rows past LQ and rows with no visible key get
+    key block (dk, dv: keys are rows). Rows past LQ and rows with no visible key get
     P = 0 through their lse (+inf). Key rows that are padding or past the end are left
     unmasked here (they only affect their own rows of dk/dv); the caller zeroes them."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -415,26 +417,26 @@ def _dkdv_rows(
         # -inf marks a row with no visible key (or no row): +inf makes its P exactly 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        s_t = tl.dot(kb, tl.trans(qb), input_precision=PRECISION) * logit_scale
-        if HAS_BIAS:  # the same bias as the forward, transposed (keys are rows)
-            s_t += _load_bias(
-                bias_base, cols, rows, sbn, sbm, (cols < ncols)[:, None] & row_ok[None, :], True
+        # Queries as rows, as in the forward (its keep-mask layout: no transposed Philox
+        # tile); P and dS are transposed only as the dV / dK dot operands.
+        s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * logit_scale
+        if HAS_BIAS:  # the same bias as the forward
+            s += _load_bias(
+                bias_base, rows, cols, sbm, sbn, row_ok[:, None] & (cols < ncols)[None, :], True
             )
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        p = tl.math.exp2(s - lse2[:, None])
         if CAUSAL_MASK:
-            p_t = tl.where(cols[:, None] <= rows[None, :] + (LK - LQ), p_t, 0.0)
-        dp_t = tl.dot(vb, tl.trans(dob), input_precision=PRECISION) * v_scale
-        if DROPOUT:  # the forward's mask, transposed (keys are rows)
-            keep_t = _keep(seed, rng_base, rows, rng_col0, NC4, dropout_p, BLOCK_N, True)
-            dv = tl.dot(
-                tl.where(keep_t, p_t * drop_scale, 0.0).to(dob.dtype), dob, dv,
-                input_precision=PRECISION,
-            )  # fmt: skip
-            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+            p = tl.where(cols[None, :] <= rows[:, None] + (LK - LQ), p, 0.0)
+        dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * v_scale
+        if DROPOUT:  # the forward's mask
+            keep = _keep(seed, rng_base, rows, rng_col0, NC4, dropout_p, BLOCK_N, False)
+            pd = tl.where(keep, p * drop_scale, 0.0)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         else:
-            dv = tl.dot(p_t.to(dob.dtype), dob, dv, input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(qb.dtype), qb, dk, input_precision=PRECISION)
+            pd = p
+        dv = tl.dot(tl.trans(pd.to(dob.dtype)), dob, dv, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(qb.dtype)), qb, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -939,7 +941,9 @@ def gpu_configs(dtype: torch.dtype, D: int) -> dict[str, tuple[int, int, int, in
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on a GPU ("psum":
     _bwd_prefix_sum_kernel's (BLOCK, BLOCK_G, num_warps, num_stages)). Every tl.dot dim
     >= 16; smaller tiles for fp32 and for D > 128 so that shared memory and registers stay
-    within an sm80/sm90. The launch and
+    within an sm80/sm90. The half-type backward tiles (D <= 128) were picked from a few
+    candidates as ones that spill no register on sm_80 or sm_90 in any variant (dropout and
+    attn_bias included); 32x128 dK/dV and 128x32 dQ spill with this kernel. The launch and
     ``unipelt-fast resources`` both read this, so the report is of what is launched."""
     bd = _block_d(D)
     if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: small tiles avoid spills
@@ -950,9 +954,9 @@ def gpu_configs(dtype: torch.dtype, D: int) -> dict[str, tuple[int, int, int, in
         else:
             c = {"fwd": (32, 16, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
     elif bd <= 64:
-        c = {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+        c = {"fwd": (128, 64, 4, 3), "dkdv": (32, 32, 4, 2), "dq": (64, 16, 4, 2)}
     elif bd <= 128:
-        c = {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}
+        c = {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 8, 1), "dq": (64, 16, 8, 2)}
     else:
         c = {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}
     return {**c, "psum": (512, 64, 4, 3)}

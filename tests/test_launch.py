@@ -176,8 +176,9 @@ def test_sequence_lengths_do_not_recompile(mod):
 # ---- the GPU's block sizes under the interpreter ----------------------------------------------
 
 # UNIPELT_GPU_CONFIGS=1 makes the prefix_attention launcher pick its GPU configs under the
-# interpreter (the other launchers always do): 128x64 forward, 32x128 dK/dV and 128x32 dQ
-# (fp16, D <= 128), 64x32 / 32x32 for D > 128, 32x32 for fp32. Lengths straddle those tiles.
+# interpreter (the other launchers always do): 128x64 forward, 32x32/32x64 dK/dV and
+# 64x16 dQ (fp16, D <= 64/128), 64x32 / 32x32 for D > 128, 32x32 for fp32. Lengths
+# straddle those tiles.
 GPU_GRID = [
     (
         torch.float16,

@@ -556,6 +556,14 @@ def _bwd_dkdv_kernel(
     sbh,
     sbm,
     sbn,
+    sgkb,
+    sgkh,
+    sgkn,
+    sgkd,
+    sgvb,
+    sgvh,
+    sgvn,
+    sgvd,
     H,
     HKV,
     GROUP,
@@ -580,7 +588,6 @@ def _bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    bhk = b * HKV + hk
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     c64 = cols.to(tl.int64)
@@ -617,9 +624,11 @@ def _bwd_dkdv_kernel(
         col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
         dk = tl.where(col_ok[:, None], dk, 0.0)
         dv = tl.where(col_ok[:, None], dv, 0.0)
-    out_off = bhk * LK * HEAD_DIM + c64[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    # dK/dV in k's / v's layouts: HF's (B, L, Hkv, D) views take them back without a copy.
+    dk_off = b * sgkb + hk * sgkh + c64[:, None] * sgkn + offs_d[None, :] * sgkd
+    dv_off = b * sgvb + hk * sgvh + c64[:, None] * sgvn + offs_d[None, :] * sgvd
+    tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["B", "N", "NPART", "NG"])
@@ -752,6 +761,10 @@ def _bwd_dq_kernel(
     sbh,
     sbm,
     sbn,
+    sgqb,
+    sgqh,
+    sgqm,
+    sgqd,
     H,
     GROUP,
     LQ,
@@ -776,6 +789,8 @@ def _bwd_dq_kernel(
 ):
     # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
+    if CAUSAL:  # as in the forward: the blocks that see the most keys first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     hk = (h // GROUP).to(tl.int64)
@@ -920,7 +935,7 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
 
-    dq_ptrs = DQ + bh * LQ * HEAD_DIM + rows64[:, None] * HEAD_DIM + offs_d[None, :]
+    dq_ptrs = DQ + b * sgqb + h * sgqh + rows64[:, None] * sgqm + offs_d[None, :] * sgqd
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rd_mask)
 
 
@@ -1174,9 +1189,7 @@ def backward(
     Hkv, Lk = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]
     dev = q.device
-    dq = new_output((B, H, Lq, D), q.dtype, dev)
-    dk = new_output((B, Hkv, Lk, D), k.dtype, dev)
-    dv = new_output((B, Hkv, Lk, D), v.dtype, dev)
+    dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)  # their layouts
     dpk = new_output((T, Hkv, P, D), prefix_k.dtype, dev)
     dpv = new_output((T, Hkv, P, D), prefix_v.dtype, dev)
     if q.numel() == 0:  # no query: every gradient is 0
@@ -1210,7 +1223,7 @@ def backward(
         q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, out, grad_out,
         lse, delta, dq, part_k, part_v, dg_part,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-        *out.stride(), *do_strides, *km_strides, *b_strides,
+        *out.stride(), *do_strides, *km_strides, *b_strides, *dq.stride(),
         H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale, *drop,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
         HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
@@ -1223,6 +1236,7 @@ def backward(
         _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), Hkv, B)](
             q, k, v, grad_out, lse, delta, kpm, bias, seed_t, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do_strides, *km_strides, *b_strides,
+            *dk.stride(), *dv.stride(),
             H, Hkv, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale, *drop,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_MASK=has_mask,
             CAUSAL=causal, PRECISION=prec, HAS_BIAS=has_bias, DROPOUT=has_drop,

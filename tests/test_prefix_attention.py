@@ -4,6 +4,8 @@ Interpreter tests run the kernels on CPU tensors under TRITON_INTERPRET=1 (fp32 
 bf16 is broken in the interpreter). GPU tests repeat the grid with bf16 and add large shapes.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from unipelt_fast.kernels import prefix_attention as kpa
@@ -155,11 +157,34 @@ def test_out_comes_back_in_q_layout(backend, layout):
     else:
         assert out.transpose(1, 2).is_contiguous()  # (B, L, H, D) underneath
     assert_close(out, ref, torch.float32, "out")
+    # triton's dq comes back in q's layout too (eager/torch: autograd's choice), so HF's
+    # view of the projection takes it without a copy
+    (dq,) = torch.autograd.grad(out, q, g.float(), retain_graph=True)
+    if layout != "contiguous" and backend == "triton":
+        assert dq.transpose(1, 2).is_contiguous()
     out.backward(g.float())
     for name in case.diff:
         got = q.grad if name == "q" else {**c.args, **c.kwargs}[name].grad
         want = {**ref_in.args, **ref_in.kwargs}[name].grad
         assert_close(got, want, torch.float32, name)
+
+
+@pytest.mark.interpreter
+def test_backward_writes_dq_dk_dv_in_their_inputs_layouts():
+    """The kernel's dq/dk/dv have q's/k's/v's dimension order (HF's (B, L, H, D) buffers),
+    with the values of the contiguous run, and the fake agrees (opcheck covers strides)."""
+    case = prefix_attention_case(B=2, H=4, Hkv=2, Lq=9, Lk=9, P=3, gate="b2", causal=True)
+    hf = dataclasses.replace(case, args=dict(case.args))
+    for n in ("q", "k", "v"):
+        hf.args[n] = _in_layout(case.args[n], "hf")
+    grads = []
+    for cs in (case, hf):
+        c = cs.cast(torch.float32)
+        out = c.call(uf.prefix_attention, backend="triton")
+        grads.append(torch.autograd.grad(out, c.tensors(("q", "k", "v")), torch.ones_like(out)))
+    for a, b in zip(*grads, strict=True):
+        assert b.transpose(1, 2).is_contiguous() and a.is_contiguous()
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

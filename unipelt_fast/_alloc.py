@@ -34,14 +34,21 @@ def layout_order(ref: torch.Tensor) -> list[int]:
     return sorted(range(ref.dim()), key=lambda i: (-ref.stride(i), i))
 
 
+def dense_strides(ref: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a dense tensor of ``ref``'s shape in ``ref``'s dimension order."""
+    strides, n = [0] * ref.dim(), 1
+    for i in reversed(layout_order(ref)):
+        strides[i], n = n, n * ref.shape[i]
+    return tuple(strides)
+
+
 def new_output_like(ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``new_output`` of ``ref``'s shape, dense, in ``ref``'s dimension order (even where
     ``ref`` itself is not dense, e.g. a slice of a fused QKV projection), so that the
     caller's inverse permute + reshape costs no copy."""
-    order = layout_order(ref)
-    t = new_output([ref.shape[i] for i in order], dtype or ref.dtype, ref.device)
-    inverse = sorted(range(ref.dim()), key=order.__getitem__)
-    return t.permute(inverse)
+    dt = dtype or ref.dtype
+    t = torch.empty_strided(ref.shape, dense_strides(ref), dtype=dt, device=ref.device)
+    return t.fill_(float("nan")) if NAN_FILL and dt.is_floating_point else t
 
 
 def device_context(device: torch.device) -> contextlib.AbstractContextManager:

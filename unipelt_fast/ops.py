@@ -35,7 +35,9 @@ prefix_attention
     key_padding_mask, out, lse, causal, softmax_scale[, attn_bias=][, dropout_p=, seed=]) ->
     (dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate)``
       grad_out (B, H, Lq, D) and out (as forward returned it) with any strides (a backend
-      that needs them contiguous copies them). dprefix_* are (T, Hkv, P, D), summed
+      that needs them contiguous copies them). dq, dk, dv: dense in q's, k's, v's
+      dimension order (a backend returning them contiguous gets them copied into that
+      layout; triton writes them there). dprefix_* are (T, Hkv, P, D), summed
       deterministically over the examples (and query heads) that used each task.
       dprefix_gate float32 (B, 2), or None when prefix_gate is None. attn_bias as in
       forward (no gradient is returned for it).
@@ -87,7 +89,7 @@ from __future__ import annotations
 import torch
 
 from . import composite, reference
-from ._alloc import layout_order, new_output_like
+from ._alloc import dense_strides, new_output_like
 from ._backend import kernel_impl, resolve_backend
 from ._validation import (
     check_activation,
@@ -174,11 +176,11 @@ def _in_layout_of(q: Tensor, out: Tensor) -> Tensor:
 
 
 def _layout_strides(q: Tensor) -> tuple[int, ...]:
-    order = layout_order(q)
-    strides, n = [0] * q.dim(), 1
-    for i in reversed(order):
-        strides[i], n = n, n * q.shape[i]
-    return tuple(strides)
+    return dense_strides(q)
+
+
+def _fake_in_layout_of(t: Tensor) -> Tensor:
+    return torch.empty_strided(t.shape, _layout_strides(t), dtype=t.dtype, device=t.device)
 
 
 @_prefix_attention_op.register_fake
@@ -199,8 +201,7 @@ def _(
     seed=None,
 ):
     B, H, Lq, D = q.shape
-    out = torch.empty_strided(q.shape, _layout_strides(q), dtype=q.dtype, device=q.device)
-    return out, q.new_empty(B, H, Lq, dtype=torch.float32)
+    return _fake_in_layout_of(q), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
 @torch.library.custom_op("unipelt_fast::prefix_attention_backward", mutates_args=())
@@ -241,7 +242,10 @@ def _prefix_attention_bwd_op(
         **_bias_kw(attn_bias),
         **_dropout_kw(dropout_p, seed),
     )
-    return dq, dk, dv, dpk, dpv, _or_empty(dg, lse)
+    # dq/dk/dv in their inputs' layouts (what the fake says; triton writes them there), so
+    # HF's transposed views take them back without a copy; the prefix grads contiguous.
+    dq, dk, dv = _in_layout_of(q, dq), _in_layout_of(k, dk), _in_layout_of(v, dv)
+    return dq, dk, dv, dpk.contiguous(), dpv.contiguous(), _or_empty(dg, lse)
 
 
 @_prefix_attention_bwd_op.register_fake
@@ -266,11 +270,11 @@ def _(
 ):
     dg = lse.new_empty(_EMPTY) if prefix_gate is None else torch.empty_like(prefix_gate)
     return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        torch.empty_like(prefix_k),
-        torch.empty_like(prefix_v),
+        _fake_in_layout_of(q),
+        _fake_in_layout_of(k),
+        _fake_in_layout_of(v),
+        prefix_k.new_empty(prefix_k.shape),
+        prefix_v.new_empty(prefix_v.shape),
         dg,
     )
 

@@ -451,12 +451,12 @@ def _ga_finish_kernel(
             else:
                 acc += tl.load(ptrs, mask=mask, other=0.0)
             ptrs += NT
-        acc = acc.to(dwu_ptr.dtype.element_ty)
-        _seg_store(dwu_ptr, acc, offs, mask, 0, off_wd, t)
-        _seg_store(dwd_ptr, acc, offs, mask, off_wd, off_bu, t)
-        _seg_store(dbu_ptr, acc, offs, mask, off_bu, off_wg, t)
-        _seg_store(dwg_ptr, acc, offs, mask, off_wg, off_bg, t)
-        _seg_store(dbg_ptr, acc, offs, mask, off_bg, NT, t)
+        grad = acc.to(dwu_ptr.dtype.element_ty)
+        _seg_store(dwu_ptr, grad, offs, mask, 0, off_wd, t)
+        _seg_store(dwd_ptr, grad, offs, mask, off_wd, off_bu, t)
+        _seg_store(dbu_ptr, grad, offs, mask, off_bu, off_wg, t)
+        _seg_store(dwg_ptr, grad, offs, mask, off_wg, off_bg, t)
+        _seg_store(dbg_ptr, grad, offs, mask, off_bg, NT, t)
     else:
         offs = (pid - n_main) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < R
@@ -501,38 +501,40 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Block sizes: untimed (no GPU in this session), chosen from the sm_80/sm_90 cubins of these
-# kernels (``unipelt-fast resources``): no register spills in fp16/bf16 at any r <= 256, fp32
-# spills at most a few hundred bytes at r = 256. BL: the "mean" gate's walk over an example's
-# logits. NLB: the walk over its rows kernel block sums of dg.
+# kernels (``unipelt-fast resources``, d = 4096, r in 16/64/256): no register spills in
+# fp16/bf16 for any candidate; fp32 (IEEE dots on FMA units) spills at most ~100 bytes, in
+# non-default forward candidates only. BL: the "mean" gate's walk over an example's logits;
+# NLB: the walk over its rows-kernel block sums of dg.
 BL, NLB, FINISH_BLOCK = 256, 64, 1024
 
 
 def fwd_configs(dtype: torch.dtype, rp: int) -> list[tuple[int, int, int, int]]:
     """Forward candidates (BM, BD, num_warps, num_stages), the default first: row blocks of
-    64-128 so every program's read of Wd and Wu from L2 serves that many rows."""
-    if dtype == torch.float32:  # IEEE fp32 dots on FMA units: smaller chunks
+    64-128 so that every program's read of Wd and Wu from L2 serves that many rows."""
+    if dtype == torch.float32:
         if rp <= 64:
-            return [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)]
-        return [(64, 16, 8, 2), (64, 32, 8, 2), (128, 16, 8, 2)]
+            return [(64, 32, 8, 1), (64, 32, 4, 2)]
+        return [(64, 16, 8, 1), (64, 32, 8, 1)]
     if rp <= 64:
-        return [(64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                (64, 128, 8, 4), (128, 64, 4, 3)]  # fmt: skip
-    return [(64, 64, 8, 3), (64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2)]
+        wide = [(64, 128, 4, 3)] if rp > 16 else []  # spills at r = 16 (sm_80)
+        return [(64, 64, 4, 3), *wide, (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 8, 4)]
+    return [(64, 64, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2)]
 
 
 def rows_config(dtype: torch.dtype, rp: int) -> tuple[int, int, int]:
     """Backward rows kernel (BM, BD, num_warps)."""
     if dtype == torch.float32:
         return (32, 32, 4) if rp <= 64 else (32, 16, 8)
-    return (64, 64, 4) if rp <= 64 else (64, 32, 8)
+    return (64, 64, 4) if rp <= 64 else (32, 32, 8)
 
 
-def cols_config(dtype: torch.dtype, rp: int) -> tuple[int, int, int, int]:
-    """Backward column kernel (BM, BD, num_warps, resident programs per SM): the grid is
-    sized to whole waves of that many programs per SM."""
+def cols_config(dtype: torch.dtype, rp: int) -> tuple[int, int, int, int, int]:
+    """Backward column kernel (BM, BD, num_warps, num_stages, resident programs per SM):
+    the grid is sized to whole waves of that many programs per SM. fp32: one stage (the
+    pipelined loads spilled 2-8 KB)."""
     if dtype == torch.float32:
-        return (32, 32, 4, 2) if rp <= 64 else (16, 32, 8, 1)
-    return (32, 64, 8, 1) if rp <= 64 else (16, 32, 8, 1)
+        return (32, 32, 8, 1, 2) if rp <= 64 else (16, 16, 8, 1, 2)
+    return (32, 64, 8, 3, 1) if rp <= 64 else (16, 32, 8, 3, 1)
 
 
 def _clamp(n: int, block: int) -> int:
@@ -694,10 +696,10 @@ def backward(
     n_rows = L if ex_rows else M
     if gpu:
         (bm, bd, warps), bl, nlb, fblock = rows_config(dt, rp), BL, NLB, FINISH_BLOCK
-        cbm, cbd, cwarps, ctas = cols_config(dt, rp)
+        cbm, cbd, cwarps, cstages, ctas = cols_config(dt, rp)
     else:
         (bm, bd, warps), bl, nlb, fblock = (16, 32, 1), 16, 16, 128
-        cbm, cbd, cwarps, ctas = 16, 32, 1, 1
+        cbm, cbd, cwarps, cstages, ctas = 16, 32, 1, 1, 1
     dummy = z
     gm, smb, sml = _mask_args(gate_mask if mean else None, dummy)
     idx = adapter_index if mixed else dummy
@@ -753,6 +755,7 @@ def backward(
         GATE=_GATE_MEAN if mean else int(has_gate), HAS_BU=b_up is not None,
         HAS_BG=b_gate is not None, RES_IS_X=bool(residual_is_x), EX_ROWS=ex_rows,
         HAS_IDX=mixed, BM=cbm, BD=cbd, RP=rp, NLB=nlb, PREC=prec, num_warps=cwarps,
+        num_stages=cstages,
     )  # fmt: skip
 
     # 3. finish: every weight gradient summed (per task) in a fixed order and cast.

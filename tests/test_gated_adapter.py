@@ -298,7 +298,7 @@ def test_forward_candidates():
                 assert 64 <= bm <= 128 and bd >= 16 and warps in (4, 8) and stages >= 1
             bm, bd, warps = kernel.rows_config(dt, rp)
             assert bm >= 16 and bd >= 16
-            bm, bd, warps, ctas = kernel.cols_config(dt, rp)
+            bm, bd, warps, stages, ctas = kernel.cols_config(dt, rp)
             assert bm >= 16 and bd >= 16 and ctas >= 1
 
 

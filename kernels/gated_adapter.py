@@ -502,8 +502,8 @@ def _num_sms(device: torch.device) -> int:
 
 # Block sizes: untimed (no GPU in this session), chosen from the sm_80/sm_90 cubins of these
 # kernels (``unipelt-fast resources``, d = 4096, r in 16/64/256): no register spills in
-# fp16/bf16 for any candidate; fp32 (IEEE dots on FMA units) spills at most ~100 bytes, in
-# non-default forward candidates only. BL: the "mean" gate's walk over an example's logits;
+# fp16/bf16 for any candidate; fp32 (IEEE dots on FMA units) at most ~90 bytes (forward) and
+# 8 bytes (column kernel). BL: the "mean" gate's walk over an example's logits;
 # NLB: the walk over its rows-kernel block sums of dg.
 BL, NLB, FINISH_BLOCK = 256, 64, 1024
 

@@ -67,7 +67,7 @@ SHAPES: dict[str, dict[str, list[Shape]]] = {
             _ga(32, 128, 768, 64),
         ],
         "cpu": [_ga(4, 128, 768, 64), _ga(4, 128, 768, 64, "mean")],
-        "quick": [_ga(2, 64, 128, 16), _ga(2, 64, 128, 16, "mean")],
+        "quick": [_ga(2, 64, 128, 16)],
     },
     # mixed-task batch (adapter_index), T tasks spread over the batch: 1, 4 and 16 tasks at
     # the same size, so each T row against the T=1 row is the cost of mixing.

@@ -285,6 +285,27 @@ def test_parity_gpu_block_sizes_interpreter(monkeypatch, name):
     )
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
+@pytest.mark.parametrize("gate_mode", [None, "token", "mean"])
+def test_no_rows(gate_mode, mixed):
+    """B * L = 0: an empty output, and every weight gradient exactly zero (not NaN-filled)."""
+    lead = (2,) if mixed else ()
+    p = lambda *s: torch.randn(*lead, *s, requires_grad=True)  # noqa: E731
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    wd, bd, wu, bu = p(4, 8), p(4), p(8, 4), p(8)
+    kw = dict(adapter_index=torch.tensor([1, 0])) if mixed else {}
+    if gate_mode is not None:
+        kw.update(w_gate=p(1, 8), b_gate=p(1), gate_mode=gate_mode)
+    out = uf.gated_adapter(x, wd, bd, wu, bu, backend="triton", **kw)
+    assert out.shape == (2, 0, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for t in (wd, bd, wu, bu, kw.get("w_gate"), kw.get("b_gate")):
+        if t is not None:
+            assert torch.equal(t.grad, torch.zeros_like(t))
+
+
 def test_forward_candidates():
     """Autotuning candidates: at most 6, the default first, row blocks of 64-128, every
     tl.dot dim >= 16; the backward's configs likewise valid."""

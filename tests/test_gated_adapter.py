@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import unipelt_fast as uf
+from tests.launches import Counter
 from tests.parity import check_parity, gated_adapter_case, noncontig
 from unipelt_fast.testing import assert_close
 
@@ -188,6 +189,138 @@ def test_backward_deterministic():
     second = torch.autograd.grad(out, ins, g)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
+@pytest.mark.parametrize("gate_mode", [None, "token", "mean", "masked_mean"])
+def test_launches_per_call(monkeypatch, gate_mode, mixed):
+    """Forward: one launch (two for the "mean" gate, whose second takes each example's mean
+    in-kernel); backward: rows, columns and one finishing kernel. No torch op runs beside
+    them (allocations and NaN fills only), launcher or custom op."""
+    from unipelt_fast.kernels import gated_adapter as kernel
+
+    kw = dict(lead=(3, 20), d=40, r=8, residual=not mixed)
+    if gate_mode is not None:
+        kw.update(gate_mode="mean" if gate_mode == "masked_mean" else gate_mode)
+        kw["masked"] = gate_mode == "masked_mean"
+    if mixed:
+        kw.update(adapter_index=[1, 0, 1])
+    case = gated_adapter_case(**kw).cast(torch.float32)
+    out = case.call(uf.gated_adapter, backend="triton")
+    g = torch.randn_like(out)
+    mean = gate_mode in ("mean", "masked_mean")
+    fwd = ["_ga_fwd_kernel"] * (2 if mean else 1)
+    bwd = ["_ga_bwd_rows_kernel", "_ga_bwd_cols_kernel", "_ga_finish_kernel"]
+    count = Counter(monkeypatch, "gated_adapter")
+    with count:
+        out = case.call(uf.gated_adapter, backend="triton")
+    assert count.launches == fwd
+    # validation reads adapter_index's range on CPU tensors only (free there; skipped on CUDA)
+    cpu_check = {"aten.min", "aten.max", "aten._local_scalar_dense"}
+    assert [op for op in count.compute_ops() if op not in cpu_check] == [
+        "unipelt_fast.gated_adapter"
+    ]
+    count.clear()
+    with count:
+        out.backward(g)
+    assert count.launches == bwd
+    assert count.compute_ops() == ["unipelt_fast.gated_adapter_backward"]
+    # the launchers themselves: nothing but the kernels
+    a, k = case.args, case.kwargs
+    x = a["x"].detach()
+    det = lambda t: None if t is None else t.detach()  # noqa: E731
+    wd, bd, wu, bu = (det(a[n]) for n in ("w_down", "b_down", "w_up", "b_up"))
+    wg, bg, gm = det(k.get("w_gate")), det(k.get("b_gate")), k.get("gate_mask")
+    idx, res = k.get("adapter_index"), det(k.get("residual"))
+    mode = "mean" if mean else "token"
+    count.clear()
+    with count:
+        o, z, s = kernel.forward(
+            x, wd, bd, wu, bu, res, wg, bg, gm, mode, "relu", 1.0, adapter_index=idx
+        )
+        kernel.backward(
+            g, x, wd, bd, wu, bu, res is None, wg, bg, gm, z, s, mode, "relu", 1.0,
+            adapter_index=idx,
+        )  # fmt: skip
+    assert count.launches == fwd + bwd
+    assert count.compute_ops() == []
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "name",
+    ["BL-r48-padded-gelutanh-res-d100", "BL-r8-none-gelu-nobias-d300"],
+)
+def test_parity_many_ragged_splits(monkeypatch, name):
+    """The column kernel's grid follows the SM count: with more SMs, more row splits (the
+    last one ragged), all summed by the finishing kernel."""
+    from unipelt_fast.kernels import gated_adapter as kernel
+
+    monkeypatch.setattr(kernel, "_num_sms", lambda device: 9)
+    check_parity(uf.gated_adapter, _case(name), torch.float16, "triton")
+
+
+GPU_BLOCK_CASES = {  # several 64-row blocks and 128-wide chunks, ragged
+    "token-gelu-nc": dict(
+        lead=(2, 90), d=300, r=20, gate_mode="token", activation="gelu", noncontiguous=True
+    ),
+    "maskedmean-silu-res": dict(
+        lead=(3, 70), d=130, r=8, gate_mode="mean", masked=True, fully_padded=True,
+        activation="silu", residual=True,
+    ),
+    "mixed-mean-r100": dict(
+        lead=(3, 65), d=70, r=100, adapter_index=[1, 0, 1], gate_mode="mean", masked=True
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", list(GPU_BLOCK_CASES))
+def test_parity_gpu_block_sizes_interpreter(monkeypatch, name):
+    """The GPU's block sizes (UNIPELT_GPU_CONFIGS=1) under the interpreter."""
+    monkeypatch.setenv("UNIPELT_GPU_CONFIGS", "1")
+    check_parity(
+        uf.gated_adapter, gated_adapter_case(**GPU_BLOCK_CASES[name]), torch.float16, "triton"
+    )
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
+@pytest.mark.parametrize("gate_mode", [None, "token", "mean"])
+def test_no_rows(gate_mode, mixed):
+    """B * L = 0: an empty output, and every weight gradient exactly zero (not NaN-filled)."""
+    lead = (2,) if mixed else ()
+    p = lambda *s: torch.randn(*lead, *s, requires_grad=True)  # noqa: E731
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    wd, bd, wu, bu = p(4, 8), p(4), p(8, 4), p(8)
+    kw = dict(adapter_index=torch.tensor([1, 0])) if mixed else {}
+    if gate_mode is not None:
+        kw.update(w_gate=p(1, 8), b_gate=p(1), gate_mode=gate_mode)
+    out = uf.gated_adapter(x, wd, bd, wu, bu, backend="triton", **kw)
+    assert out.shape == (2, 0, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for t in (wd, bd, wu, bu, kw.get("w_gate"), kw.get("b_gate")):
+        if t is not None:
+            assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_forward_candidates():
+    """Autotuning candidates: at most 6, the default first, row blocks of 64-128, every
+    tl.dot dim >= 16; the backward's configs likewise valid."""
+    from unipelt_fast.kernels import gated_adapter as kernel
+
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for rp in (16, 64, 128, 256):
+            cands = kernel.fwd_configs(dt, rp)
+            assert 1 <= len(cands) <= 6 and len(set(cands)) == len(cands)
+            for bm, bd, warps, stages in cands:
+                assert 64 <= bm <= 128 and bd >= 16 and warps in (4, 8) and stages >= 1
+            bm, bd, warps = kernel.rows_config(dt, rp)
+            assert bm >= 16 and bd >= 16
+            bm, bd, warps, stages, ctas = kernel.cols_config(dt, rp)
+            assert bm >= 16 and bd >= 16 and ctas >= 1
 
 
 def _module_check(gate_mode, activation, device, dtype=torch.float32):

@@ -631,6 +631,7 @@ def _gated_adapter_setup(ctx, inputs, output):
     ctx.has = (b_down is not None, b_up is not None, w_gate is not None, b_gate is not None)
     ctx.args = (gate_mode, activation, scaling, backend)
     ctx.mark_non_differentiable(z, s)
+    ctx.set_materialize_grads(False)  # else every backward fills zero grads for z and s
 
 
 def _gated_adapter_backward(ctx, grad_out, _gz, _gs):

@@ -230,6 +230,10 @@ def _recording(launches: list, arch: int = 90):
     klin = _kmod("bias_only_linear")  # its backward's column blocks follow the SM count
     saved.append((klin, "_num_sms", klin._num_sms))
     klin._num_sms = lambda device: GPU_SMS
+    kga = _kmod("gated_adapter")  # GPU block sizes; its backward's grid follows the SM count
+    saved += [(kga, "_interpreting", kga._interpreting), (kga, "_num_sms", kga._num_sms)]
+    kga._interpreting = lambda t: False
+    kga._num_sms = lambda device: GPU_SMS
     try:
         yield
     finally:

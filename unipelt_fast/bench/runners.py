@@ -131,7 +131,13 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) 
             "w_gate": rnd(1, d, scale=d**-0.5),
             "b_gate": rnd(1),
         }
-        kw = {"gate_mode": "token", "activation": "relu"}
+        gate = p.get("gate", "token")
+        kw = {"gate_mode": "token" if gate == "none" else gate, "activation": "relu"}
+        if gate == "none":
+            del t["w_gate"], t["b_gate"]
+        if gate == "mean":  # right padding: example b keeps its first L - b * L // (2 B) tokens
+            keep = L - torch.arange(B, device=device)[:, None] * (L // (2 * B))
+            kw["gate_mask"] = torch.arange(L, device=device)[None, :] < keep
         out_shape = (B, L, d)
     elif op == "gated_adapter_mixed":
         B, L, d, r, T = p["B"], p["L"], p["d"], p["r"], p["T"]
@@ -186,8 +192,8 @@ def _op_call(case: OpCase, backend: str) -> Callable[[], torch.Tensor]:
             t["b_down"],
             t["w_up"],
             t["b_up"],
-            w_gate=t["w_gate"],
-            b_gate=t["b_gate"],
+            w_gate=t.get("w_gate"),
+            b_gate=t.get("b_gate"),
             backend=backend,
             **kw,
         )

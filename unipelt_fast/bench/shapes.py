@@ -26,8 +26,9 @@ def _pa(B, H, L, P, D, causal=False, dropout=0.0) -> Shape:
     )
 
 
-def _ga(B, L, d, r) -> Shape:
-    return Shape(f"M={B * L} d={d} r={r}", {"B": B, "L": L, "d": d, "r": r})
+def _ga(B, L, d, r, gate="token") -> Shape:
+    tag = "" if gate == "token" else f" gate={gate}"
+    return Shape(f"M={B * L} d={d} r={r}{tag}", {"B": B, "L": L, "d": d, "r": r, "gate": gate})
 
 
 def _gm(B, L, d, r, T) -> Shape:
@@ -55,10 +56,17 @@ SHAPES: dict[str, dict[str, list[Shape]]] = {
         "cpu": [_pa(2, 8, 256, 16, 64), _pa(2, 8, 256, 16, 64, dropout=0.1)],
         "quick": [_pa(2, 4, 64, 8, 32), _pa(2, 4, 64, 8, 32, dropout=0.1)],
     },
-    # gated adapter (token gate, relu): M=16384, d=4096, r=64, and a BERT-base layer.
+    # gated adapter (relu): M=16384, d=4096, r=64 with the token gate, the "mean" gate over
+    # padded examples (two forward launches, per-example row blocks) and no gate; a
+    # BERT-base layer.
     "gated_adapter": {
-        "gpu": [_ga(8, 2048, 4096, 64), _ga(32, 128, 768, 64)],
-        "cpu": [_ga(4, 128, 768, 64)],
+        "gpu": [
+            _ga(8, 2048, 4096, 64),
+            _ga(8, 2048, 4096, 64, "mean"),
+            _ga(8, 2048, 4096, 64, "none"),
+            _ga(32, 128, 768, 64),
+        ],
+        "cpu": [_ga(4, 128, 768, 64), _ga(4, 128, 768, 64, "mean")],
         "quick": [_ga(2, 64, 128, 16)],
     },
     # mixed-task batch (adapter_index), T tasks spread over the batch: 1, 4 and 16 tasks at

@@ -131,22 +131,17 @@ def _task(IDX, b, T):
 
 
 @triton.jit
-def _keep(seed, row_base, rows, col0, NC4, dropout_p, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+def _keep(seed, row_base, rows, col0, NC4, dropout_p, BLOCK_N: tl.constexpr):
     """Attention-dropout keep-mask (True with prob 1 - p) of query rows ``rows`` x the
-    BLOCK_N mask columns from ``col0`` (a multiple of 4), as (rows, BLOCK_N), or with TRANS
-    (BLOCK_N, rows). One Philox call (``tl.rand4x``) gives columns 4c..4c+3 of a row, at
-    counter (row_base + row) * NC4 + c in int64 (row_base = (b * H + h) * LQ, NC4 = mask
+    BLOCK_N mask columns from ``col0`` (a multiple of 4), as (rows, BLOCK_N). One Philox
+    call (``tl.rand4x``) gives columns 4c..4c+3 of a row, at counter
+    (row_base + row) * NC4 + c in int64 (row_base = (b * H + h) * LQ, NC4 = mask
     columns / 4): a quarter of the Philox state of one call per element."""
     r64 = row_base + rows.to(tl.int64)
     c4 = col0 // 4 + tl.arange(0, BLOCK_N // 4).to(tl.int64)
-    if TRANS:
-        u0, u1, u2, u3 = tl.rand4x(seed, c4[:, None] + r64[None, :] * NC4)
-        u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [c, r, i, j] = u_{2i+j}
-        u = tl.reshape(tl.permute(u, (0, 2, 3, 1)), (BLOCK_N, r64.shape[0]))
-    else:
-        u0, u1, u2, u3 = tl.rand4x(seed, r64[:, None] * NC4 + c4[None, :])
-        u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [r, c, i, j] = u_{2i+j}
-        u = tl.reshape(u, (r64.shape[0], BLOCK_N))  # column 4c + 2i + j
+    u0, u1, u2, u3 = tl.rand4x(seed, r64[:, None] * NC4 + c4[None, :])
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [r, c, i, j] = u_{2i+j}
+    u = tl.reshape(u, (r64.shape[0], BLOCK_N))  # column 4c + 2i + j
     return u >= dropout_p
 
 
@@ -286,7 +281,7 @@ def _fwd_kernel(
             bias_base, offs_m, cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], HAS_BIAS
         )
         if DROPOUT:
-            keep = _keep(seed, bh * LQ, offs_m, start_n, NC4, dropout_p, BLOCK_P, False)
+            keep = _keep(seed, bh * LQ, offs_m, start_n, NC4, dropout_p, BLOCK_P)
         else:
             keep = 0
         m_i, l_i, acc = _online_block(
@@ -311,7 +306,7 @@ def _fwd_kernel(
             vis = 0
         bias = _load_bias(bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None], HAS_BIAS)
         if DROPOUT:
-            keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
+            keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N)
         else:
             keep = 0
         m_i, l_i, acc = _online_block(
@@ -336,7 +331,7 @@ def _fwd_kernel(
             HAS_BIAS,
         )  # fmt: skip
         if DROPOUT:
-            keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
+            keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N)
         else:
             keep = 0
         m_i, l_i, acc = _online_block(
@@ -429,7 +424,7 @@ def _dkdv_rows(
             p = tl.where(cols[None, :] <= rows[:, None] + (LK - LQ), p, 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * v_scale
         if DROPOUT:  # the forward's mask
-            keep = _keep(seed, rng_base, rows, rng_col0, NC4, dropout_p, BLOCK_N, False)
+            keep = _keep(seed, rng_base, rows, rng_col0, NC4, dropout_p, BLOCK_N)
             pd = tl.where(keep, p * drop_scale, 0.0)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         else:
@@ -867,7 +862,7 @@ def _bwd_dq_kernel(
         p = tl.where(col_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * gv
         if DROPOUT:
-            keep = _keep(seed, row_base, offs_m, start_n, NC4, dropout_p, BLOCK_N, False)
+            keep = _keep(seed, row_base, offs_m, start_n, NC4, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
             pd = tl.where(keep, p * drop_scale, 0.0)
         else:
@@ -906,7 +901,7 @@ def _bwd_dq_kernel(
             p = tl.where((tl.load(KPM + b * smb + cols * smn) != 0)[None, :], p, 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
+            keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
@@ -930,7 +925,7 @@ def _bwd_dq_kernel(
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N, False)
+            keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
@@ -1085,7 +1080,7 @@ def _dropout_mask_kernel(
     col0 = tl.program_id(1) * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     row_base = tl.program_id(2).to(tl.int64) * LQ
-    keep = _keep(tl.load(SEED), row_base, rows, col0, NC4, dropout_p, BLOCK_N, False)
+    keep = _keep(tl.load(SEED), row_base, rows, col0, NC4, dropout_p, BLOCK_N)
     off = (row_base + rows.to(tl.int64))[:, None] * (4 * NC4) + cols[None, :]
     tl.store(OUT + off, keep.to(tl.int8), mask=(rows < LQ)[:, None] & (cols < 4 * NC4)[None, :])
 

@@ -170,17 +170,13 @@ def _prefix_attention_op(
 
 def _in_layout_of(q: Tensor, out: Tensor) -> Tensor:
     """``out`` laid out like ``new_output_like(q)`` (the fake's strides), copied only if not."""
-    if out.stride() == _layout_strides(q):
+    if out.stride() == dense_strides(q):
         return out
     return new_output_like(q).copy_(out)
 
 
-def _layout_strides(q: Tensor) -> tuple[int, ...]:
-    return dense_strides(q)
-
-
 def _fake_in_layout_of(t: Tensor) -> Tensor:
-    return torch.empty_strided(t.shape, _layout_strides(t), dtype=t.dtype, device=t.device)
+    return torch.empty_strided(t.shape, dense_strides(t), dtype=t.dtype, device=t.device)
 
 
 @_prefix_attention_op.register_fake

@@ -50,8 +50,9 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # `kernels/` installs as `unipelt_fast.kernels`: a top-level `kernels` module would
-    # shadow the `kernels` package that transformers looks for.
+    # `kernels/` installs as `unipelt_fast.kernels`, never as a top-level `kernels` (that name is
+    # Hugging Face's distribution, which transformers imports). The folder has no __init__.py,
+    # so a clone on sys.path never shadows it either; see unipelt_fast/_clone_kernels.py.
     packages=[
         "unipelt_fast",
         "unipelt_fast.bench",

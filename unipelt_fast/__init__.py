@@ -10,6 +10,7 @@ UniPELT for Hugging Face models: :func:`apply_unipelt` with a :class:`UniPELTCon
 peft / adapters checkpoints: :func:`from_peft`, :func:`save_peft`, :func:`from_adapters`.
 """
 
+from . import _clone_kernels  # noqa: F401  (binds unipelt_fast.kernels in a clone)
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
 from ._version import __version__
 from .bitfit import bitfit

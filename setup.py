@@ -64,10 +64,14 @@ setup(
         "unipelt_fast.csrc": "csrc",
     },
     package_data={"unipelt_fast.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]},
+    # Floors are the oldest releases something here runs on: torch 2.11 / triton 3.6 /
+    # transformers 5.17 are the GPU machine's (scripts/test.sh's device venv runs the latter
+    # two), transformers 4.57.6 the adapters venv's; CI runs constraints/main.txt's newest.
+    # No ceilings: no release is known broken (UNIPELT_LATEST=1 bash scripts/test.sh checks).
     install_requires=[
-        "torch>=2.6",
-        "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=4.57",
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
+        "transformers>=4.57.6",
         "safetensors>=0.4",
         "numpy",
     ],

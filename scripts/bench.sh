@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh
-uf_venv bench
+uf_venv test,bench constraints/main.txt
 
 exec "$VENV/bin/unipelt-fast" bench "$@"

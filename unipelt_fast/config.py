@@ -82,7 +82,7 @@ def _check_layers(owner: str, v: object) -> tuple[int, ...] | None:
 
 # Where the bottleneck adapter sits (h: the FFN's output, x: the FFN block's input on the
 # residual stream, N: the post-FFN LayerNorm of BERT-like models, identity for pre-LN models).
-# AdapterHub names in brackets; the README has the table.
+# AdapterHub names in brackets; docs/interop.md has the table.
 PLACEMENTS = (
     "block_output",  # N(h + x + a(N(h + x)))  [SeqBn, original_ln_before=True; UniPELT]
     "ffn_output",  # N(h + a(h) + x)  [SeqBn, original_ln_before=False]

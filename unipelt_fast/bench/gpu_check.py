@@ -133,6 +133,7 @@ class Smoke:
     op: str
     label: str
     params: dict = field(hash=False, compare=False)
+    every_dtype: bool = False  # else the first dtype only (bf16 on a GPU): compile time
 
 
 def _pa_params(B, H, Hkv, L, P, D, **flags) -> dict:
@@ -154,37 +155,42 @@ def smoke_cases(tiny: bool) -> list[Smoke]:
         ln_real, ln_odd = (512, 768), (37, 1000)
     B, H, _, L, P, D = real
     pa = [
-        Smoke("prefix_attention", "base", _pa_params(*real)),
+        Smoke("prefix_attention", "base", _pa_params(*real), every_dtype=True),
         Smoke("prefix_attention", "dropout", _pa_params(*real, dropout=0.1)),
         Smoke("prefix_attention", "attn_bias", _pa_params(*real, bias=True)),
         Smoke("prefix_attention", "gqa", _pa_params(B, H, max(1, H // 4), L, P, D)),
         Smoke("prefix_attention", "causal+padding", _pa_params(*real, causal=True, pad=True)),
         Smoke("prefix_attention", "prefix_index", _pa_params(*real, tasks=3)),
     ]
-    all_on = dict(causal=True, pad=True, tasks=3, bias=True)
+    all_on = dict(causal=True, pad=True, tasks=3)
     pa += [
-        Smoke("prefix_attention", "odd all", _pa_params(*odd, **all_on)),
+        Smoke("prefix_attention", "odd causal+padding+index", _pa_params(*odd, **all_on), True),
+        Smoke("prefix_attention", "odd attn_bias", _pa_params(*odd, **all_on, bias=True)),
         Smoke("prefix_attention", "odd dropout", _pa_params(*odd, causal=True, dropout=0.1)),
     ]
 
-    def ga(label, shape, **kw):
+    def ga(label, shape, every=False, **kw):
         B, L, d, r = shape
-        return Smoke("gated_adapter", label, {"B": B, "L": L, "d": d, "r": r, **kw})
+        return Smoke("gated_adapter", label, {"B": B, "L": L, "d": d, "r": r, **kw}, every)
 
     adapters = [
-        ga("gate=token", ga_real, gate="token"),
+        ga("gate=token", ga_real, True, gate="token"),
         ga("gate=mean", ga_real, gate="mean"),
         ga("no gate", ga_real, gate=None),
         ga("adapter_index", ga_real, gate="token", tasks=3),
-        ga("odd mean+adapter_index", ga_odd, gate="mean", tasks=3, activation="gelu"),
+        ga("odd mean+adapter_index", ga_odd, True, gate="mean", tasks=3, activation="gelu"),
     ]
     lin = [
-        Smoke("bias_only_linear", "gelu", dict(zip("MKN", lin_real, strict=True), act="gelu")),
-        Smoke("bias_only_linear", "odd relu", dict(zip("MKN", lin_odd, strict=True), act="relu")),
+        Smoke(
+            "bias_only_linear", "gelu", dict(zip("MKN", lin_real, strict=True), act="gelu"), True
+        ),
+        Smoke(
+            "bias_only_linear", "odd relu", dict(zip("MKN", lin_odd, strict=True), act="relu"), True
+        ),
     ]
     ln = [
-        Smoke("bias_only_layer_norm", "base", dict(zip("MN", ln_real, strict=True))),
-        Smoke("bias_only_layer_norm", "odd", dict(zip("MN", ln_odd, strict=True))),
+        Smoke("bias_only_layer_norm", "base", dict(zip("MN", ln_real, strict=True)), True),
+        Smoke("bias_only_layer_norm", "odd", dict(zip("MN", ln_odd, strict=True)), True),
     ]
     return pa + adapters + lin + ln
 
@@ -306,10 +312,13 @@ def run_smoke(case: Smoke, backend: str, dtype: torch.dtype, device, seed: int) 
     return {"errors": errs, "tol": tol, "worst": worst, "status": "pass" if worst <= 1 else "fail"}
 
 
-def smoke_dtypes() -> tuple[torch.dtype, ...]:
-    if dry():  # bf16 is broken in the Triton interpreter
-        return (torch.float32, torch.float16)
-    return (torch.bfloat16, torch.float16, torch.float32)
+def smoke_dtypes(case: Smoke, i: int, tiny: bool) -> tuple[torch.dtype, ...]:
+    """The dtypes case ``i`` runs in: every one or the first only (``case.every_dtype``);
+    the dry run (bf16 is broken in the Triton interpreter) takes fp32 and fp16 in turn."""
+    if tiny:
+        return ((torch.float32, torch.float16)[i % 2],)
+    dts = (torch.bfloat16, torch.float16, torch.float32)
+    return dts if case.every_dtype else dts[:1]
 
 
 def cuda_ready(device: torch.device, wait_s: float) -> str | None:
@@ -332,14 +341,13 @@ def cuda_ready(device: torch.device, wait_s: float) -> str | None:
 
 def stage_smoke(path: str) -> None:
     device = _device()
-    cases = smoke_cases(tiny=device.type != "cuda")
-    dts = smoke_dtypes()
+    tiny = device.type != "cuda"
+    cases = smoke_cases(tiny)
     wait_s = float(os.environ.get("GPU_CHECK_CUDA_WAIT_S", "60"))
     for backend in ("triton", "cuda"):  # cuda last: its build runs in the background
         skip = cuda_ready(device, wait_s) if backend == "cuda" else None
         for i, case in enumerate(cases):
-            # The dry run (CI time) takes each case in one dtype, the dtypes in turn.
-            for dt in (dts[i % len(dts)],) if dry() else dts:
+            for dt in smoke_dtypes(case, i, tiny):
                 row = {"stage": "A", "op": case.op, "case": case.label, "backend": backend,
                        "dtype": dtype_name(dt), "params": case.params}  # fmt: skip
                 t0 = time.perf_counter()
@@ -752,19 +760,28 @@ def count_variants(arch: int = 90) -> dict[str, int]:
     def record(stage: str, run: Callable[[], None]) -> None:
         launches: list = []
         with resources._recording(launches, arch):
+            # A: UNIPELT_AUTOTUNE=0 (the default config only); B: every candidate
             _autotune.RECORD_ALL = stage == "B"
+            os.environ["UNIPELT_AUTOTUNE"] = "1" if stage == "B" else "0"
             with contextlib.suppress(NotImplementedError):
                 run()
         for _name, fn, a, kw in launches:
             options, sig, consts, attrs = resources._specialise(fn, a, kw, arch)
             job = dict(module=fn.__module__.rsplit(".", 1)[-1], kernel=_name, arch=arch,
                        signature=sig, constexprs=consts, attrs=attrs, options=options)  # fmt: skip
-            keys[stage].add(resources._job_key(job))
+            keys[stage].add((_name, resources._job_key(job)))
 
     cpu = torch.device("cpu")
+    # bias_only_linear's GEMM is the vendor's (no Triton compile); at stage B's size it
+    # would take ~20 s on a CPU, so it only allocates its result here.
+    saved_mm = torch.addmm, torch.matmul
+    torch.addmm = lambda bias, a, b, out=None: (
+        a.new_empty(a.shape[0], b.shape[1]) if out is None else out
+    )
+    torch.matmul = lambda a, b: a.new_empty(*a.shape[:-1], b.shape[-1])
     try:
         for i, case in enumerate(smoke_cases(tiny=False)):
-            for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for dt in smoke_dtypes(case, i, tiny=False):
                 record("A", lambda c=case, d=dt, s=i: run_smoke_launches(c, d, cpu, s))
         for _cid, op, shape, impls in bench_plan(tiny=False):
             if "triton" in impls:
@@ -772,7 +789,12 @@ def count_variants(arch: int = 90) -> dict[str, int]:
     finally:
         _backend.triton_interpret = saved
         _autotune.RECORD_ALL = False
-    return {"A": len(keys["A"]), "B": len(keys["B"]), "A+B": len(keys["A"] | keys["B"])}
+        torch.addmm, torch.matmul = saved_mm
+    both = keys["A"] | keys["B"]
+    per_kernel: dict[str, int] = {}
+    for name, _ in sorted(both):
+        per_kernel[name] = per_kernel.get(name, 0) + 1
+    return {"A": len(keys["A"]), "B": len(keys["B"]), "A+B": len(both), "kernels": per_kernel}
 
 
 def run_smoke_launches(case: Smoke, dtype, device, seed: int) -> None:
@@ -785,7 +807,10 @@ def run_smoke_launches(case: Smoke, dtype, device, seed: int) -> None:
     if tkw.get("dropout_p"):
         from ..kernels.prefix_attention import dropout_keep_mask
 
-        dropout_keep_mask(torch.zeros(1, dtype=torch.long), 1, 1, 16, 16, 16, 0.1)
+        q, k, pk = targs["q"], targs["k"], targs["prefix_k"]
+        B, H, Lq, _ = q.shape
+        seed = torch.zeros(1, dtype=torch.long)
+        dropout_keep_mask(seed, B, H, Lq, pk.shape[-2], k.shape[2], tkw["dropout_p"])
 
 
 def _bench_launches(op: str, shape: Shape) -> None:

@@ -22,7 +22,8 @@ BUDGET=${GPU_CHECK_BUDGET_S:-510}
 PACK_S=${GPU_CHECK_PACK_S:-20}  # the watchdog packs this long before the deadline
 WORK=$(mktemp -d)               # scratch outside OUTDIR: caches, the build, pids
 LOG=$OUTDIR/check.log
-exec > >(tee -a "$LOG") 2>&1
+# tee ignores INT/TERM: a kill of this script must not cut off its own packing's output.
+exec > >(trap '' INT TERM; exec tee -a "$LOG") 2>&1
 GC=("$PY" -m unipelt_fast.bench.gpu_check)
 
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # kernels/ binds from the clone too
@@ -88,7 +89,6 @@ on_signal() {
 trap on_signal INT TERM
 
 # ---- stage 0 -------------------------------------------------------------------------------
-t0=$SECONDS
 extra=()
 if [ "$DRY" != 1 ]; then
   timeout 60 "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e . \
@@ -100,9 +100,8 @@ if [ "$DRY" != 1 ]; then
   command -v nvidia-smi >/dev/null && extra+=(--line "nvidia-smi: $(nvidia-smi \
     --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader)")
 fi
-timeout 60 "${GC[@]}" env "$OUTDIR" "${extra[@]}"
-echo "gpu_check: stage 0 rc=$? seconds=$((SECONDS - t0))"
-cat "$OUTDIR/env.txt"
+stage 0 60 "${GC[@]}" env "$OUTDIR" "${extra[@]}"
+cat "$OUTDIR/env.txt" 2>/dev/null
 
 # ---- stages A, B, C (one JSON line per case, flushed) -------------------------------------
 UNIPELT_AUTOTUNE=0 UNIPELT_NAN_FILL=1 stage A 120 "${GC[@]}" smoke "$OUTDIR"

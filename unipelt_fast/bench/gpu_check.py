@@ -601,13 +601,18 @@ def targets(bench: list[dict], model_rows: list[dict]) -> list[Target]:
                        f"<= {100 * goal:.0f}% of {base}")  # fmt: skip
             v = s.get(key)
             if v is None:
-                t.reason = "model stage did not produce this row" if not s else "a row failed"
+                mode = "train" if "train" in key else "infer"
+                mine = [r for r in model_rows if r.get("op") == name and r.get("pass") == mode]
+                why = [r["reason"] for r in mine if r.get("reason")]
+                t.reason = why[0] if why else "the model stage did not reach this row"
             else:
                 t.value, t.met = f"{100 * v:.0f}%", v <= goal
             out.append(t)
     for t in out:
         if t.met is False and not t.reason:
             t.reason = "not yet analysed"
+        elif t.value == "-" and not t.reason:  # the rows ran, untimed
+            t.reason = "ran without a timing (the Triton interpreter times nothing)"
     return out
 
 

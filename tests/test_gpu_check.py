@@ -213,3 +213,25 @@ def test_readme_table_between_markers(tmp_path):
     with pytest.raises(SystemExit, match="markers"):
         gpu_check.main(["table", str(tmp_path), "--readme", str(readme)])
     assert readme.read_text() == "no markers\n"
+
+
+def test_pack_after_an_interrupted_stage(tmp_path):
+    """summary.md from a stage cut short: its failure listed, the cut stated, stages that
+    never started marked, a stray temp file of a killed writer removed."""
+    fail = {"stage": "A", "op": "gated_adapter", "case": "odd", "backend": "triton",
+            "dtype": "float16", "status": "fail", "errors": {"out": 0.5, "grad_x": 1e-3},
+            "tol": 0.01, "worst": 50.0}  # fmt: skip
+    (tmp_path / "smoke.jsonl").write_text(
+        json.dumps(fail) + "\n" + json.dumps({"stage": "A", "kind": "interrupted"}) + "\n"
+    )
+    (tmp_path / "check.log").write_text("gpu_check: stage A rc=130 seconds=120 cap=120\n")
+    stray = tmp_path / "summary.md.4242.tmp"
+    stray.write_text("half")
+    os.utime(stray, (0, 0))
+    assert gpu_check.pack(str(tmp_path)) == []
+    text = (tmp_path / "summary.md").read_text()
+    assert "| A | rc=130 seconds=120 cap=120 (interrupted: its last cases did not run) |" in text
+    assert "| B | did not run |" in text
+    assert "- gated_adapter [odd] triton float16: out 5.00e-01" in text
+    assert "| gated_adapter | triton | float16 | 0 | 1 | 0 | 0 | 0 |" in text
+    assert not stray.exists()

@@ -90,8 +90,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Temp name in the same folder, fsync, rename: a reader sees the old or the new file."""
-    tmp = f"{path}.tmp"
+    """Temp name in the same folder, fsync, rename: a reader sees the old or the new file.
+    The temp name is per process: the watchdog and the script may pack at the same time."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -645,13 +646,16 @@ def _fmt(x, spec=".3g") -> str:
 def summary_text(outdir: str) -> str:
     p = {k: os.path.join(outdir, v) for k, v in FILES.items()}
     smoke, bench, mrows = (read_jsonl(p[k]) for k in ("A", "B", "C"))
+    interrupted = [r["stage"] for r in smoke + bench + mrows if r.get("kind") == "interrupted"]
+    smoke = [r for r in smoke if "status" in r]
     parts = ["# GPU check summary", ""]
     if os.path.exists(p["env"]):
         parts += ["```", open(p["env"]).read().rstrip(), "```", ""]
     stages = _stage_lines(p["log"])
     parts += ["## Stages", "", "| stage | status |", "|---|---|"]
     for s in ("0", "A", "B", "C", "D"):
-        parts.append(f"| {s} | {stages.get(s, 'did not run')} |")
+        cut = " (interrupted: its last cases did not run)" if s in interrupted else ""
+        parts.append(f"| {s} | {stages.get(s, 'did not run')}{cut} |")
     parts += ["", "## A: smoke (relative error / tolerance, vs float64)", ""]
     counts: dict[tuple, dict[str, int]] = {}
     for r in smoke:
@@ -709,10 +713,11 @@ def pack(outdir: str) -> list[str]:
     """summary.md from what is there; stray temp files go, so at most MAX_FILES stay.
     Returns the problems left (illegal names, too many files)."""
     write_atomic(os.path.join(outdir, FILES["summary"]), summary_text(outdir))
-    for n in os.listdir(outdir):
-        if n.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(outdir, n))
+    for n in os.listdir(outdir):  # left by a writer killed before its rename
+        tmp = os.path.join(outdir, n)
+        with contextlib.suppress(OSError):
+            if n.endswith(".tmp") and time.time() - os.path.getmtime(tmp) > 30:
+                os.remove(tmp)
     names = sorted(os.listdir(outdir))
     problems = [f"illegal name {n!r}" for n in names if not LEGAL_NAME.match(n)]
     if len(names) > MAX_FILES:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from unipelt_fast.bench import gpu_check
+from unipelt_fast.bench.runners import make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -235,3 +236,34 @@ def test_pack_after_an_interrupted_stage(tmp_path):
     assert "- gated_adapter [odd] triton float16: out 5.00e-01" in text
     assert "| gated_adapter | triton | float16 | 0 | 1 | 0 | 0 | 0 |" in text
     assert not stray.exists()
+
+
+# ---- the decode row's cost and peers -----------------------------------------------------------
+
+
+def test_decode_cost_by_hand():
+    import torch
+
+    from unipelt_fast.bench import floors
+    from unipelt_fast.bench.shapes import decode_shape
+
+    c = floors.op_cost("prefix_attention", decode_shape(quick=False), torch.bfloat16)
+    # q and out: 32 heads x 128 x 2 B; K and V: 8 x 8192 x 128 x 2 B; prefix K, V: 8 x 64 x
+    # 128 x 2 B; the gate: 4 B. One query sees 64 + 8192 keys in each of 32 heads.
+    assert c["bytes_fwd"] == 2 * 8192 + 2 * 16_777_216 + 2 * 131_072 + 4
+    assert c["flops_fwd"] == 4 * 32 * 128 * (64 + 8192)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("peer", ["sdpa_preconcat", "concat_mask_sdpa"])
+def test_attention_peers_with_gqa_and_short_queries(peer, causal):
+    """The SDPA peers compute the op itself (eager reference) when Lq < Lk and Hkv < H."""
+    import torch
+
+    from unipelt_fast.bench.shapes import _pa
+
+    shape = _pa(2, 4, 12, 3, 8, causal=causal, Hkv=2, Lq=5)
+    case = make_case("prefix_attention", shape, torch.float64, "cpu")
+    expected = case.runner("eager")()
+    assert expected.shape == (2, 4, 5, 8)
+    torch.testing.assert_close(case.runner(peer)(), expected)

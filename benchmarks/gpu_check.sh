@@ -7,6 +7,7 @@
 #   D  tests.log     pytest -m gpu -x -n 8, prefix_attention first         (what is left)
 #   summary.md from all of them (also written by the watchdog shortly before the deadline)
 # Usage: bash benchmarks/gpu_check.sh [OUTDIR]   (default $OUT; 7 files, legal names)
+# GPU_CHECK_STAGES=A (say) reruns only that stage after stage 0; default ABCD.
 # GPU_CHECK_DRY=1: every stage on CPU under the Triton interpreter, tiny shapes, fp32/fp16,
 # into a temp folder when no OUTDIR is given. Python parts: unipelt_fast/bench/gpu_check.py.
 set -uo pipefail
@@ -21,7 +22,10 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-510}
 PACK_S=${GPU_CHECK_PACK_S:-20}  # the watchdog packs this long before the deadline
 WORK=$(mktemp -d)               # scratch outside OUTDIR: caches, the build, pids
+STAGES=${GPU_CHECK_STAGES:-ABCD}  # e.g. A to rerun the smoke alone (stage 0 always runs)
 LOG=$OUTDIR/check.log
+# A rerun into the same folder starts its files afresh (only the files this script writes).
+rm -f "$OUTDIR"/{env.txt,check.log,smoke.jsonl,bench.jsonl,models.jsonl,tests.log,summary.md}
 # tee ignores INT/TERM: a kill of this script must not cut off its own packing's output.
 exec > >(trap '' INT TERM; exec tee -a "$LOG") 2>&1
 GC=("$PY" -m unipelt_fast.bench.gpu_check)
@@ -39,6 +43,10 @@ left() { echo $((BUDGET - SECONDS)); }
 stage() {
   local name=$1 want=$2 cap t0 rc
   shift 2
+  if [ "$name" != 0 ] && [[ $STAGES != *$name* ]]; then
+    echo "gpu_check: stage $name rc=skipped seconds=0 (not in GPU_CHECK_STAGES=$STAGES)"
+    return
+  fi
   cap=$(($(left) - PACK_S - 5))
   ((want < cap)) && cap=$want
   if ((cap < 5)); then

@@ -102,9 +102,10 @@ if [ "$DRY" != 1 ]; then
   timeout 60 "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e . \
     >"$WORK/pip.log" 2>&1
   extra+=(--line "pip_install_rc: $? (PYTHONPATH=$REPO either way)")
-  # The CUDA extension builds while stages A and B run; A's cuda cases wait for it.
-  (MAX_JOBS=${MAX_JOBS:-8} "$PY" -c "from unipelt_fast import _cuda; _cuda.extension()" \
-    >"$WORK/cuda_build.log" 2>&1; echo $? >"$GPU_CHECK_CUDA_RC") &
+  # The CUDA extension builds while stages A and B run; A's cuda cases wait for it. Its
+  # output goes to a file only, so nothing it leaves running holds this script's output.
+  (MAX_JOBS=${MAX_JOBS:-8} "$PY" -c "from unipelt_fast import _cuda; _cuda.extension()"
+    echo $? >"$GPU_CHECK_CUDA_RC") >"$WORK/cuda_build.log" 2>&1 </dev/null &
   command -v nvidia-smi >/dev/null && extra+=(--line "nvidia-smi: $(nvidia-smi \
     --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader)")
 fi

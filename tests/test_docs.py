@@ -17,7 +17,6 @@ PENDING_DOCS = frozenset(
     {
         "docs/hf.md",
         "docs/ops.md",
-        "docs/gpu-check.md",
         "docs/reliability.md",
         "docs/distributed.md",
         "docs/attention-contract.md",

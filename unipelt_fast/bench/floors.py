@@ -17,9 +17,12 @@ import torch
 from .shapes import Shape
 
 
-def _causal_pairs(L: int, P: int, causal: bool) -> float:
-    """(query, key) pairs that are computed per (batch, head): Lq = Lk = L."""
-    return L * (P + (L + 1) / 2) if causal else L * (P + L)
+def _causal_pairs(Lq: int, Lk: int, P: int, causal: bool) -> float:
+    """(query, key) pairs that are computed per (batch, head); causal is bottom-right
+    aligned (query i sees token keys j <= i + Lk - Lq), Lq <= Lk."""
+    if not causal:
+        return Lq * (P + Lk)
+    return Lq * (P + Lk - Lq) + Lq * (Lq + 1) / 2
 
 
 def op_cost(op: str, shape: Shape, dtype: torch.dtype) -> dict[str, float]:
@@ -29,14 +32,17 @@ def op_cost(op: str, shape: Shape, dtype: torch.dtype) -> dict[str, float]:
     p = shape.params
     if op == "prefix_attention":
         B, H, L, P, D = p["B"], p["H"], p["L"], p["P"], p["D"]
-        tok = B * H * L * D * e  # one of q, k, v, out (H == Hkv)
-        pre = H * P * D * e  # one of prefix_k, prefix_v (shared by the batch)
+        Hkv, Lq = p.get("Hkv", H), p.get("Lq", L)
+        tq = B * H * Lq * D * e  # one of q, out, dout, dq
+        tkv = B * Hkv * L * D * e  # one of k, v, dk, dv
+        pre = Hkv * P * D * e  # one of prefix_k, prefix_v (shared by the batch)
         gate = B * 4
-        fwd = 3 * tok + 2 * pre + gate + tok  # read q k v pk pv gate, write out
-        bwd = (5 * tok + 2 * pre + gate) + (3 * tok + 2 * pre + gate)  # +out,dout read
+        fwd = tq + 2 * tkv + 2 * pre + gate + tq  # read q k v pk pv gate, write out
+        # read q k v out dout pk pv gate; write dq dk dv dpk dpv dgate
+        bwd = (3 * tq + 2 * tkv + 2 * pre + gate) + (tq + 2 * tkv + 2 * pre + gate)
         # Issue 3's count: 4 * pairs * D forward (QK^T and PV), fwd+bwd = 2.5x forward
         # (so the backward alone is 1.5x). Causal counts only the visible pairs.
-        flops_fwd = 4.0 * B * H * D * _causal_pairs(L, P, p["causal"])
+        flops_fwd = 4.0 * B * H * D * _causal_pairs(Lq, L, P, p["causal"])
         flops_bwd = 1.5 * flops_fwd
     elif op in ("gated_adapter", "gated_adapter_mixed"):
         M, d, r = p["B"] * p["L"], p["d"], p["r"]

@@ -461,7 +461,7 @@ def plot(rows: list[dict], outdir: str) -> list[str]:
     return written
 
 
-# ---- combining runs (benchmarks/gpu_suite.sh) ----------------------------------------------
+# ---- results folders ------------------------------------------------------------------------
 
 
 def device_slug(name: str) -> str:
@@ -469,59 +469,3 @@ def device_slug(name: str) -> str:
     "nvidia-h100-80gb-hbm3"."""
     out = "".join(c.lower() if c.isalnum() else "-" for c in name.split(" (")[0])
     return "-".join(p for p in out.split("-") if p) or "unknown"
-
-
-def combine(paths: list[str]) -> dict:
-    """One document from several bench JSONs (the first one's meta; rows, notes, limits and
-    model summaries merged). Missing files are skipped (a phase that timed out early). A
-    row already given by an earlier file (e.g. the eager baseline a compile-only run
-    measures again for its own speedups) is kept once, from the earlier file."""
-    docs = []
-    for p in paths:
-        if os.path.exists(p):
-            with open(p) as f:
-                docs.append(json.load(f))
-    if not docs:
-        raise FileNotFoundError(f"none of {paths} exists")
-    doc = {"meta": dict(docs[0]["meta"]), "limits": {}, "notes": [], "rows": []}
-    doc["summary"] = {"models": {}}
-    doc["meta"]["command"] = " ; ".join(d["meta"]["command"] for d in docs)
-    seen: set[tuple] = set()
-    for d in docs:
-        doc["limits"] = doc["limits"] or d.get("limits") or {}
-        doc["notes"] += [n for n in d.get("notes", []) if n not in doc["notes"]]
-        for r in d["rows"]:
-            key = tuple(r.get(k) for k in ("kind", "op", "shape", "dtype", "impl", "pass"))
-            if key not in seen:
-                seen.add(key)
-                doc["rows"].append(r)
-        doc["summary"]["models"].update((d.get("summary") or {}).get("models", {}))
-    return doc
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="python -m unipelt_fast.bench.report",
-        description="Combine bench JSON files into one markdown table (and plots).",
-    )
-    p.add_argument("jsons", nargs="+", help="JSON files written by unipelt-fast bench --json")
-    p.add_argument("--markdown", required=True, help="where to write the combined table")
-    p.add_argument("--plot", metavar="DIR", help="also (re)draw the PNGs from the rows")
-    p.add_argument("--extra", action="append", default=[], help="a line to append")
-    args = p.parse_args(argv)
-    doc = combine(args.jsons)
-    text = markdown(doc)
-    if args.extra:
-        text += "\n" + "\n".join(args.extra) + "\n"
-    with open(args.markdown, "w") as f:
-        f.write(text)
-    if args.plot:
-        plot(doc["rows"], args.plot)
-    print(device_slug(doc["meta"]["device"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -106,12 +106,13 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) 
 
     if op == "prefix_attention":
         B, H, L, P, D = p["B"], p["H"], p["L"], p["P"], p["D"]
+        Hkv, Lq = p.get("Hkv", H), p.get("Lq", L)  # GQA, a decode step
         t = {
-            "q": rnd(B, H, L, D),
-            "k": rnd(B, H, L, D),
-            "v": rnd(B, H, L, D),
-            "prefix_k": rnd(H, P, D),
-            "prefix_v": rnd(H, P, D),
+            "q": rnd(B, H, Lq, D),
+            "k": rnd(B, Hkv, L, D),
+            "v": rnd(B, Hkv, L, D),
+            "prefix_k": rnd(Hkv, P, D),
+            "prefix_v": rnd(Hkv, P, D),
             "prefix_gate": (torch.rand(B, generator=g, device=device) * 0.8 + 0.1).requires_grad_(
                 True
             ),
@@ -119,7 +120,7 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) 
         kw = {"causal": p["causal"]}
         if p.get("dropout"):
             kw["dropout_p"] = p["dropout"]
-        out_shape = (B, H, L, D)
+        out_shape = (B, H, Lq, D)
     elif op == "gated_adapter":
         B, L, d, r = p["B"], p["L"], p["d"], p["r"]
         t = {
@@ -220,7 +221,7 @@ def _sdpa_preconcat(case: OpCase) -> Callable[[], torch.Tensor]:
     """The lower bound a framework could reach: K/V already hold the gated prefix (built
     once, outside the timed call); one SDPA call. Gradients go to the concatenated K/V."""
     t, p = case.tensors, case.shape.params
-    B, L = p["B"], p["L"]
+    B = p["B"]
     with torch.no_grad():
         g = t["prefix_gate"].to(case.dtype)[:, None, None, None]
         pk = t["prefix_k"].unsqueeze(0).expand(B, -1, -1, -1) * g
@@ -230,11 +231,15 @@ def _sdpa_preconcat(case: OpCase) -> Callable[[], torch.Tensor]:
     q = t["q"]
     case.tensors["_k_cat"], case.tensors["_v_cat"] = kk, vv
     case.leaves += [kk, vv]
-    drop = p.get("dropout", 0.0)
+    kw = _gqa_kw(q, kk) | {"dropout_p": p.get("dropout", 0.0)}
     if p["causal"]:
-        mask = _lower_right_causal(L, kk.shape[2], q.device)
-        return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, dropout_p=drop)
-    return lambda: F.scaled_dot_product_attention(q, kk, vv, dropout_p=drop)
+        kw["attn_mask"] = _lower_right_causal(q.shape[2], kk.shape[2], q.device)
+    return lambda: F.scaled_dot_product_attention(q, kk, vv, **kw)
+
+
+def _gqa_kw(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """SDPA's own GQA (torch >= 2.5) when the key/value heads are fewer than the query's."""
+    return {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
 
 
 def _concat_mask_sdpa(case: OpCase) -> Callable[[], torch.Tensor]:
@@ -242,6 +247,7 @@ def _concat_mask_sdpa(case: OpCase) -> Callable[[], torch.Tensor]:
     onto K/V, build a (P + L)-wide boolean mask, then SDPA with that mask."""
     t, p = case.tensors, case.shape.params
     B, L, P, causal = p["B"], p["L"], p["P"], p["causal"]
+    Lq = p.get("Lq", L)
 
     def run():
         g = t["prefix_gate"].to(case.dtype)[:, None, None, None]
@@ -249,12 +255,12 @@ def _concat_mask_sdpa(case: OpCase) -> Callable[[], torch.Tensor]:
         pv = t["prefix_v"].unsqueeze(0).expand(B, -1, -1, -1) * g
         kk = torch.cat([pk, t["k"]], dim=2)
         vv = torch.cat([pv, t["v"]], dim=2)
-        tok = torch.ones(B, 1, L, L, dtype=torch.bool, device=kk.device)
-        if causal:
-            tok = torch.tril(tok)
-        mask = torch.cat([tok.new_ones(B, 1, L, P), tok], dim=-1)
-        drop = p.get("dropout", 0.0)
-        return F.scaled_dot_product_attention(t["q"], kk, vv, attn_mask=mask, dropout_p=drop)
+        tok = torch.ones(B, 1, Lq, L, dtype=torch.bool, device=kk.device)
+        if causal:  # bottom-right aligned, as the op
+            tok = torch.tril(tok, diagonal=L - Lq)
+        mask = torch.cat([tok.new_ones(B, 1, Lq, P), tok], dim=-1)
+        kw = _gqa_kw(t["q"], kk) | {"dropout_p": p.get("dropout", 0.0)}
+        return F.scaled_dot_product_attention(t["q"], kk, vv, attn_mask=mask, **kw)
 
     return run
 

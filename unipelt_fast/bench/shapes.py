@@ -18,12 +18,24 @@ class Shape:
     params: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def _pa(B, H, L, P, D, causal=False, dropout=0.0) -> Shape:
+def _pa(B, H, L, P, D, causal=False, dropout=0.0, Hkv=None, Lq=None) -> Shape:
+    """L is the token key length; ``Lq`` (default L) the query length and ``Hkv`` (default
+    H) the key/value heads, e.g. one decode step: Lq=1, GQA."""
     tag = ("causal " if causal else "") + (f"dropout={dropout}" if dropout else "")
-    return Shape(
-        f"B={B} H={H} L={L} P={P} D={D} {tag}".strip(),
-        {"B": B, "H": H, "L": L, "P": P, "D": D, "causal": causal, "dropout": dropout},
-    )
+    params = {"B": B, "H": H, "L": L, "P": P, "D": D, "causal": causal, "dropout": dropout}
+    heads, length = f"H={H}", f"L={L}"
+    if Hkv is not None and Hkv != H:
+        params["Hkv"], heads = Hkv, f"H={H} Hkv={Hkv}"
+    if Lq is not None and Lq != L:
+        params["Lq"], length = Lq, f"Lq={Lq} Lk={L}"
+    return Shape(f"B={B} {heads} {length} P={P} D={D} {tag}".strip(), params)
+
+
+def decode_shape(quick: bool) -> Shape:
+    """One decode step as ``generate()`` runs it: one query against a long KV cache (GQA)."""
+    if quick:
+        return _pa(1, 4, 64, 8, 32, Hkv=2, Lq=1)
+    return _pa(1, 32, 8192, 64, 128, Hkv=8, Lq=1)
 
 
 def _ga(B, L, d, r, gate="token") -> Shape:

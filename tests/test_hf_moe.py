@@ -85,7 +85,16 @@ CASES = [
     ("qwen3_moe", "attn_and_ffn_output"),
     ("gemma2", "ffn_output"),
     ("olmo2", "attn_and_ffn_output"),
+    ("gemma3_text", "ffn_output"),
     ("qwen3", "block_output"),
+    # the other pre-LN decoders, one placement each (support table: tests/support_matrix.py)
+    ("mistral", "ffn_parallel"),
+    ("qwen2", "block_output"),
+    ("gemma", "block_output"),
+    ("olmo", "ffn_parallel"),
+    ("granite", "block_output"),  # residual_multiplier 1.0 (other values: refused below)
+    ("stablelm", "block_output"),
+    ("smollm3", "ffn_parallel"),
 ]
 
 

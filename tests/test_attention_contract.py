@@ -157,7 +157,7 @@ def test_unknown_argument_refused_and_off_values_accepted():
         attention._check_attention_kwargs(mod, key, {"s_aux": torch.zeros(4)}, prefix=False)
 
 
-def _hf_cache_reference(m, b):
+def _hf_cache_reference(m, b, **kw):
     """The same model on HF's sdpa attention with the gated prefix fed as past key values,
     positions given explicitly so that the prefix takes none (as tests/test_hf_models.py's
     reference, for families outside tests/hf_tiny.py)."""
@@ -191,6 +191,7 @@ def _hf_cache_reference(m, b):
             attention_mask=torch.cat([torch.ones(Bn, P, dtype=am.dtype), am], 1),
             past_key_values=cache,
             position_ids=torch.arange(Ln).expand(Bn, Ln),
+            **kw,
         ).logits
     finally:
         m.config._attn_implementation = attention.ATTN_NAME
@@ -220,3 +221,21 @@ def test_prefix_equals_hf_cache_reference(kind):
         m.config._attn_implementation = "sdpa"
         plain = m(**b).logits
     assert (plain - got)[real].abs().max() > 1e-3
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="is_causal override: transformers 5"
+)
+def test_is_causal_override_is_implemented():
+    """transformers 5's ``is_causal=False`` (a decoder used bidirectionally) reaches the
+    attention function with a padding mask: the prefix path must attend both ways too."""
+    m = up.apply_unipelt(tiny("qwen3"), PREFIX, backend="eager")
+    perturb(m)
+    b = tiny_batch("qwen3")
+    with torch.no_grad():
+        got = m(**b, is_causal=False).logits
+        causal = m(**b).logits
+        want = _hf_cache_reference(m, b, is_causal=False)
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    assert (got - causal)[real].abs().max() > 1e-3

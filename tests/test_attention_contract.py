@@ -126,7 +126,8 @@ def test_on_features_refused_before_any_launch(kind, config, feature, names, mon
         model = transformers.MistralForCausalLM(cfg).eval()
     else:
         model = tiny(kind, **config)
-    m = up.apply_unipelt(model, up.UniPELTConfig(), backend="eager")
+    cfg = up.UniPELTConfig(adapter=up.AdapterConfig(placement="ffn_output"))  # all methods
+    m = up.apply_unipelt(model, cfg, backend="eager")
     with pytest.raises(NotImplementedError) as e:
         m(**tiny_batch("llama"))
     msg = str(e.value)

@@ -77,10 +77,8 @@ def _loss(model, b):
 CASES = [
     ("gpt_oss", "block_output"),
     ("gpt_oss", "ffn_output"),
-    ("gpt_oss", "ffn_parallel"),
     ("gpt_oss", "attn_and_ffn_output"),
     ("mixtral", "block_output"),
-    ("mixtral", "ffn_output"),
     ("qwen3_moe", "ffn_parallel"),
     ("qwen3_moe", "attn_and_ffn_output"),
     ("gemma2", "ffn_output"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -20,6 +21,146 @@ def _fallback_attention():
     return ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
+# ---- The attention contract (docs/attention-contract.md) -----------------------------------
+# Every keyword argument transformers passes the attention function is implemented, refused
+# when it is on, or listed here as unable to change the result. Anything else is refused:
+# an argument this package has never seen might change the attention (a soft cap, sinks),
+# and dropping it would give silently different answers.
+
+# Implemented by unipelt_attention (and by sdpa on the fallback path).
+IMPLEMENTED_KWARGS: frozenset[str] = frozenset(
+    {
+        "dropout",  # attention-probability dropout (dropout_p; 0 outside training)
+        "scaling",  # softmax_scale (None: 1/sqrt(head_dim))
+        "is_causal",  # transformers 5's causality override; 4.x GPT-2's sdpa dispatch hint
+        "position_bias",  # T5's relative-position bias (attn_bias; prefix keys get 0)
+    }
+)
+
+# Accepted when off (None, False, or as documented per entry); refused when on, naming the
+# feature and what to do. name -> (feature, what to do).
+REFUSED_WHEN_ON: dict[str, tuple[str, str]] = {
+    "softcap": (
+        "attention logit soft-capping (Gemma 2's config.attn_logit_softcapping, T5Gemma, "
+        "VaultGemma)",
+        "the prefix kernels do not implement cap * tanh(s / cap) yet; train this model "
+        "without the prefix (UniPELTConfig(prefix=None)), or set "
+        "config.attn_logit_softcapping = None (that changes the model)",
+    ),
+    "s_aux": (
+        "attention sinks (gpt-oss's per-head sink logits)",
+        "the prefix kernels do not implement sinks yet; train this model without the prefix "
+        "(UniPELTConfig(prefix=None)): LoRA, adapters and BitFit do not touch attention",
+    ),
+    "sinks": (
+        "attention sinks (per-head sink logits)",
+        "the prefix kernels do not implement sinks yet; train without the prefix "
+        "(UniPELTConfig(prefix=None))",
+    ),
+    "sliding_window": (
+        "sliding-window attention with a window shorter than the keys (Mistral, Mixtral, "
+        "Qwen2/Qwen3 with use_sliding_window, the local layers of Gemma 2/3, gpt-oss)",
+        "the prefix kernels do not implement sliding windows yet; keep every sequence (cache "
+        "included) within the window, or train without the prefix (UniPELTConfig(prefix=None))",
+    ),
+    "output_attentions": (
+        "output_attentions=True (attention probabilities as an output)",
+        "the prefix kernels never materialize the probabilities; call the model without "
+        "output_attentions",
+    ),
+    "head_mask": (
+        "a head mask (transformers 4.x head_mask)",
+        "scale the heads' outputs yourself, or run without the prefix",
+    ),
+    "cu_seq_lens_q": (
+        "packed (padding-free) sequences (cu_seq_lens_q, from DataCollatorWithFlattening)",
+        "use padded batches with an attention_mask",
+    ),
+    "cu_seq_lens_k": (
+        "packed (padding-free) sequences (cu_seq_lens_k)",
+        "use padded batches with an attention_mask",
+    ),
+    "max_length_q": (
+        "packed (padding-free) sequences (max_length_q)",
+        "use padded batches with an attention_mask",
+    ),
+    "max_length_k": (
+        "packed (padding-free) sequences (max_length_k)",
+        "use padded batches with an attention_mask",
+    ),
+    "seq_idx": (
+        "packed (padding-free) sequences (seq_idx)",
+        "use padded batches with an attention_mask",
+    ),
+}
+
+# Arguments that cannot change the attention result, each with the reason.
+IGNORED_KWARGS: dict[str, str] = {
+    "position_ids": "positions are already in q and k (rotary/absolute) when the attention "
+    "function runs; packed sequences they imply arrive as the 4-D mask, which is checked",
+    "cache_position": "the cache is already updated: key/value arrive with every cached "
+    "position, and the mask says which are real",
+    "use_cache": "the cache is already updated before the attention function runs",
+    "past_key_values": "the cache is already updated before the attention function runs",
+    "past_key_value": "the cache is already updated before the attention function runs",
+    "output_hidden_states": "read by the model's output capture, not by attention",
+    "output_router_logits": "MoE router outputs, read by the model, not by attention",
+    "num_items_in_batch": "the loss's normalization, read by the loss, not by attention",
+    "encoder_hidden_states": "BERT-like self-attention passes its (unused) cross-attention "
+    "input; keys and values arrive already projected",
+}
+
+
+def _kwarg_is_off(name: str, value, key: torch.Tensor) -> bool:
+    """Is this REFUSED_WHEN_ON argument off (it cannot change the result)?"""
+    if value is None or value is False:
+        return True
+    if name == "sliding_window":  # HF: query i sees key j iff i - j < window (bottom-right)
+        return isinstance(value, int) and value >= key.shape[-2]
+    return False
+
+
+def _check_attention_kwargs(
+    module: nn.Module, key: torch.Tensor, kwargs: dict, prefix: bool = True
+) -> None:
+    """Refuse, before any launch, every argument this function would otherwise drop.
+
+    ``prefix`` False: the sdpa fallback (a module without a prefix), whose mask already
+    carries a sliding window."""
+    for name, value in kwargs.items():
+        if name in IMPLEMENTED_KWARGS or name in IGNORED_KWARGS:
+            continue
+        where = f"{type(module).__name__} (model_type {_model_type(module)!r})"
+        if name in REFUSED_WHEN_ON:
+            if _kwarg_is_off(name, value, key) or (name == "sliding_window" and not prefix):
+                continue
+            feature, todo = REFUSED_WHEN_ON[name]
+            shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
+            extra = f" (window {value} < {key.shape[-2]} keys)" if name == "sliding_window" else ""
+            raise NotImplementedError(
+                f"unipelt attention: {where} passes {name}={shown}{extra}: {feature} is not "
+                f"supported by the unipelt attention; {todo}. See docs/attention-contract.md"
+            )
+        raise NotImplementedError(
+            f"unipelt attention: {where} passes {name!r}, an argument the unipelt attention "
+            "does not know; it might change the attention result, so it is refused rather "
+            "than dropped. Use a transformers version this package supports, or train without "
+            "the prefix (UniPELTConfig(prefix=None)); to support it, see "
+            "docs/attention-contract.md"
+        )
+
+
+def _model_type(module: nn.Module) -> str | None:
+    return getattr(getattr(module, "config", None), "model_type", None)
+
+
+@functools.cache
+def _tf_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def unipelt_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -35,12 +176,18 @@ def unipelt_attention(
     root = module.__dict__.get("_unipelt_root")
     layer = module.__dict__.get("_unipelt_layer")
     if root is None or layer is None or root.prefix is None:
+        _check_attention_kwargs(module, key, kwargs, prefix=False)
         return _fallback_attention()(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    _check_attention_kwargs(module, key, kwargs)
     causal = bool(getattr(module, "is_causal", False))
-    if attention_mask is None and kwargs.get("is_causal") is not None:
-        causal = bool(kwargs["is_causal"])
+    is_causal = kwargs.get("is_causal")
+    # Without a mask is_causal decides (as in sdpa). With one, transformers 5 passes it only
+    # as the caller's causality override (its mask follows it too); 4.x GPT-2 passes False
+    # with every mask as an sdpa dispatch hint, and the mask decides (hf.masks converts it).
+    if is_causal is not None and (attention_mask is None or _tf_major() >= 5):
+        causal = bool(is_causal)
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     position_bias = kwargs.get("position_bias")  # T5: (1 or B, H, Lq, Lk), no mask in it
     keys_of = module.__dict__.get("_unipelt_keys", "enc")  # whose 2-D mask covers the keys

@@ -87,7 +87,27 @@ def _lora_targets(attn: nn.Module, family: str, roles, dims) -> list:
 
 
 def _ffn_norm(block: nn.Module) -> nn.Module | None:
-    """A pre-LN block's norm before the FFN (its input is the residual stream)."""
+    """A pre-LN block's norm before the FFN (its input is the residual stream).
+
+    Blocks that add something other than the FFN's output to the residual stream are refused
+    (the placements' formulas, hf/placements.py, would silently not hold): a norm on the FFN
+    output (Gemma 2/3's sandwich norms, OLMo2's post-norms, where post_attention_layernorm
+    normalizes the attention output, not the residual) or a residual multiplier (Granite)."""
+    placements = "adapter placements 'block_output' and 'ffn_parallel'"
+    todo = "use AdapterConfig(placement='ffn_output') or 'attn_and_ffn_output'"
+    if isinstance(getattr(block, "post_feedforward_layernorm", None), nn.Module):
+        raise NotImplementedError(
+            f"apply_unipelt: {placements} on {type(block).__name__}: the block normalizes its "
+            "FFN output (post_feedforward_layernorm) before adding it to the residual stream, "
+            f"so the placement's formula does not hold there; {todo}"
+        )
+    mult = getattr(getattr(block, "config", None), "residual_multiplier", 1.0)
+    if getattr(block, "residual_multiplier", mult) != 1.0:
+        raise NotImplementedError(
+            f"apply_unipelt: {placements} on {type(block).__name__}: the block scales its FFN "
+            f"output by residual_multiplier={getattr(block, 'residual_multiplier', mult)} "
+            f"before adding it to the residual stream; {todo}"
+        )
     for name in ("ln_2", "post_attention_layernorm"):
         if isinstance(getattr(block, name, None), nn.Module):
             return getattr(block, name)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .. import _tasks
-from .wrappers import AdapterWrapper
+from .wrappers import AdapterWrapper, hidden_of
 
 
 def _run_adapters(wrapper: nn.Module, a_in: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class PreLNMLPWrapper(nn.Module):
         self.inner, self.adapters, self.placement = inner, adapters, placement
 
     def forward(self, *args, **kwargs):
-        h = self.inner(*args, **kwargs)
+        h, rebuild = hidden_of(self.inner(*args, **kwargs))  # MoE: (h, router output)
         x = self.__dict__.get("_unipelt_residual")
         if x is None or x.shape != h.shape:
             raise RuntimeError(
@@ -73,7 +73,7 @@ class PreLNMLPWrapper(nn.Module):
             )
         self.__dict__["_unipelt_residual"] = None
         a_in = x + h if self.placement == "block_output" else x
-        return _run_adapters(self, a_in, h)  # the block adds x
+        return rebuild(_run_adapters(self, a_in, h))  # the block adds x
 
 
 def _recorded_residual(wrapper: nn.Module, placement: str, like: torch.Tensor) -> torch.Tensor:

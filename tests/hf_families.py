@@ -1,0 +1,81 @@
+"""Tiny random models (hidden 32, 2 layers, vocab 64) of every transformers family the
+attention contract and the support table cover, built from configs (no downloads).
+
+Families already in tests/hf_tiny.py and tests/test_hf_encdec.py come from there, so one
+family is the same tiny model in every test."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+from tests.hf_tiny import tiny_model
+
+VOCAB = 64
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+_DEC = dict(num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+_MOE = dict(num_experts_per_tok=2)
+
+# model_type -> (config class, model class, extra config). Decoders with q/k/v/o_proj.
+_DECODERS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=8)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=8)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, **_MOE)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=16, head_dim=8, **_MOE),
+    ),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=8, num_local_experts=4, **_MOE)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+_HF_TINY = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
+_ENCDEC = ("bart", "t5")
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", *_DECODERS)
+ALL = (*_HF_TINY, *_DECODERS, *_ENCDEC)
+
+
+def tiny(kind: str, seed: int = 0, **config):
+    """A fresh tiny ``kind`` model in eval mode; ``config`` overrides config fields (only for
+    the families defined here)."""
+    if kind in _HF_TINY and not config:
+        return tiny_model(kind, seed)
+    if kind in _ENCDEC and not config:
+        from tests.test_hf_encdec import tiny_bart
+
+        return tiny_bart(seed, kind)
+    if kind not in _DECODERS:
+        raise ValueError(f"no tiny {kind} with config overrides")
+    cfg_cls, model_cls, extra = _DECODERS[kind]
+    torch.manual_seed(seed)
+    cfg = getattr(tf, cfg_cls)(**{**_COMMON, **_DEC, **extra, **config})
+    return getattr(tf, model_cls)(cfg).eval()
+
+
+def tiny_batch(kind: str, seed: int = 1, n: int = 3, length: int = 8) -> dict:
+    """input_ids/attention_mask, example 0 left-padded (decoders) or right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    am = torch.ones(n, length, dtype=torch.long)
+    if kind in DECODERS:
+        am[0, :3] = 0
+    else:
+        am[0, 5:] = 0
+    out = {"input_ids": ids, "attention_mask": am}
+    if kind in _ENCDEC:
+        out["decoder_input_ids"] = torch.randint(3, VOCAB, (n, 5), generator=g)
+    return out

@@ -1,0 +1,246 @@
+"""The attention contract (docs/attention-contract.md): every keyword argument transformers
+passes the "unipelt" attention function is implemented, refused when on, or allowlisted
+with a reason. Never dropped.
+
+The recording test runs every family this package accepts (tiny random configs, a padded
+forward and a cached generate()) and fails on any argument that is in none of the three
+lists, so a transformers release that adds one is caught here, not by a user's silently
+different logits."""
+
+import sys
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+from transformers.modeling_utils import AttentionInterface
+
+import unipelt_fast as up
+from tests.hf_families import ALL, DECODERS, tiny, tiny_batch
+from tests.hf_tiny import perturb
+from unipelt_fast.hf import attention
+
+KNOWN = (
+    attention.IMPLEMENTED_KWARGS | set(attention.REFUSED_WHEN_ON) | set(attention.IGNORED_KWARGS)
+)
+# Families apply_unipelt accepts whose attention passes an argument that is on and not
+# implemented: the prefix is refused at the first forward, naming the feature.
+REFUSED = {"gemma2": "soft-capping", "gpt_oss": "sinks"}
+NOT_ACCEPTED = ("phi3",)  # fused qkv_proj: refused by apply_unipelt itself
+ACCEPTED = tuple(k for k in ALL if k not in NOT_ACCEPTED)
+PREFIX = up.UniPELTConfig(adapter=False, lora=False, bitfit=False, gate_mode="masked_mean")
+
+
+def _recorder(monkeypatch) -> tuple[list[set], list[str]]:
+    """Route the registered "unipelt" attention through a recorder of its keyword names.
+    Where unipelt_attention refuses (a family in REFUSED), the call goes on in the model's
+    own eager attention, so that every later call's arguments are recorded too."""
+    seen: list[set] = []
+    refusals: list[str] = []
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        seen.append(set(kwargs))
+        try:
+            return attention.unipelt_attention(module, query, key, value, attention_mask, **kwargs)
+        except NotImplementedError as e:
+            refusals.append(str(e))
+            module.__dict__.pop("_unipelt_gate", None)
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            return eager(module, query, key, value, attention_mask, **kwargs)
+
+    up.hf.attention._register()
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.ATTN_NAME, record)
+    return seen, refusals
+
+
+def test_the_three_lists_are_disjoint_and_every_entry_has_a_reason():
+    imp, ref, ign = (
+        attention.IMPLEMENTED_KWARGS,
+        set(attention.REFUSED_WHEN_ON),
+        set(attention.IGNORED_KWARGS),
+    )
+    assert not (imp & ref) and not (imp & ign) and not (ref & ign)
+    assert all(len(reason) > 30 for reason in attention.IGNORED_KWARGS.values())
+    assert all(len(f) > 10 and len(todo) > 10 for f, todo in attention.REFUSED_WHEN_ON.values())
+
+
+@pytest.mark.parametrize("kind", ACCEPTED)
+def test_every_argument_is_implemented_refused_or_allowlisted(kind, monkeypatch):
+    seen, refusals = _recorder(monkeypatch)
+    m = up.apply_unipelt(tiny(kind), PREFIX, backend="eager")
+    b = tiny_batch(kind)
+    m.train()  # the training-time arguments (dropout) too
+    m(**b)
+    m.eval()
+    if kind in DECODERS:  # the cached decoding steps' arguments
+        with torch.no_grad():
+            m.generate(**b, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    if kind in REFUSED:
+        assert refusals and all(REFUSED[kind] in r for r in refusals), refusals[:1]
+    else:
+        assert not refusals, refusals[:1]
+    names = set().union(*seen)
+    assert seen and "scaling" in names and "dropout" in names  # the recorder saw the calls
+    unknown = names - KNOWN
+    assert not unknown, (
+        f"transformers {transformers.__version__} passes {sorted(unknown)} to the attention "
+        f"function for {kind}: implement each, add it to REFUSED_WHEN_ON, or (only if it cannot "
+        "change the result) to IGNORED_KWARGS with the reason; see docs/attention-contract.md"
+    )
+
+
+def test_not_accepted_families_are_refused_up_front():
+    for kind in NOT_ACCEPTED:
+        with pytest.raises(NotImplementedError, match="found 0 attention"):
+            up.apply_unipelt(tiny(kind), PREFIX, backend="eager")
+
+
+def _no_launch(monkeypatch) -> list:
+    launches: list = []
+
+    def prefix_attention(*args, **kwargs):
+        launches.append(1)
+        raise AssertionError("prefix_attention launched")
+
+    monkeypatch.setattr(attention.ops, "prefix_attention", prefix_attention)
+    return launches
+
+
+@pytest.mark.parametrize(
+    "kind,config,feature,names",
+    [
+        ("gemma2", {}, "soft-capping", ("softcap=50.0", "attn_logit_softcapping")),
+        ("gpt_oss", {}, "sinks", ("s_aux",)),
+        ("mistral", {"sliding_window": 4}, "sliding-window", ("sliding_window=4", "< 8 keys")),
+        ("gemma3_text", {"sliding_window": 4}, "sliding-window", ("sliding_window=4",)),
+    ],
+)
+def test_on_features_refused_before_any_launch(kind, config, feature, names, monkeypatch):
+    launches = _no_launch(monkeypatch)
+    if kind == "mistral":  # hf_tiny's Mistral has no config overrides: build it here
+        torch.manual_seed(0)
+        cfg = transformers.MistralConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, num_key_value_heads=2, max_position_embeddings=64, **config,
+        )  # fmt: skip
+        model = transformers.MistralForCausalLM(cfg).eval()
+    else:
+        model = tiny(kind, **config)
+    cfg = up.UniPELTConfig(adapter=up.AdapterConfig(placement="ffn_output"))  # all methods
+    m = up.apply_unipelt(model, cfg, backend="eager")
+    with pytest.raises(NotImplementedError) as e:
+        m(**tiny_batch("llama"))
+    msg = str(e.value)
+    assert feature in msg and "prefix=None" in msg and all(n in msg for n in names), msg
+    assert not launches
+
+
+def test_unknown_argument_refused_and_off_values_accepted():
+    mod = tiny("llama").model.layers[0].self_attn
+    key = torch.zeros(1, 2, 8, 8)
+    with pytest.raises(NotImplementedError, match="'brand_new_flag'.*does not know"):
+        attention._check_attention_kwargs(mod, key, {"brand_new_flag": None})
+    off = {
+        "softcap": None,
+        "s_aux": None,
+        "sliding_window": 8,  # == the number of keys: no key is outside the window
+        "output_attentions": False,
+        "head_mask": None,
+        "cu_seq_lens_q": None,
+        "position_ids": torch.arange(8)[None],
+        "use_cache": True,
+        "is_causal": True,
+    }
+    attention._check_attention_kwargs(mod, key, off)
+    with pytest.raises(NotImplementedError, match="window 7 < 8 keys"):
+        attention._check_attention_kwargs(mod, key, {"sliding_window": 7})
+    # the sdpa fallback (no prefix on this module): the mask carries the window
+    attention._check_attention_kwargs(mod, key, {"sliding_window": 7}, prefix=False)
+    with pytest.raises(NotImplementedError, match="output_attentions=True"):
+        attention._check_attention_kwargs(mod, key, {"output_attentions": True})
+    with pytest.raises(NotImplementedError, match="sinks"):  # on the fallback path too
+        attention._check_attention_kwargs(mod, key, {"s_aux": torch.zeros(4)}, prefix=False)
+
+
+def _hf_cache_reference(m, b, **kw):
+    """The same model on HF's sdpa attention with the gated prefix fed as past key values,
+    positions given explicitly so that the prefix takes none (as tests/test_hf_models.py's
+    reference, for families outside tests/hf_tiny.py)."""
+    am = b["attention_mask"]
+    Bn, Ln = am.shape
+    root = m.unipelt
+    P = root.prefix.prefix_len
+    attns = [mod for mod in m.modules() if "_unipelt_layer" in mod.__dict__]
+    cache = DynamicCache()
+    for i, (pk, pv) in enumerate(root.prefix()):
+        cache.update(pk.expand(Bn, -1, -1, -1).clone(), pv.expand(Bn, -1, -1, -1).clone(), i)
+
+    def gate_hook(i):
+        def hook(mod, args, kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            g = root.prefix_gates[i][0](h, am.bool())[:, None, None, None]
+            lay = cache.layers[i]
+            lay.keys = torch.cat([lay.keys[:, :, :P] * g, lay.keys[:, :, P:]], 2)
+            lay.values = torch.cat([lay.values[:, :, :P] * g, lay.values[:, :, P:]], 2)
+
+        return hook
+
+    hooks = [
+        a.register_forward_pre_hook(gate_hook(i), with_kwargs=True, prepend=True)
+        for i, a in enumerate(attns)
+    ]
+    m.config._attn_implementation = "sdpa"
+    try:
+        return m(
+            input_ids=b["input_ids"],
+            attention_mask=torch.cat([torch.ones(Bn, P, dtype=am.dtype), am], 1),
+            past_key_values=cache,
+            position_ids=torch.arange(Ln).expand(Bn, Ln),
+            **kw,
+        ).logits
+    finally:
+        m.config._attn_implementation = attention.ATTN_NAME
+        for h in hooks:
+            h.remove()
+
+
+# Decoders outside tests/hf_tiny.py whose prefix path is exact (Gemma 2: soft-capping off).
+PREFIX_EXACT = (
+    "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm",
+    "smollm3", "mixtral", "qwen3_moe",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", PREFIX_EXACT)
+def test_prefix_equals_hf_cache_reference(kind):
+    model = tiny(kind, attn_logit_softcapping=None) if kind == "gemma2" else tiny(kind)
+    m = up.apply_unipelt(model, PREFIX, backend="eager")
+    perturb(m)
+    b = tiny_batch(kind)
+    with torch.no_grad():
+        got = m(**b).logits
+        want = _hf_cache_reference(m, b)
+    real = b["attention_mask"].bool()  # padded positions differ by design (HF unmasks them)
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the prefix matters
+        m.config._attn_implementation = "sdpa"
+        plain = m(**b).logits
+    assert (plain - got)[real].abs().max() > 1e-3
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="is_causal override: transformers 5"
+)
+def test_is_causal_override_is_implemented():
+    """transformers 5's ``is_causal=False`` (a decoder used bidirectionally) reaches the
+    attention function with a padding mask: the prefix path must attend both ways too."""
+    m = up.apply_unipelt(tiny("qwen3"), PREFIX, backend="eager")
+    perturb(m)
+    b = tiny_batch("qwen3")
+    with torch.no_grad():
+        got = m(**b, is_causal=False).logits
+        causal = m(**b).logits
+        want = _hf_cache_reference(m, b, is_causal=False)
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    assert (got - causal)[real].abs().max() > 1e-3

@@ -19,7 +19,6 @@ PENDING_DOCS = frozenset(
         "docs/ops.md",
         "docs/reliability.md",
         "docs/distributed.md",
-        "docs/attention-contract.md",
     }
 )
 

@@ -122,3 +122,10 @@ def test_every_oracle_is_explained_in_the_docs():
     doc = (Path(__file__).parents[1] / "docs" / "attention-contract.md").read_text()
     for o in oracles:
         assert f"exact ({o})" in doc, o
+
+
+def test_readme_carries_the_current_table():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert support_table.main([str(readme), "--check"]) == 0, (
+        "README.md's support table is stale: run `python scripts/support_table.py README.md`"
+    )

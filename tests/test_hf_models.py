@@ -57,7 +57,7 @@ def test_prefix_equals_hf_cache_reference(kind):
         want = _logits(m, b)
         root = m.unipelt
         P = root.prefix.prefix_len
-        attns = [mod for mod in m.modules() if "_unipelt_layer" in mod.__dict__]
+        attns = [mod for mod in m.modules() if "unipelt_site" in mod.__dict__]
         assert len(attns) == 2
         cache = DynamicCache()
         for i, (pk, pv) in enumerate(root.prefix()):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn as nn
@@ -27,15 +27,14 @@ from .families import (
     _linear_dims,
     _lora_targets,
 )
-from .hooks import _attn_pre_hook, _encoder_pre_hook, _model_pre_hook
+from .hooks import encoder_pre_hook, model_pre_hook, prefix_gate_pre_hook, residual_pre_hook
 from .placements import (
     PostLNNormWrapper,
     PostLNOutputWrapper,
     PreLNMLPWrapper,
     SublayerOutputAdapters,
-    _residual_pre_hook,
 )
-from .root import UniPELTRoot
+from .root import SITE_ATTR, UniPELTRoot
 from .wrappers import AdapterWrapper
 
 _MISSING = object()
@@ -59,6 +58,9 @@ class _Snapshot:
         self.added: list[tuple[nn.Module, str]] = []  # (module, name) of new children
 
     def restore(self) -> None:
+        root = self.model._modules.get("unipelt")
+        if isinstance(root, UniPELTRoot):  # also when this snapshot's caller did not apply
+            root.remove_hooks()
         for h in self.handles:
             h.remove()
         for parent, name, child in self.children:
@@ -70,8 +72,11 @@ class _Snapshot:
                 m.__dict__.pop(k, None)
             else:
                 m.__dict__[k] = old
-        for m in self.model.modules():
-            m.__dict__.pop("_unipelt_gate", None)
+        for m in self.model.modules():  # the tags of an apply this snapshot did not see
+            m.__dict__.pop(SITE_ATTR, None)
+            fwd = m.__dict__.get("forward")
+            if isinstance(fwd, functools.partial) and fwd.func is _legacy_bert_forward:
+                del m.__dict__["forward"]
         if "unipelt" in self.model._modules:
             del self.model._modules["unipelt"]
         for p, rg in self.grad:
@@ -238,7 +243,7 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                     gate_replaces_scaling=cfg.lora.gate_replaces_scaling,
                     backend=backend,
                 )
-                _tag(w, snap, _unipelt_root=root)
+                w.site = root.site(i)
                 setattr(parent, attr, w)
                 new_modules.append(w.units)
 
@@ -264,8 +269,8 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
 
         def wrap(parent: nn.Module, attr: str, cls, *extra, stack: str | None = None):
             adapters = make()
-            w = cls(getattr(parent, attr), adapters, *extra)
-            _tag(w, snap, _unipelt_root=root, _unipelt_stack=stack)  # stack: the gate's mask
+            site = root.site(len(root.sites), stack)  # stack: the gate's mask
+            w = cls(getattr(parent, attr), adapters, *extra, site=site)
             setattr(parent, attr, w)
             new_modules.append(adapters)
             return w
@@ -273,15 +278,14 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
         def hooked(module: nn.Module, x_from: nn.Module | None, stack: str) -> None:
             """Adapters on ``module``'s output by a forward hook (encoder-decoder layers)."""
             adapters = make()
-            h = SublayerOutputAdapters(adapters, ac.placement, x_is_input=x_from is None)
-            _tag(h, snap, _unipelt_root=root, _unipelt_stack=stack)
+            site = root.site(len(root.sites), stack)
+            h = SublayerOutputAdapters(adapters, ac.placement, x_from is None, site=site)
             snap.added.append((module, "unipelt_adapters"))
             module.add_module("unipelt_adapters", h)
             snap.handles.append(module.register_forward_hook(h.hook, with_kwargs=True))
             if x_from is not None and ac.placement == "ffn_parallel":
-                snap.handles.append(
-                    x_from.register_forward_pre_hook(_residual_pre_hook(h), with_kwargs=True)
-                )
+                hook = functools.partial(residual_pre_hook, site)
+                snap.handles.append(x_from.register_forward_pre_hook(hook, with_kwargs=True))
             new_modules.append(adapters)
 
         seq = ac.placement in ("ffn_output", "attn_and_ffn_output")
@@ -302,11 +306,9 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
             elif stack is not None and encdec.ffn_is_post_ln(dims["model_type"]):
                 w = wrap(parent, "final_layer_norm", PostLNNormWrapper, ac.placement, stack=stack)
                 if ac.placement == "ffn_parallel":
-                    snap.handles.append(
-                        parent.fc1.register_forward_pre_hook(
-                            _residual_pre_hook(w), with_kwargs=True
-                        )
-                    )
+                    hook = functools.partial(residual_pre_hook, w.site)
+                    fc1 = parent.fc1
+                    snap.handles.append(fc1.register_forward_pre_hook(hook, with_kwargs=True))
             elif stack is not None:  # T5LayerFF (x is its input) or a pre-LN BART layer
                 t5 = attr == "DenseReluDense"
                 hooked(parent, None if t5 else parent.final_layer_norm, stack)
@@ -320,9 +322,8 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
                         f"norm of {type(parent).__name__}"
                     )
                 w = wrap(parent, attr, PreLNMLPWrapper, ac.placement)
-                snap.handles.append(
-                    norm.register_forward_pre_hook(_residual_pre_hook(w), with_kwargs=True)
-                )
+                hook = functools.partial(residual_pre_hook, w.site)
+                snap.handles.append(norm.register_forward_pre_hook(hook, with_kwargs=True))
         if ac.placement == "attn_and_ffn_output":
             outs = (
                 _bert_attn_outputs(model)
@@ -364,16 +365,16 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
         prefix_layers = sorted(chosen(cfg.prefix))
         for slot, i in enumerate(prefix_layers):  # slot: the layer's rows in the encoder
             attn = attns[i]
-            _tag(attn, snap, _unipelt_root=root, _unipelt_layer=slot)
+            site = root.site(slot)
             if stacks is not None:  # the gate's mask (query side) and the keys' mask
-                keys_of = "enc" if attn_types[i] == "cross" else stacks[i]
-                _tag(attn, snap, _unipelt_stack=stacks[i], _unipelt_keys=keys_of)
-            if legacy:
-                _tag(attn, snap, forward=types.MethodType(_legacy_bert_forward, attn))
+                site.stack = stacks[i]
+                site.keys_of = "enc" if attn_types[i] == "cross" else stacks[i]
+            _tag(attn, snap, **{SITE_ATTR: site})
+            if legacy:  # a partial, not a bound method: deepcopy and pickle carry it
+                _tag(attn, snap, forward=functools.partial(_legacy_bert_forward, attn))
             if root.prefix_gates is not None:
-                snap.handles.append(
-                    attn.register_forward_pre_hook(_attn_pre_hook, with_kwargs=True)
-                )
+                hook = functools.partial(prefix_gate_pre_hook, site)
+                snap.handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
         if not legacy:
             model.config._attn_implementation = ATTN_NAME
             for c in {id(a.config): a.config for a in attns if hasattr(a, "config")}.values():
@@ -386,18 +387,24 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
         for p in m.parameters():
             p.requires_grad_(True)
     model.unipelt = root
-    snap.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
+    snap.handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
     if stacks is not None:  # encoder-decoder: generate() calls the encoder directly
-        enc = model.get_encoder()
-        _tag(enc, snap, _unipelt_root=root)
-        snap.handles.append(enc.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True))
+        hook = functools.partial(encoder_pre_hook, root)
+        snap.handles.append(model.get_encoder().register_forward_pre_hook(hook, with_kwargs=True))
     root._handles = snap.handles
     # Reentrant gradient checkpointing only backpropagates into a checkpointed block when its
     # input requires grad; with a frozen embedding it would not (and the PELT gradients would
     # silently be lost), so make the embedding output require grad (what peft does too).
     if hasattr(model, "enable_input_require_grads") and device.type != "meta":
         model.enable_input_require_grads()
-        snap.handles.append(getattr(model, "_require_grads_hook", None) or _NoHandle())
+        handles = getattr(model, "_require_grads_hooks", None) or [
+            getattr(model, "_require_grads_hook", None) or _NoHandle()
+        ]
+        for h in handles:  # transformers' hook is a local function, which pickle refuses
+            hooks = h.hooks_dict_ref() if hasattr(h, "hooks_dict_ref") else None
+            if hooks is not None and h.id in hooks:
+                hooks[h.id] = _inputs_require_grad
+        snap.handles.extend(handles)
 
 
 def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:
@@ -412,6 +419,10 @@ def _name_in_parent(model: nn.Module, child: nn.Module) -> str:
         if c is child:
             return name
     raise AssertionError("module not found in model")
+
+
+def _inputs_require_grad(module: nn.Module, args, output: torch.Tensor) -> None:
+    output.requires_grad_(True)  # what transformers' enable_input_require_grads hook does
 
 
 class _NoHandle:

@@ -135,7 +135,7 @@ def test_deepcopy_is_the_same_model(case):
 
 
 @pytest.mark.parametrize(
-    "case", ["llama-block_output-prompt", "bart-ffn_parallel", "t5-block_output"]
+    "case", ["llama-block_output-prompt", "bert-block_output-prompt", "t5-block_output"]
 )
 def test_whole_model_pickle_round_trips(case, monkeypatch):
     from transformers.modeling_utils import AttentionInterface

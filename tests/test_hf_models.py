@@ -278,8 +278,8 @@ def _vis(B, Lq, Lk, kpm, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("form", ["bool", "additive", "row"])
-def test_convert_mask_forms(causal, form):
-    from unipelt_fast.hf import _convert_mask
+def testconvert_mask_forms(causal, form):
+    from unipelt_fast.hf import convert_mask
 
     B, Lq, Lk = 2, 3, 5
     kpm = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 0, 1]], dtype=torch.bool)
@@ -291,21 +291,21 @@ def test_convert_mask_forms(causal, form):
     else:
         mask = vis
     q, k = torch.randn(B, 2, Lq, 4), torch.randn(B, 2, Lk, 4)
-    got_kpm, got_causal, k2, _ = _convert_mask(mask, causal, q, k, k)
+    got_kpm, got_causal, k2, _ = convert_mask(mask, causal, q, k, k)
     assert torch.equal(got_kpm, kpm) and got_causal == causal and k2.shape == k.shape
     # the model's flag is wrong but the mask is clear: the mask wins (GPT-2 on 4.x)
     if form != "row":
-        assert _convert_mask(mask, not causal, q, k, k)[1] == causal
+        assert convert_mask(mask, not causal, q, k, k)[1] == causal
 
 
-def test_convert_mask_static_cache_and_unsupported():
-    from unipelt_fast.hf import _convert_mask
+def testconvert_mask_static_cache_and_unsupported():
+    from unipelt_fast.hf import convert_mask
 
     B, Lq, Lk = 1, 3, 8  # prefill of 3 tokens into a static cache of 8 slots
     vis = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool)
     vis[0, 0, :, :3] = torch.tril(torch.ones(3, 3, dtype=torch.bool))
     q, k = torch.randn(B, 2, Lq, 4), torch.randn(B, 2, Lk, 4)
-    kpm, causal, k2, v2 = _convert_mask(vis, True, q, k, k)
+    kpm, causal, k2, v2 = convert_mask(vis, True, q, k, k)
     assert kpm is None and causal and k2.shape[2] == 3 and torch.equal(k2, k[:, :, :3])
     # a sliding window of 2 over 4 tokens is not padding + causal
     win = torch.tril(torch.ones(4, 4, dtype=torch.bool)) & ~torch.tril(
@@ -313,4 +313,4 @@ def test_convert_mask_static_cache_and_unsupported():
     )
     q4 = torch.randn(1, 2, 4, 4)
     with pytest.raises(NotImplementedError, match="causal"):
-        _convert_mask(win[None, None], True, q4, q4, q4)
+        convert_mask(win[None, None], True, q4, q4, q4)

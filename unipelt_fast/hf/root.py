@@ -156,7 +156,8 @@ class UniPELTRoot(nn.Module):
         return kv[0], kv[1]
 
 
-def _root(model: nn.Module) -> UniPELTRoot:
+def root_of(model: nn.Module) -> UniPELTRoot:
+    """The UniPELTRoot of an applied model (or of the model inside a DDP wrapper)."""
     inner = getattr(model, "module", model)  # DDP
     root = getattr(inner, "unipelt", None)
     if not isinstance(root, UniPELTRoot):

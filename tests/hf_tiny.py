@@ -89,6 +89,36 @@ def perturb(model, scale: float = 0.3, seed: int = 2) -> None:
     perturb_params([p for _, p in named if p.requires_grad], scale, seed)
 
 
+def reference_run(loss_of, base, handles, params):
+    """The independent formulation's side of a test: ``loss_of(base) -> (out, loss)`` with
+    ``handles`` (hooks on ``base`` computing a formula) in place; returns the output and
+    the gradients of ``params``, then removes the hooks and clears those gradients."""
+    want, loss = loss_of(base)
+    loss.backward()
+    want_g = [p.grad.clone() for p in params]
+    for h in handles:
+        h.remove()
+    for p in params:
+        p.grad = None
+    return want, want_g
+
+
+def checkpointing_grads(make, b: dict, reentrant: bool) -> list[dict[str, torch.Tensor]]:
+    """Trainable grads of ``make()`` in train mode on ``b``, without and with gradient
+    checkpointing."""
+    grads = []
+    for ckpt in (False, True):
+        m = make()
+        m.train()
+        if ckpt:
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+            )
+        m(**b).loss.backward()
+        grads.append(trainable_grads(m))
+    return grads
+
+
 def formula_adapter(z, ad):
     """An adapter by its formula (AdapterHub): g * scaling * up(relu(down(z))), g the sequence
     mean of sigmoid(gate(z)); the placement tests' independent formulation."""

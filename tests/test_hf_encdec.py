@@ -17,9 +17,11 @@ from tests.hf_tiny import (
     VOCAB,
     B,
     bart_batch,
+    checkpointing_grads,
     formula_adapter,
     perturb,
     perturb_params,
+    reference_run,
     tiny_bart,
     trainable_grads,
 )
@@ -282,17 +284,7 @@ def test_save_load_round_trip(kind, tmp_path):
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_checkpointing_same_grads(kind, reentrant):
-    b = bart_batch()
-    grads = []
-    for ckpt in (False, True):
-        m = pelt_bart(kind=kind)
-        m.train()
-        if ckpt:
-            m.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
-            )
-        m(**b).loss.backward()
-        grads.append(trainable_grads(m))
+    grads = checkpointing_grads(lambda: pelt_bart(kind=kind), bart_batch(), reentrant)
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
@@ -466,13 +458,7 @@ def test_adapter_placement_matches_formula(kind, placement):
 
     base = tiny_bart(0, kind)
     handles = _placement_hooks(base, kind, placement, adapters)
-    want, loss = loss_of(base)
-    loss.backward()
-    want_g = [p.grad.clone() for p in params]
-    for h in handles:
-        h.remove()
-    for p in params:
-        p.grad = None
+    want, want_g = reference_run(loss_of, base, handles, params)
     got, loss = loss_of(m)
     loss.backward()
     assert (got - want).norm() <= 1e-5 * want.norm()

@@ -13,6 +13,7 @@ from tests.hf_tiny import (
     B,
     L,
     batch,
+    checkpointing_grads,
     pelt,
     tiny_model,
     trainable_grads,
@@ -116,17 +117,7 @@ def test_training_lowers_loss(kind):
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_same_grads(kind, reentrant):
-    b = batch(kind)
-    grads = []
-    for ckpt in (False, True):
-        m = pelt(kind)
-        m.train()
-        if ckpt:
-            m.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
-            )
-        m(**b).loss.backward()
-        grads.append(trainable_grads(m))
+    grads = checkpointing_grads(lambda: pelt(kind), batch(kind), reentrant)
     assert grads[0].keys() == grads[1].keys()
     assert any("prefix" in n for n in grads[1])
     for n in grads[0]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import unipelt_fast as up
-from tests.hf_tiny import batch, formula_adapter, perturb, perturb_params, tiny_model
+from tests.hf_tiny import batch, formula_adapter, perturb, perturb_params, reference_run, tiny_model
 
 KINDS = ("bert", "roberta", "gpt2", "llama")
 PLACEMENTS = ("block_output", "ffn_output", "ffn_parallel", "attn_and_ffn_output")
@@ -118,14 +118,7 @@ def test_placement_matches_formula(kind, placement):
 
     base = tiny_model(kind)
     handles = _reference_hooks(base, kind, placement, adapters, layers)
-    want, loss = _loss(base, b)
-    loss.backward()
-    want_g = [p.grad.clone() for p in params]
-    for h in handles:
-        h.remove()
-    for p in params:
-        p.grad = None
-
+    want, want_g = reference_run(lambda mod: _loss(mod, b), base, handles, params)
     got, loss = _loss(m, b)
     loss.backward()
     real = b["attention_mask"].bool()

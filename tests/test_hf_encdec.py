@@ -492,3 +492,48 @@ def test_example_tiny_bart_loss_goes_down(capsys):
     assert mod.main(["--steps", "20", "--backend", "eager"]) < 0
     out = capsys.readouterr().out
     assert "  adapter " in out and "copy:" in out
+
+
+@pytest.mark.parametrize("site", ["dec-self", "dec-cross"])
+def test_lora_gate_reads_its_own_stack_mask(site):
+    """masked_mean LoRA gates average over the real tokens of their input: decoder tokens
+    for decoder self-attention and the cross-attention query, encoder tokens for the
+    cross-attention key/value (never the encoder's mask laid over decoder tokens)."""
+    cfg = up.UniPELTConfig(
+        bitfit=False, adapter=False, prefix=False, gate_mode="masked_mean",
+        lora=up.LoRAConfig(r=4, alpha=8.0, targets=("query", "value")),
+    )  # fmt: skip
+    m = up.apply_unipelt(tiny_bart(), cfg, backend="eager")
+    b = {k: v for k, v in bart_batch().items() if k != "labels"}
+    base = tiny_bart()
+    pick = {"dec-self": lambda x: x.model.decoder.layers[0].self_attn,
+            "dec-cross": lambda x: x.model.decoder.layers[0].encoder_attn}[site]  # fmt: skip
+    # only this site's LoRA moves off its init (B = 0 elsewhere: no update there)
+    perturb_params(
+        [p for r in ("q_proj", "v_proj") for p in getattr(pick(m), r).units.parameters()]
+    )
+    enc_mask, dec_mask = b["attention_mask"].bool(), b["decoder_attention_mask"].bool()
+    handles = []
+    for role, mask in (
+        ("q_proj", dec_mask),
+        ("v_proj", enc_mask if site == "dec-cross" else dec_mask),
+    ):
+        lo = getattr(pick(m), role)
+        u = lo.units[0]
+
+        def hook(mod, args, out, u=u, mask=mask, scale=lo.scaling):
+            x = args[0]
+            g = torch.sigmoid(F.linear(x, u.gate.proj.weight, u.gate.proj.bias))
+            w = mask[..., None].to(g.dtype)
+            g = (g * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+            return out + g * scale * F.linear(F.linear(x, u.A.weight), u.B.weight)
+
+        handles.append(getattr(pick(base), role).register_forward_hook(hook))
+    with torch.no_grad():
+        want = base(**b).logits
+        got = m(**b).logits
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the LoRA matters
+        assert (got - base(**b).logits).abs().max() > 1e-3

@@ -104,7 +104,7 @@ class GatedLoRA(nn.Module):
         y = self.base(x)
         root = None if self.site is None else self.site.root
         task_ids = None if root is None else root.task_ids_for(x.shape[0])
-        mask = None if root is None else root.mask_for(x)
+        mask = None if root is None else root.mask_for(x, self.site.stack)
         mixed = _tasks.per_task(len(self.units), task_ids)
         t = (0 if root is None else root.default_task) if task_ids is None else 0
 

@@ -107,16 +107,19 @@ def inject_lora(ctx: Injection) -> None:
     for i, blk in enumerate(ctx.layout.attention):
         if i not in layers or (ctx.layout.encdec and blk.kind not in lc.attention_types):
             continue
-        # (parent, attribute) -> the roles' column ranges (None: the whole projection)
-        targets: dict[tuple[int, str], tuple[nn.Module, str, list | None]] = {}
+        # (parent, attribute) -> the roles' column ranges (None: the whole projection), and
+        # the stack whose mask its masked_mean gate reads: the query's input is this
+        # stack's, a cross-attention's key/value input is the encoder's
+        targets: dict[tuple[int, str], tuple[nn.Module, str, list | None, str | None]] = {}
         for role in lc.targets:
             parent, attr, cols = blk.projections[role]
             key = (id(parent), attr)
             if key not in targets:
-                targets[key] = (parent, attr, None if cols is None else [])
+                stack = "enc" if blk.kind == "cross" and role != "query" else blk.stack
+                targets[key] = (parent, attr, None if cols is None else [], stack)
             if cols is not None:
                 targets[key][2].append(cols)
-        for parent, attr, cols in targets.values():
+        for parent, attr, cols, stack in targets.values():
             base = getattr(parent, attr)
             d_in, d_out = _linear_dims(base)
             w = GatedLoRA(
@@ -132,7 +135,7 @@ def inject_lora(ctx: Injection) -> None:
                 gate_replaces_scaling=lc.gate_replaces_scaling,
                 backend=ctx.backend,
             )
-            w.site = ctx.root.site(i)  # stack None: masked_mean reads the (encoder) 2-D mask
+            w.site = ctx.root.site(i, stack)
             setattr(parent, attr, w)
             ctx.new_modules.append(w.units)
 

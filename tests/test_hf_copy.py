@@ -69,6 +69,10 @@ def _same(got, want, exact: bool = True) -> None:
         torch.testing.assert_close(gg[n], gw[n], **tol, msg=n)
 
 
+def _n_hooks(model) -> int:
+    return sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in model.modules())
+
+
 def _referenced(obj, depth: int = 0):
     """The objects a hook, forward override or Site reaches (partials, bound methods,
     closures), so a test can name one that points into another model."""
@@ -132,6 +136,11 @@ def test_deepcopy_is_the_same_model(case):
     assert any(not torch.equal(p, before[n]) for n, p in c.named_parameters() if p.requires_grad)
     m.eval()
     _same(_run(m, b, tid), want)
+
+    # the copy's hook handles are its own: removing them leaves the original's
+    before = _n_hooks(m)
+    c.unipelt.remove_hooks()
+    assert _n_hooks(m) == before > 0
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,10 @@ if [ "${UNIPELT_ADAPTERS_TESTS:-$all}" = 1 ]; then
   arc=0
   "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_interop_adapters.py tests/test_interop_peft.py tests/test_hf_placements.py \
-    tests/test_hf_models.py tests/test_hf_checkpoint.py tests/test_hf_ddp.py || arc=$?
+    tests/test_hf_models.py tests/test_hf_checkpoint.py tests/test_hf_ddp.py \
+    "tests/test_hf_copy.py::test_deepcopy_is_the_same_model[bert-block_output-prompt]" \
+    "tests/test_hf_copy.py::test_whole_model_pickle_round_trips[bert-block_output-prompt]" \
+    || arc=$?
   [ "$latest" != 1 ] || [ "$arc" -ne 0 ] || uf_freeze constraints/adapters.txt
   [ "$rc" -ne 0 ] || rc=$arc
 fi

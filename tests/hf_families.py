@@ -55,7 +55,7 @@ def tiny(kind: str, seed: int = 0, **config):
     if kind in _HF_TINY and not config:
         return tiny_model(kind, seed)
     if kind in _ENCDEC and not config:
-        from tests.test_hf_encdec import tiny_bart
+        from tests.hf_tiny import tiny_bart
 
         return tiny_bart(seed, kind)
     if kind not in _DECODERS:

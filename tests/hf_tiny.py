@@ -1,8 +1,10 @@
-"""Tiny HF models (hidden 32, 2 layers, vocab 64) built from configs, for the HF tests."""
+"""The HF tests' shared helpers: tiny models (hidden 32, vocab 64) built from configs,
+their batches, parameter perturbation, and the adapter formula the placement tests use."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import transformers as tf
 
 import unipelt_fast as up
@@ -10,6 +12,8 @@ import unipelt_fast as up
 FAMILIES = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2")
 VOCAB, B, L = 64, 3, 8
+LS, LT = 7, 5  # encoder-decoders: source and target lengths
+PAD, BOS, EOS = 1, 0, 2
 # hidden/16 = 2 bottleneck units at hidden 32: too few (relu can kill both); use 8 in tests
 ADAPTER = up.AdapterConfig(bottleneck=8)
 
@@ -71,13 +75,58 @@ def batch(kind: str, seed: int = 1, pad: bool = True, n: int = B) -> dict:
     return out
 
 
-def perturb(model, scale: float = 0.3, seed: int = 2) -> None:
-    """Move every trainable parameter off its init (zero-init B/up would hide bugs)."""
+def perturb_params(params, scale: float = 0.3, seed: int = 2) -> None:
+    """Move ``params`` off their init, in the order given (zero-init B/up would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda t: t[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+
+
+def perturb(model, scale: float = 0.3, seed: int = 2) -> None:
+    """Move every trainable parameter off its init, in name order."""
+    named = sorted(model.named_parameters(), key=lambda t: t[0])
+    perturb_params([p for _, p in named if p.requires_grad], scale, seed)
+
+
+def reference_run(loss_of, base, handles, params):
+    """The independent formulation's side of a test: ``loss_of(base) -> (out, loss)`` with
+    ``handles`` (hooks on ``base`` computing a formula) in place; returns the output and
+    the gradients of ``params``, then removes the hooks and clears those gradients."""
+    want, loss = loss_of(base)
+    loss.backward()
+    want_g = [p.grad.clone() for p in params]
+    for h in handles:
+        h.remove()
+    for p in params:
+        p.grad = None
+    return want, want_g
+
+
+def checkpointing_grads(make, b: dict, reentrant: bool) -> list[dict[str, torch.Tensor]]:
+    """Trainable grads of ``make()`` in train mode on ``b``, without and with gradient
+    checkpointing."""
+    grads = []
+    for ckpt in (False, True):
+        m = make()
+        m.train()
+        if ckpt:
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+            )
+        m(**b).loss.backward()
+        grads.append(trainable_grads(m))
+    return grads
+
+
+def formula_adapter(z, ad):
+    """An adapter by its formula (AdapterHub): g * scaling * up(relu(down(z))), g the sequence
+    mean of sigmoid(gate(z)); the placement tests' independent formulation."""
+    out = F.linear(F.relu(F.linear(z, ad.down.weight, ad.down.bias)), ad.up.weight, ad.up.bias)
+    out = out * ad.scaling
+    if ad.gate is not None:
+        out = out * torch.sigmoid(F.linear(z, ad.gate.weight, ad.gate.bias)).mean(1, keepdim=True)
+    return out
 
 
 def pelt(kind: str, cfg: up.UniPELTConfig | None = None, backend: str = "eager", seed: int = 0):
@@ -89,3 +138,53 @@ def pelt(kind: str, cfg: up.UniPELTConfig | None = None, backend: str = "eager",
 
 def trainable_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_bart(seed: int = 0, kind: str = "bart"):
+    """A fresh tiny encoder-decoder (BART family, or T5/mT5), 1 layer per stack (T5: 2)."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        decoder_start_token_id=BOS, forced_eos_token_id=None,
+    )  # fmt: skip
+    if kind == "bart":
+        return tf.BartForConditionalGeneration(tf.BartConfig(**common)).eval()
+    if kind == "marian":
+        return tf.MarianMTModel(tf.MarianConfig(**common)).eval()
+    if kind == "mbart":  # pre-LN
+        return tf.MBartForConditionalGeneration(tf.MBartConfig(**common)).eval()
+    if kind == "pegasus":  # pre-LN, sinusoidal positions
+        return tf.PegasusForConditionalGeneration(tf.PegasusConfig(**common)).eval()
+    if kind in ("t5", "mt5"):  # 2 blocks: block 1 reuses block 0's relative position bias
+        cfg = (tf.T5Config if kind == "t5" else tf.MT5Config)(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            dropout_rate=0.0, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=BOS,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        )  # fmt: skip
+        if kind == "mt5":
+            return tf.MT5ForConditionalGeneration(cfg).eval()
+        return tf.T5ForConditionalGeneration(cfg).eval()
+    raise ValueError(kind)
+
+
+def bart_batch(seed: int = 1, LT: int = LT) -> dict:
+    """Encoder-decoder batch: example 1 has a padded source, example 2 a padded target."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, LS), generator=g)
+    am = torch.ones(B, LS, dtype=torch.long)
+    am[1, 4:] = 0  # a right-padded source
+    labels = torch.randint(3, VOCAB, (B, LT), generator=g)
+    dam = torch.ones(B, LT, dtype=torch.long)
+    dam[2, 3:] = 0  # a padded target
+    labels = labels.masked_fill(dam == 0, -100)
+    dec_in = tf.models.bart.modeling_bart.shift_tokens_right(labels, PAD, BOS)
+    return {
+        "input_ids": ids,
+        "attention_mask": am,
+        "decoder_input_ids": dec_in,
+        "decoder_attention_mask": dam,
+        "labels": labels,
+    }

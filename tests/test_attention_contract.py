@@ -44,7 +44,9 @@ def _recorder(monkeypatch) -> tuple[list[set], list[str]]:
             return attention.unipelt_attention(module, query, key, value, attention_mask, **kwargs)
         except NotImplementedError as e:
             refusals.append(str(e))
-            module.__dict__.pop("_unipelt_gate", None)
+            site = module.__dict__.get("unipelt_site")  # drop the gate its pre-hook parked
+            if site is not None:
+                site.root.gate_slots.pop(site.index, None)
             eager = sys.modules[type(module).__module__].eager_attention_forward
             return eager(module, query, key, value, attention_mask, **kwargs)
 
@@ -170,7 +172,7 @@ def _hf_cache_reference(m, b, **kw):
     Bn, Ln = am.shape
     root = m.unipelt
     P = root.prefix.prefix_len
-    attns = [mod for mod in m.modules() if "_unipelt_layer" in mod.__dict__]
+    attns = [mod for mod in m.modules() if "unipelt_site" in mod.__dict__]
     cache = DynamicCache()
     for i, (pk, pv) in enumerate(root.prefix()):
         cache.update(pk.expand(Bn, -1, -1, -1).clone(), pv.expand(Bn, -1, -1, -1).clone(), i)

@@ -8,63 +8,23 @@ Prefix semantics are checked per attention site against an independent formulati
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers as tf
 
 import unipelt_fast as up
-from tests.hf_tiny import ADAPTER, perturb, trainable_grads
-from tests.test_hf_placements import _adapter  # the placement formulas' adapter
-
-VOCAB, B, LS, LT = 64, 3, 7, 5
-PAD, BOS, EOS = 1, 0, 2
-
-
-def tiny_bart(seed: int = 0, kind: str = "bart"):
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-        decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-        decoder_start_token_id=BOS, forced_eos_token_id=None,
-    )  # fmt: skip
-    if kind == "bart":
-        return tf.BartForConditionalGeneration(tf.BartConfig(**common)).eval()
-    if kind == "marian":
-        return tf.MarianMTModel(tf.MarianConfig(**common)).eval()
-    if kind == "mbart":  # pre-LN
-        return tf.MBartForConditionalGeneration(tf.MBartConfig(**common)).eval()
-    if kind == "pegasus":  # pre-LN, sinusoidal positions
-        return tf.PegasusForConditionalGeneration(tf.PegasusConfig(**common)).eval()
-    if kind in ("t5", "mt5"):  # 2 blocks: block 1 reuses block 0's relative position bias
-        cfg = (tf.T5Config if kind == "t5" else tf.MT5Config)(
-            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            dropout_rate=0.0, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=BOS,
-            relative_attention_num_buckets=8, relative_attention_max_distance=16,
-        )  # fmt: skip
-        if kind == "mt5":
-            return tf.MT5ForConditionalGeneration(cfg).eval()
-        return tf.T5ForConditionalGeneration(cfg).eval()
-    raise ValueError(kind)
-
-
-def bart_batch(seed: int = 1, LT: int = LT) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (B, LS), generator=g)
-    am = torch.ones(B, LS, dtype=torch.long)
-    am[1, 4:] = 0  # a right-padded source
-    labels = torch.randint(3, VOCAB, (B, LT), generator=g)
-    dam = torch.ones(B, LT, dtype=torch.long)
-    dam[2, 3:] = 0  # a padded target
-    labels = labels.masked_fill(dam == 0, -100)
-    dec_in = tf.models.bart.modeling_bart.shift_tokens_right(labels, PAD, BOS)
-    return {
-        "input_ids": ids,
-        "attention_mask": am,
-        "decoder_input_ids": dec_in,
-        "decoder_attention_mask": dam,
-        "labels": labels,
-    }
-
+from tests.hf_tiny import (
+    ADAPTER,
+    LS,
+    LT,
+    VOCAB,
+    B,
+    bart_batch,
+    checkpointing_grads,
+    formula_adapter,
+    perturb,
+    perturb_params,
+    reference_run,
+    tiny_bart,
+    trainable_grads,
+)
 
 KINDS = ("bart", "t5")
 EVERY_KIND = ("bart", "marian", "mbart", "pegasus", "t5", "mt5")  # each family member
@@ -324,17 +284,7 @@ def test_save_load_round_trip(kind, tmp_path):
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_checkpointing_same_grads(kind, reentrant):
-    b = bart_batch()
-    grads = []
-    for ckpt in (False, True):
-        m = pelt_bart(kind=kind)
-        m.train()
-        if ckpt:
-            m.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
-            )
-        m(**b).loss.backward()
-        grads.append(trainable_grads(m))
+    grads = checkpointing_grads(lambda: pelt_bart(kind=kind), bart_batch(), reentrant)
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
@@ -460,7 +410,9 @@ def _placement_hooks(base, kind, placement, adapters):
         else:
             fc2, block, norm = layer.fc2, layer, layer.final_layer_norm
         if placement == "ffn_output":
-            handles.append(fc2.register_forward_hook(lambda m, a, o, ad=ad: o + _adapter(o, ad)))
+            handles.append(
+                fc2.register_forward_hook(lambda m, a, o, ad=ad: o + formula_adapter(o, ad))
+            )
         elif kind in ("bart", "marian"):
             handles.append(
                 layer.fc1.register_forward_pre_hook(lambda m, a, s=seen: s.update(x=a[0]))
@@ -469,7 +421,7 @@ def _placement_hooks(base, kind, placement, adapters):
             def post(m, args, out, ad=ad, seen=seen):
                 s = args[0]
                 a_in = out if placement == "block_output" else seen["x"]
-                return _ln(m, s + _adapter(a_in, ad))
+                return _ln(m, s + formula_adapter(a_in, ad))
 
             handles.append(norm.register_forward_hook(post))
         else:  # pre-LN: the FFN's input x is the pre-FFN norm's input
@@ -477,7 +429,7 @@ def _placement_hooks(base, kind, placement, adapters):
 
             def pre(m, args, out, ad=ad, seen=seen):
                 s = out[0] if isinstance(out, tuple) else out
-                new = s + _adapter(s if placement == "block_output" else seen["x"], ad)
+                new = s + formula_adapter(s if placement == "block_output" else seen["x"], ad)
                 return (new, *out[1:]) if isinstance(out, tuple) else new
 
             handles.append(block.register_forward_hook(pre))
@@ -497,10 +449,7 @@ def test_adapter_placement_matches_formula(kind, placement):
     n_layers = 4 if kind == "t5" else 2
     assert len(adapters) == n_layers
     params = [p for ad in adapters for p in ad.parameters()]
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    perturb_params(params)
     b = {k: v for k, v in bart_batch().items() if k != "labels"}
 
     def loss_of(model):
@@ -509,13 +458,7 @@ def test_adapter_placement_matches_formula(kind, placement):
 
     base = tiny_bart(0, kind)
     handles = _placement_hooks(base, kind, placement, adapters)
-    want, loss = loss_of(base)
-    loss.backward()
-    want_g = [p.grad.clone() for p in params]
-    for h in handles:
-        h.remove()
-    for p in params:
-        p.grad = None
+    want, want_g = reference_run(loss_of, base, handles, params)
     got, loss = loss_of(m)
     loss.backward()
     assert (got - want).norm() <= 1e-5 * want.norm()
@@ -549,3 +492,48 @@ def test_example_tiny_bart_loss_goes_down(capsys):
     assert mod.main(["--steps", "20", "--backend", "eager"]) < 0
     out = capsys.readouterr().out
     assert "  adapter " in out and "copy:" in out
+
+
+@pytest.mark.parametrize("site", ["dec-self", "dec-cross"])
+def test_lora_gate_reads_its_own_stack_mask(site):
+    """masked_mean LoRA gates average over the real tokens of their input: decoder tokens
+    for decoder self-attention and the cross-attention query, encoder tokens for the
+    cross-attention key/value (never the encoder's mask laid over decoder tokens)."""
+    cfg = up.UniPELTConfig(
+        bitfit=False, adapter=False, prefix=False, gate_mode="masked_mean",
+        lora=up.LoRAConfig(r=4, alpha=8.0, targets=("query", "value")),
+    )  # fmt: skip
+    m = up.apply_unipelt(tiny_bart(), cfg, backend="eager")
+    b = {k: v for k, v in bart_batch().items() if k != "labels"}
+    base = tiny_bart()
+    pick = {"dec-self": lambda x: x.model.decoder.layers[0].self_attn,
+            "dec-cross": lambda x: x.model.decoder.layers[0].encoder_attn}[site]  # fmt: skip
+    # only this site's LoRA moves off its init (B = 0 elsewhere: no update there)
+    perturb_params(
+        [p for r in ("q_proj", "v_proj") for p in getattr(pick(m), r).units.parameters()]
+    )
+    enc_mask, dec_mask = b["attention_mask"].bool(), b["decoder_attention_mask"].bool()
+    handles = []
+    for role, mask in (
+        ("q_proj", dec_mask),
+        ("v_proj", enc_mask if site == "dec-cross" else dec_mask),
+    ):
+        lo = getattr(pick(m), role)
+        u = lo.units[0]
+
+        def hook(mod, args, out, u=u, mask=mask, scale=lo.scaling):
+            x = args[0]
+            g = torch.sigmoid(F.linear(x, u.gate.proj.weight, u.gate.proj.bias))
+            w = mask[..., None].to(g.dtype)
+            g = (g * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+            return out + g * scale * F.linear(F.linear(x, u.A.weight), u.B.weight)
+
+        handles.append(getattr(pick(base), role).register_forward_hook(hook))
+    with torch.no_grad():
+        want = base(**b).logits
+        got = m(**b).logits
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the LoRA matters
+        assert (got - base(**b).logits).abs().max() > 1e-3

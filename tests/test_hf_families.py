@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import unipelt_fast as up
 from tests.hf_families import tiny, tiny_batch
-from tests.test_hf_placements import _perturb
+from tests.hf_tiny import perturb_params as _perturb
 
 DECODERS = (
     "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite",

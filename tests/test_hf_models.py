@@ -13,6 +13,7 @@ from tests.hf_tiny import (
     B,
     L,
     batch,
+    checkpointing_grads,
     pelt,
     tiny_model,
     trainable_grads,
@@ -57,7 +58,7 @@ def test_prefix_equals_hf_cache_reference(kind):
         want = _logits(m, b)
         root = m.unipelt
         P = root.prefix.prefix_len
-        attns = [mod for mod in m.modules() if "_unipelt_layer" in mod.__dict__]
+        attns = [mod for mod in m.modules() if "unipelt_site" in mod.__dict__]
         assert len(attns) == 2
         cache = DynamicCache()
         for i, (pk, pv) in enumerate(root.prefix()):
@@ -116,17 +117,7 @@ def test_training_lowers_loss(kind):
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_same_grads(kind, reentrant):
-    b = batch(kind)
-    grads = []
-    for ckpt in (False, True):
-        m = pelt(kind)
-        m.train()
-        if ckpt:
-            m.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
-            )
-        m(**b).loss.backward()
-        grads.append(trainable_grads(m))
+    grads = checkpointing_grads(lambda: pelt(kind), batch(kind), reentrant)
     assert grads[0].keys() == grads[1].keys()
     assert any("prefix" in n for n in grads[1])
     for n in grads[0]:
@@ -278,8 +269,8 @@ def _vis(B, Lq, Lk, kpm, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("form", ["bool", "additive", "row"])
-def test_convert_mask_forms(causal, form):
-    from unipelt_fast.hf import _convert_mask
+def testconvert_mask_forms(causal, form):
+    from unipelt_fast.hf import convert_mask
 
     B, Lq, Lk = 2, 3, 5
     kpm = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 0, 1]], dtype=torch.bool)
@@ -291,21 +282,21 @@ def test_convert_mask_forms(causal, form):
     else:
         mask = vis
     q, k = torch.randn(B, 2, Lq, 4), torch.randn(B, 2, Lk, 4)
-    got_kpm, got_causal, k2, _ = _convert_mask(mask, causal, q, k, k)
+    got_kpm, got_causal, k2, _ = convert_mask(mask, causal, q, k, k)
     assert torch.equal(got_kpm, kpm) and got_causal == causal and k2.shape == k.shape
     # the model's flag is wrong but the mask is clear: the mask wins (GPT-2 on 4.x)
     if form != "row":
-        assert _convert_mask(mask, not causal, q, k, k)[1] == causal
+        assert convert_mask(mask, not causal, q, k, k)[1] == causal
 
 
-def test_convert_mask_static_cache_and_unsupported():
-    from unipelt_fast.hf import _convert_mask
+def testconvert_mask_static_cache_and_unsupported():
+    from unipelt_fast.hf import convert_mask
 
     B, Lq, Lk = 1, 3, 8  # prefill of 3 tokens into a static cache of 8 slots
     vis = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool)
     vis[0, 0, :, :3] = torch.tril(torch.ones(3, 3, dtype=torch.bool))
     q, k = torch.randn(B, 2, Lq, 4), torch.randn(B, 2, Lk, 4)
-    kpm, causal, k2, v2 = _convert_mask(vis, True, q, k, k)
+    kpm, causal, k2, v2 = convert_mask(vis, True, q, k, k)
     assert kpm is None and causal and k2.shape[2] == 3 and torch.equal(k2, k[:, :, :3])
     # a sliding window of 2 over 4 tokens is not padding + causal
     win = torch.tril(torch.ones(4, 4, dtype=torch.bool)) & ~torch.tril(
@@ -313,4 +304,4 @@ def test_convert_mask_static_cache_and_unsupported():
     )
     q4 = torch.randn(1, 2, 4, 4)
     with pytest.raises(NotImplementedError, match="causal"):
-        _convert_mask(win[None, None], True, q4, q4, q4)
+        convert_mask(win[None, None], True, q4, q4, q4)

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 import unipelt_fast as up
 from tests.hf_families import tiny, tiny_batch
-from tests.test_hf_placements import _adapter, _perturb
+from tests.hf_tiny import formula_adapter as _adapter
+from tests.hf_tiny import perturb_params as _perturb
 from unipelt_fast.hf.wrappers import AdapterWrapper
 
 

@@ -7,19 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import unipelt_fast as up
-from tests.hf_tiny import batch, tiny_model
+from tests.hf_tiny import batch, formula_adapter, perturb, perturb_params, reference_run, tiny_model
 
 KINDS = ("bert", "roberta", "gpt2", "llama")
 PLACEMENTS = ("block_output", "ffn_output", "ffn_parallel", "attn_and_ffn_output")
-
-
-def _adapter(z, ad):
-    """g * scaling * up(relu(down(z))), g the sequence mean of sigmoid(gate(z)) (AdapterHub)."""
-    out = F.linear(F.relu(F.linear(z, ad.down.weight, ad.down.bias)), ad.up.weight, ad.up.bias)
-    out = out * ad.scaling
-    if ad.gate is not None:
-        out = out * torch.sigmoid(F.linear(z, ad.gate.weight, ad.gate.bias)).mean(1, keepdim=True)
-    return out
 
 
 def _reference_hooks(base, kind, placement, adapters, layers):
@@ -48,13 +39,16 @@ def _reference_hooks(base, kind, placement, adapters, layers):
             if kind in ("bert", "roberta"):  # LN(h + a(h) + x) inside the SelfOutput
                 handles.append(
                     attn_out.dense.register_forward_hook(
-                        lambda m, a, out, ad=a_attn: out + _adapter(out, ad)
+                        lambda m, a, out, ad=a_attn: out + formula_adapter(out, ad)
                     )
                 )
             else:  # the attention block returns (o, ...); the layer adds x
                 handles.append(
                     attn_out.register_forward_hook(
-                        lambda m, a, out, ad=a_attn: (out[0] + _adapter(out[0], ad), *out[1:])
+                        lambda m, a, out, ad=a_attn: (
+                            out[0] + formula_adapter(out[0], ad),
+                            *out[1:],
+                        )
                     )
                 )
         ad = next(it)
@@ -62,7 +56,7 @@ def _reference_hooks(base, kind, placement, adapters, layers):
         if placement in ("ffn_output", "attn_and_ffn_output"):
             tgt = ffn_out.dense if post_ln else ffn_out
             handles.append(
-                tgt.register_forward_hook(lambda m, a, out, ad=ad: out + _adapter(out, ad))
+                tgt.register_forward_hook(lambda m, a, out, ad=ad: out + formula_adapter(out, ad))
             )
         elif post_ln:  # rewrite *Output: h = dense(hs); N(h + x + a(N(h + x) or x))
 
@@ -70,16 +64,16 @@ def _reference_hooks(base, kind, placement, adapters, layers):
                 hs, x = args
                 h = m.dense(hs)
                 a_in = ln(h + x) if placement == "block_output" else x
-                return ln(h + x + _adapter(a_in, ad))
+                return ln(h + x + formula_adapter(a_in, ad))
 
             handles.append(ffn_out.register_forward_hook(fwd))
         elif placement == "block_output":  # pre-LN: out = x + h; then out + a(out)
             handles.append(
                 blk.register_forward_hook(
                     lambda m, a, out, ad=ad: (
-                        out + _adapter(out, ad)
+                        out + formula_adapter(out, ad)
                         if torch.is_tensor(out)
-                        else (out[0] + _adapter(out[0], ad), *out[1:])
+                        else (out[0] + formula_adapter(out[0], ad), *out[1:])
                     )
                 )
             )
@@ -90,19 +84,11 @@ def _reference_hooks(base, kind, placement, adapters, layers):
             )
             handles.append(
                 ffn_out.register_forward_hook(
-                    lambda m, a, out, ad=ad, seen=seen: out + _adapter(seen["x"], ad)
+                    lambda m, a, out, ad=ad, seen=seen: out + formula_adapter(seen["x"], ad)
                 )
             )
     assert next(it, None) is None, "the applied model has more adapters than the reference"
     return handles
-
-
-def _perturb(params, seed=2):
-    """Move the PELT parameters off their init (the heads stay the base model's)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _loss(model, b):
@@ -127,19 +113,12 @@ def test_placement_matches_formula(kind, placement):
     n_sites = 2 if placement == "attn_and_ffn_output" else 1
     assert len(adapters) == n_sites * len(layers)
     params = [p for ad in adapters for p in ad.parameters()]
-    _perturb(params)
+    perturb_params(params)
     b = batch(kind)
 
     base = tiny_model(kind)
     handles = _reference_hooks(base, kind, placement, adapters, layers)
-    want, loss = _loss(base, b)
-    loss.backward()
-    want_g = [p.grad.clone() for p in params]
-    for h in handles:
-        h.remove()
-    for p in params:
-        p.grad = None
-
+    want, want_g = reference_run(lambda mod: _loss(mod, b), base, handles, params)
     got, loss = _loss(m, b)
     loss.backward()
     real = b["attention_mask"].bool()
@@ -165,7 +144,7 @@ def test_placement_triton_equals_eager(placement):
     outs = []
     for backend in ("eager", "triton"):
         m = up.apply_unipelt(tiny_model("llama"), cfg, backend=backend)
-        _perturb([p for n, p in sorted(m.named_parameters()) if p.requires_grad])
+        perturb(m)
         b = batch("llama")
         logits, loss = _loss(m, b)
         loss.backward()
@@ -195,7 +174,7 @@ def test_gated_lora_scaling_convention(kind, replace):
     )
     m = up.apply_unipelt(tiny_model(kind), cfg, backend="eager")
     loras = [mod for mod in m.modules() if isinstance(mod, up.GatedLoRA)]
-    _perturb([p for lo in loras for p in lo.units.parameters()])
+    perturb_params([p for lo in loras for p in lo.units.parameters()])
     base = tiny_model(kind)
     if kind == "bert":
         projs = [blk.attention.self.query for blk in base.bert.encoder.layer]
@@ -240,7 +219,7 @@ def test_layers_out_of_range_and_prefix_layers():
     # a prefix on layer 1 only: layer 0's output is the base model's
     cfg = up.UniPELTConfig(bitfit=False, adapter=False, prefix=up.PrefixConfig(layers=[1]))
     m = up.apply_unipelt(tiny_model("llama"), cfg, backend="eager")
-    _perturb(list(m.unipelt.parameters()))
+    perturb_params(list(m.unipelt.parameters()))
     assert m.unipelt.prefix.n_layers == 1
     base = tiny_model("llama")
     b = batch("llama")

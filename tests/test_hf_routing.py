@@ -90,7 +90,7 @@ class HostReads:
         def counted(*args, **kwargs):
             caller = sys._getframe(1)
             path = caller.f_code.co_filename
-            if path.startswith(_ROUTING) and caller.f_code.co_name != "_model_pre_hook":
+            if path.startswith(_ROUTING) and caller.f_code.co_name != "model_pre_hook":
                 self.reads.append(f"{name} in {os.path.basename(path)}:{caller.f_lineno}")
             return fn(*args, **kwargs)
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import unipelt_fast as up
-from tests.hf_tiny import VOCAB, tiny_model
+from tests.hf_tiny import VOCAB, perturb, tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -70,14 +70,6 @@ def _peft_cfg(kind, method):
     )
 
 
-def _perturb(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda t: t[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def _run(model, ids, am):
     logits = model(input_ids=ids, attention_mask=am).logits
     if logits.dim() == 3:
@@ -121,7 +113,7 @@ def _close(a, b, tol=1e-5):
 def test_from_peft_matches_peft(kind, method, tmp_path):
     _skip_peft_prefix_on_encoders(kind, method)
     pm = peft.get_peft_model(tiny_model(kind), _peft_cfg(kind, method))
-    _perturb(pm)
+    perturb(pm)
     pm.eval()
     pm.save_pretrained(tmp_path)
     um = up.from_peft(tiny_model(kind), str(tmp_path), backend="eager").eval()
@@ -145,7 +137,7 @@ def test_from_peft_matches_peft(kind, method, tmp_path):
 def test_from_peft_prefix_triton(kind, tmp_path):
     _skip_peft_prefix_on_encoders(kind, "prefix")
     pm = peft.get_peft_model(tiny_model(kind), _peft_cfg(kind, "prefix"))
-    _perturb(pm)
+    perturb(pm)
     pm.eval().save_pretrained(tmp_path)
     um = up.from_peft(tiny_model(kind), str(tmp_path), backend="triton").eval()
     ids, am = _batch(kind, left=kind == "llama")
@@ -165,7 +157,7 @@ def test_generate_matches_peft_prefix(kind, tmp_path):
     generate() passes (peft 0.21's generate() drops the prefix under transformers 5.24, whose
     models take the cache as ``cache=``, so it is not the reference)."""
     pm = peft.get_peft_model(tiny_model(kind), _peft_cfg(kind, "prefix"))
-    _perturb(pm, seed=5)
+    perturb(pm, seed=5)
     pm.eval().save_pretrained(tmp_path)
     um = up.from_peft(tiny_model(kind), str(tmp_path), backend="eager").eval()
     ids, am = _batch(kind, left=True)
@@ -204,7 +196,7 @@ def test_save_peft_loads_in_peft(kind, method, tmp_path):
         sub["lora"] = up.LoRAConfig(r=4, alpha=8.0, targets=targets, gate=False)
     cfg = up.UniPELTConfig(bitfit=False, adapter=None, **sub)
     um = up.apply_unipelt(tiny_model(kind), cfg, backend="eager")
-    _perturb(um)
+    perturb(um)
     um.eval()
     up.save_peft(um, str(tmp_path))
     assert json.load(open(tmp_path / "adapter_config.json"))["peft_type"]

@@ -220,7 +220,7 @@ def test_layer_masks_from_the_2d_mask_without_inspecting_the_4d(monkeypatch):
     from unipelt_fast.hf import masks
 
     calls = []
-    monkeypatch.setattr(masks, "_convert_mask", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(masks, "convert_mask", lambda *a: calls.append(a) or None)
     B, H, L, D = 2, 2, 5, 8
     q = torch.randn(B, H, L, D)
     m2 = torch.ones(B, L, dtype=torch.bool)
@@ -241,8 +241,8 @@ def test_layer_masks_inspect_a_4d_mask_once_per_forward(monkeypatch):
     from unipelt_fast.hf import masks
 
     calls = []
-    real = masks._convert_mask
-    monkeypatch.setattr(masks, "_convert_mask", lambda *a: calls.append(1) or real(*a))
+    real = masks.convert_mask
+    monkeypatch.setattr(masks, "convert_mask", lambda *a: calls.append(1) or real(*a))
     B, H, L, D = 2, 2, 5, 8
     q = torch.randn(B, H, L, D)
     vis = torch.ones(L, L, dtype=torch.bool).tril().expand(B, 1, L, L).clone()

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import UniPELTConfig
-from .hf import UniPELTRoot, _dims, _root, _Snapshot, apply_unipelt, eject
+from .hf import Snapshot, UniPELTRoot, apply_unipelt, eject, model_dims, root_of
 
 FORMAT = "unipelt-fast/1"
 WEIGHTS, META = "unipelt.safetensors", "unipelt.json"
@@ -30,7 +30,7 @@ def tuned_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a UniPELT checkpoint holds: every trainable parameter, plus the ejected
     prefix buffer when there is one."""
     inner = getattr(model, "module", model)
-    root = _root(inner)
+    root = root_of(inner)
     state = {n: p for n, p in inner.named_parameters() if p.requires_grad}
     if root.prefix is not None and root.prefix.is_ejected:
         state["unipelt.prefix.ejected"] = root.prefix.ejected
@@ -50,7 +50,7 @@ def save_unipelt(model: nn.Module, path: str) -> None:
     from safetensors.torch import save_file
 
     inner = getattr(model, "module", model)
-    root = _root(inner)
+    root = root_of(inner)
     state = {n: t.detach().contiguous().cpu() for n, t in tuned_state(inner).items()}
     os.makedirs(path, exist_ok=True)
     wpath = os.path.join(path, WEIGHTS)
@@ -127,7 +127,7 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
     config = getattr(inner, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise UniPELTCheckpointError("load_unipelt: expects a transformers PreTrainedModel")
-    dims = _dims(config)
+    dims = model_dims(config)
     if meta.get("model_type") != dims["model_type"]:
         raise UniPELTCheckpointError(
             f"UniPELT checkpoint is for a {meta.get('model_type')!r} model, this one is "
@@ -156,7 +156,7 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
             )
         _check_fit(inner, meta, tensors)
     else:
-        snap = _Snapshot(inner)
+        snap = Snapshot(inner)
         try:
             apply_unipelt(inner, cfg, backend=backend)
             if meta.get("ejected"):
@@ -173,7 +173,7 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
         for n, t in state.items():
             src = tensors[n]
             if n == "unipelt.prefix.ejected":
-                _root(inner).prefix.ejected = src.to(device=t.device, dtype=t.dtype)
+                root_of(inner).prefix.ejected = src.to(device=t.device, dtype=t.dtype)
             else:
                 t.copy_(src.to(device=t.device, dtype=t.dtype))
     return model

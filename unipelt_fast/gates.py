@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from . import _tasks, reference
 from .hf.placements import ADAPTER_HOSTS
-from .hf.root import _root
+from .hf.root import root_of
 from .lora import GatedLoRA
 
 METHODS = ("prefix_key", "prefix_value", "adapter", "lora", "prompt")
@@ -114,7 +114,7 @@ def gate_report(model: nn.Module, **batch) -> GateReport:
     summarised over real tokens (``attention_mask``), mean gates over examples. With
     ``task_ids`` in the batch each task is reported on its own examples.
     """
-    root = _root(model)
+    root = root_of(model)
     tasks = root.cfg.tasks
     inner = getattr(model, "module", model)  # DDP
     found: dict[tuple[int, int | None, str], list[torch.Tensor]] = {}

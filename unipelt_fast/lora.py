@@ -41,7 +41,8 @@ class GatedLoRA(nn.Module):
 
     ``out_slices``: the (start, stop) output ranges the update covers (None: all of them).
     The runtime state (task ids, attention mask for "masked_mean") comes from the model's
-    UniPELT root, attached by :func:`unipelt_fast.apply_unipelt`.
+    UniPELT root, through the ``site`` that :func:`unipelt_fast.apply_unipelt` sets (None:
+    the first task, no mask).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class GatedLoRA(nn.Module):
         self.d_out, self.r = d_out, r
         self.scaling = lora_scaling(alpha, r, gate, gate_replaces_scaling)
         self.out_slices, self.backend = out_slices, backend
+        self.site = None  # hf.root.Site: how this wrapper reaches its model's root
         width = d_out if out_slices is None else sum(b - a for a, b in out_slices)
         self.units = nn.ModuleList(
             LoRAUnit(d_in, width, r, gate, gate_mode) for _ in range(n_tasks)
@@ -100,9 +102,9 @@ class GatedLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        root = self.__dict__.get("_unipelt_root")
+        root = None if self.site is None else self.site.root
         task_ids = None if root is None else root.task_ids_for(x.shape[0])
-        mask = None if root is None else root.mask_for(x)
+        mask = None if root is None else root.mask_for(x, self.site.stack)
         mixed = _tasks.per_task(len(self.units), task_ids)
         t = (0 if root is None else root.default_task) if task_ids is None else 0
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .masks import layer_masks
+from .root import SITE_ATTR
 
 ATTN_NAME = "unipelt"
 
@@ -171,11 +172,12 @@ def unipelt_attention(
     dropout: float = 0.0,
     **kwargs,
 ):
-    """The "unipelt" attention function: prefix attention for tagged self-attention modules,
-    sdpa for everything else (cross-attention). Returns HF's (B, Lq, H, D) layout."""
-    root = module.__dict__.get("_unipelt_root")
-    layer = module.__dict__.get("_unipelt_layer")
-    if root is None or layer is None or root.prefix is None:
+    """The "unipelt" attention function: prefix attention for the attention modules that
+    apply_unipelt gave a prefix site, sdpa for everything else. Returns HF's (B, Lq, H, D)
+    layout."""
+    site = module.__dict__.get(SITE_ATTR)  # hf.root.Site: its prefix rows, gate and masks
+    root = None if site is None else site.root
+    if root is None or root.prefix is None:
         _check_attention_kwargs(module, key, kwargs, prefix=False)
         return _fallback_attention()(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -190,11 +192,10 @@ def unipelt_attention(
         causal = bool(is_causal)
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     position_bias = kwargs.get("position_bias")  # T5: (1 or B, H, Lq, Lk), no mask in it
-    keys_of = module.__dict__.get("_unipelt_keys", "enc")  # whose 2-D mask covers the keys
     kpm, causal, key, value = layer_masks(
-        root, attention_mask, causal, query, key, value, window, keys_of
+        root, attention_mask, causal, query, key, value, window, site.keys_of
     )
-    pk, pv = root.layer_prefix(layer)
+    pk, pv = root.layer_prefix(site.index)
     attn_bias = None
     if position_bias is not None:
         # Token keys keep their relative positions; prefix keys get 0. Under PEFT the bias
@@ -203,7 +204,7 @@ def unipelt_attention(
         if root.backend != "eager":
             bias = bias.detach()
         attn_bias = F.pad(bias, (pk.shape[2], 0))
-    gate = module.__dict__.pop("_unipelt_gate", None)
+    gate = root.gate_slots.pop(site.index, None)  # hooks.prefix_gate_pre_hook's
     B = query.shape[0]
     if gate is not None and gate.shape[0] != B:
         if B % gate.shape[0]:  # never drop the gate silently

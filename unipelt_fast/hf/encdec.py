@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .layout import AttentionBlock, FFNBlock, ModelLayout
+
 # model types whose layers are BART's (self_attn / encoder_attn with q/k/v/out_proj, fc2)
 BART_FAMILY = ("bart", "mbart", "marian", "pegasus")
 # T5Stack blocks: layer[0].SelfAttention, (decoder) layer[1].EncDecAttention, layer[-1] FFN
@@ -84,17 +86,41 @@ def attention_sites(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
     )
 
 
-def ffn_targets(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """(layer, "fc2", stack): the adapter wraps the FFN output projection of every layer
-    of both stacks (before dropout, residual and LayerNorm, like BERT's output.dense)."""
+def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
+    """Every layer's FFN, encoder stack then decoder stack. "ffn_output" wraps its output
+    projection (before dropout, residual and LayerNorm, like BERT's output.dense); the
+    residual placements attach where ``s = x + h`` is visible (layout.FFN_STYLES)."""
     enc, dec = _stacks(model)
+    stacks = [("enc", enc), ("dec", dec)]
+    out = []
     if model.config.model_type in T5_FAMILY:  # T5LayerFF: the FFN before dropout + residual
-        ffn = [blk.layer[-1] for blk in enc] + [blk.layer[-1] for blk in dec]
-        return [
-            (f, "DenseReluDense", s)
-            for f, s in zip(ffn, ["enc"] * len(enc) + ["dec"] * len(dec), strict=True)
-        ]
-    return [(layer, "fc2", "enc") for layer in enc] + [(layer, "fc2", "dec") for layer in dec]
+        for stack, blocks in stacks:
+            for blk in blocks:
+                ff = (blk.layer, str(len(blk.layer) - 1))
+                out.append(FFNBlock((blk.layer[-1], "DenseReluDense"), ff, "sublayer", None, stack))
+        return out
+    post_ln = ffn_is_post_ln(model.config.model_type)
+    for stack, layers in stacks:
+        parent = model.get_encoder() if stack == "enc" else model.get_decoder()
+        for i, layer in enumerate(layers):
+            if post_ln:  # BART, Marian: wrap the post-FFN norm; x is fc1's input
+                blk = FFNBlock(
+                    (layer, "fc2"),
+                    (layer, "final_layer_norm"),
+                    "post_ln_norm",
+                    (layer, "fc1"),
+                    stack,
+                )
+            else:  # mBART, Pegasus: hook the layer (it returns s); x is the pre-FFN norm's input
+                blk = FFNBlock(
+                    (layer, "fc2"),
+                    (parent.layers, str(i)),
+                    "sublayer",
+                    (layer, "final_layer_norm"),
+                    stack,
+                )
+            out.append(blk)
+    return out
 
 
 def ffn_is_post_ln(model_type: str) -> bool:
@@ -103,6 +129,20 @@ def ffn_is_post_ln(model_type: str) -> bool:
     return model_type in ("bart", "marian")
 
 
-def lora_family(model_type: str) -> str:
-    """The families.py naming of the q/k/v projections."""
-    return "t5" if model_type in T5_FAMILY else "llama"  # T5: q/k/v; BART: q_proj/...
+def layout(model: nn.Module, dims: dict) -> ModelLayout:
+    """An encoder-decoder's layout: attention sites in prefix order (encoder self, decoder
+    self, decoder cross), FFNs of both stacks, the encoder."""
+    t5 = model.config.model_type in T5_FAMILY
+    names = ("q", "k", "v") if t5 else ("q_proj", "k_proj", "v_proj")
+    attention = [
+        AttentionBlock(
+            attn,
+            {r: (attn, n, None) for r, n in zip(("query", "key", "value"), names, strict=True)},
+            None,  # "attn_and_ffn_output" is not supported here
+            stack,
+            kind,
+        )
+        for attn, stack, kind in attention_sites(model)
+    ]
+    family = "t5" if t5 else "bart"
+    return ModelLayout(dims, family, attention, ffn_blocks(model), encoder=model.get_encoder())

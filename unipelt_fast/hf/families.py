@@ -1,16 +1,27 @@
-"""Per-family wiring tables: where each model family keeps its attention, FFN and projections."""
+"""Per-family wiring tables: where each model family keeps its attention, FFN and
+projections, collected into the model's :class:`~unipelt_fast.hf.layout.ModelLayout`
+(:func:`model_layout`; encoder-decoders: ``encdec.py``)."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
+from . import encdec
 from .encdec import encdec_dims, is_encdec
+from .layout import AttentionBlock, FFNBlock, ModelLayout
 
-_DEFAULT_HEADS = ("classifier", "score", "qa_outputs")
+DEFAULT_HEADS = ("classifier", "score", "qa_outputs")
 _BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+# each family's names of the query/key/value projections (GPT-2: one fused c_attn)
+PROJECTIONS = {
+    "bert": {"query": "query", "key": "key", "value": "value"},
+    "llama": {"query": "q_proj", "key": "k_proj", "value": "v_proj"},  # and BART's
+    "t5": {"query": "q", "key": "k", "value": "v"},
+}
 
 
-def _dims(config) -> dict:
+def model_dims(config) -> dict:
+    """The sizes UniPELT needs (hidden, layers or attention sites, heads, head_dim)."""
     if is_encdec(config.model_type):
         return encdec_dims(config)
     hidden = config.hidden_size
@@ -28,7 +39,8 @@ def _dims(config) -> dict:
     }
 
 
-def _family(model_type: str) -> str:
+def model_family(model_type: str) -> str:
+    """The wiring family of a decoder-only or BERT-like model type."""
     if model_type in _BERT_LIKE:
         return "bert"
     if model_type == "gpt2":
@@ -53,46 +65,33 @@ def _attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
     return found
 
 
-def _ffn_targets(model: nn.Module, family: str) -> list[tuple[nn.Module, str]]:
+def _ffn_blocks(model: nn.Module, family: str) -> list[FFNBlock]:
     out = []
     for m in model.modules():
-        if family == "bert":
+        if family == "bert":  # BertLayer: the *Output module is dense -> LayerNorm(h + x)
             if hasattr(m, "intermediate") and hasattr(getattr(m, "output", None), "dense"):
-                out.append((m.output, "dense"))
+                out.append(FFNBlock((m.output, "dense"), (m, "output"), "post_ln_output"))
         elif hasattr(m, "mlp") and (hasattr(m, "attn") or hasattr(m, "self_attn")):
-            out.append((m, "mlp"))
+            out.append(FFNBlock((m, "mlp"), (m, "mlp"), "pre_ln_mlp", x_from=_ffn_norm(m)))
     return out
 
 
-def _linear_dims(mod: nn.Module) -> tuple[int, int]:
-    if hasattr(mod, "in_features"):
-        return mod.in_features, mod.out_features
-    w = mod.weight  # HF Conv1D: (d_in, d_out)
-    return w.shape[0], w.shape[1]
+def projections(attn: nn.Module, family: str, hidden: int) -> dict:
+    """role -> (parent, attribute, output columns or None) of one attention module."""
+    if family == "gpt2":  # c_attn's output is [query | key | value]
+        return {
+            r: (attn, "c_attn", (i * hidden, (i + 1) * hidden))
+            for i, r in enumerate(("query", "key", "value"))
+        }
+    return {role: (attn, name, None) for role, name in PROJECTIONS[family].items()}
 
 
-def _lora_targets(attn: nn.Module, family: str, roles, dims) -> list:
-    """(parent, attribute, out_slices) per LoRA target of one attention module."""
-    if family == "gpt2":
-        d = dims["hidden"]
-        pos = {"query": 0, "key": 1, "value": 2}
-        slices = sorted((pos[r] * d, (pos[r] + 1) * d) for r in roles)
-        return [(attn, "c_attn", slices)]
-    names = {"query": "query", "key": "key", "value": "value"}
-    if family == "t5":
-        names = {"query": "q", "key": "k", "value": "v"}
-    elif family != "bert":
-        names = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
-    return [(attn, names[r], None) for r in roles]
-
-
-def _ffn_norm(block: nn.Module) -> nn.Module | None:
-    """A pre-LN block's norm before the FFN (its input is the residual stream).
-
-    Blocks that add something other than the FFN's output to the residual stream are refused
-    (the placements' formulas, hf/placements.py, would silently not hold): a norm on the FFN
-    output (Gemma 2/3's sandwich norms, OLMo2's post-norms, where post_attention_layernorm
-    normalizes the attention output, not the residual) or a residual multiplier (Granite)."""
+def check_residual_placement(block: nn.Module) -> None:
+    """Refuse "block_output" / "ffn_parallel" on blocks that add something other than the FFN's
+    output to the residual stream (the placements' formulas, hf/placements.py, would silently
+    not hold): a norm on the FFN output (Gemma 2/3's sandwich norms, OLMo2's post-norms, where
+    post_attention_layernorm normalizes the attention output, not the residual) or a residual
+    multiplier (Granite)."""
     placements = "adapter placements 'block_output' and 'ffn_parallel'"
     todo = "use AdapterConfig(placement='ffn_output') or 'attn_and_ffn_output'"
     if isinstance(getattr(block, "post_feedforward_layernorm", None), nn.Module):
@@ -108,20 +107,40 @@ def _ffn_norm(block: nn.Module) -> nn.Module | None:
             f"output by residual_multiplier={getattr(block, 'residual_multiplier', mult)} "
             f"before adding it to the residual stream; {todo}"
         )
+
+
+def _ffn_norm(block: nn.Module) -> tuple[nn.Module, str] | None:
+    """A pre-LN block's norm before the FFN (its input is the residual stream)."""
     for name in ("ln_2", "post_attention_layernorm"):
         if isinstance(getattr(block, name, None), nn.Module):
-            return getattr(block, name)
+            return block, name
     return None
 
 
-def _attn_output_target(attn: nn.Module, family: str) -> tuple[nn.Module, str]:
-    """(parent, attribute) of the attention output projection (AdapterHub's mh_adapter site);
-    for BERT-like models its ``*SelfOutput.dense``, found from the self-attention's parent."""
+def _attn_outputs(model: nn.Module, attns: list[nn.Module], family: str) -> list:
+    """(parent, attribute) of each attention output projection (AdapterHub's mh_adapter
+    site), None where not found; for BERT-like models the ``*SelfOutput.dense`` of each
+    self-attention's parent."""
     if family == "gpt2":
-        return attn, "c_proj"
+        return [(a, "c_proj") for a in attns]
     if family == "llama":
-        return attn, "o_proj"
-    raise AssertionError("BERT-like attention outputs are found by _bert_attn_outputs")
+        return [(a, "o_proj") for a in attns]
+    outs = _bert_attn_outputs(model)
+    return outs if len(outs) == len(attns) else [None] * len(attns)
+
+
+def model_layout(model: nn.Module) -> ModelLayout:
+    """Where this model keeps its attention, FFN and projections (layout.py)."""
+    dims = model_dims(model.config)
+    if is_encdec(dims["model_type"]):
+        return encdec.layout(model, dims)
+    family = model_family(dims["model_type"])
+    attns = _attention_modules(model, family)
+    attention = [
+        AttentionBlock(a, projections(a, family, dims["hidden"]), out)
+        for a, out in zip(attns, _attn_outputs(model, attns, family), strict=True)
+    ]
+    return ModelLayout(dims, family, attention, _ffn_blocks(model, family))
 
 
 def _bert_attn_outputs(model: nn.Module) -> list[tuple[nn.Module, str]]:

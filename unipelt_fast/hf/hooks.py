@@ -1,4 +1,10 @@
-"""Forward pre-hooks: model entry (task ids, 2-D mask, soft prompt) and per-layer prefix gates."""
+"""Forward pre-hooks: model entry (task ids, 2-D mask, soft prompt), per-layer prefix gates
+and the residual that adapter placements read.
+
+Every hook is a module-level function: a per-site hook is bound to its :class:`Site` with
+``functools.partial`` (never a closure), so ``copy.deepcopy`` maps it onto the copy's
+modules and pickling carries it. What a hook hands on goes to the root's per-forward state.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,30 @@ import torch
 import torch.nn as nn
 
 from .. import _tasks
-from .root import UniPELTRoot
+from .root import Site, UniPELTRoot
 
 
-def _attn_pre_hook(module: nn.Module, args, kwargs):
-    """Compute this layer's prefix gate G_P from the attention module's input."""
-    root = module.__dict__["_unipelt_root"]
+def prefix_gate_pre_hook(site: Site, module: nn.Module, args, kwargs):
+    """Compute this site's prefix gate G_P from the attention module's input; the attention
+    function takes it from ``root.gate_slots``."""
+    root = site.root
     h = kwargs.get("hidden_states", args[0] if args else None)
     if h is None or root.prefix_gates is None:
         return None
-    gates = root.prefix_gates[module.__dict__["_unipelt_layer"]]
-    mask = root.mask_for(h, module.__dict__.get("_unipelt_stack"))
+    gates = root.prefix_gates[site.index]
+    mask = root.mask_for(h, site.stack)
     dt = gates[0].proj.weight.dtype
-    module.__dict__["_unipelt_gate"] = _tasks.gates(
+    root.gate_slots[site.index] = _tasks.gates(
         gates, h.to(dt), root.task_ids_for(h.shape[0]), root.default_task, mask=mask
     )
+    return None
+
+
+def residual_pre_hook(site: Site, module: nn.Module, args, kwargs):
+    """Record the FFN block's input x (the hooked norm's or projection's input) for the
+    adapter placement that reads it (``placements.py``)."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    site.root.residual_slots[site.index] = x
     return None
 
 
@@ -38,9 +53,10 @@ def _positional_names(model: nn.Module) -> list[str]:
     return _SIGS[cls]
 
 
-def _model_pre_hook(model: nn.Module, args, kwargs):
+def model_pre_hook(model: nn.Module, args, kwargs):
     """Capture task ids and the 2-D mask; prepend the soft prompt."""
     root: UniPELTRoot = model.unipelt
+    root.reset_forward_state()
     if args:
         kwargs = {**dict(zip(_positional_names(model), args, strict=False)), **kwargs}
         args = ()
@@ -63,7 +79,6 @@ def _model_pre_hook(model: nn.Module, args, kwargs):
     if root.prefix is not None and root.cfg.prefix.positions == "after_prefix":
         _positions_after_prefix(model, root, kwargs)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    root.mask_cache = {}  # masks are worked out once per forward (hf.masks.layer_masks)
     dmask = kwargs.get("decoder_attention_mask")
     is_2d = isinstance(dmask, torch.Tensor) and dmask.dim() == 2
     root.dec_mask2d = dmask.bool() if is_2d else None
@@ -103,11 +118,10 @@ def _task_ids_tensor(task_ids, tasks: tuple[str, ...], device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _encoder_pre_hook(encoder: nn.Module, args, kwargs):
+def encoder_pre_hook(root: UniPELTRoot, encoder: nn.Module, args, kwargs):
     """Encoder-decoder models: generate() runs the encoder directly, not through the
     model's forward (whose pre-hook set the state). Then take the encoder's own mask and the
     active task (generate takes no task_ids), instead of a previous forward's."""
-    root: UniPELTRoot = encoder.__dict__["_unipelt_root"]
     ids = kwargs.get("input_ids", args[0] if args else None)
     ref = ids if ids is not None else kwargs.get("inputs_embeds")
     if ref is not None and ref is root.entry_ref:
@@ -117,8 +131,7 @@ def _encoder_pre_hook(encoder: nn.Module, args, kwargs):
             "unipelt: the soft prompt with generate() on encoder-decoder models; call the "
             "model's forward (the prompt is prepended there)"
         )
-    root.task_ids = None
-    root.mask_cache = {}
+    root.reset_forward_state()
     mask = kwargs.get("attention_mask")
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     return None

@@ -23,7 +23,7 @@ def _mask_is(vis: torch.Tensor, kpm: torch.Tensor, causal: bool) -> bool:
     return bool(ok.all())
 
 
-def _convert_mask(
+def convert_mask(
     mask: torch.Tensor | None,
     causal: bool,
     q: torch.Tensor,
@@ -83,7 +83,7 @@ def layer_masks(
     the 4-D mask HF built from it is not inspected. A 2-D mask is passed even when it has no
     padding (knowing that would need a host read). Otherwise (a 4-D mask from the caller, a
     static cache whose slots outnumber the mask, a sliding window shorter than the keys)
-    the 4-D mask is inspected with :func:`_convert_mask`, once per forward per mask.
+    the 4-D mask is inspected with :func:`convert_mask`, once per forward per mask.
     Encoder-decoders: ``keys_of`` "dec" (decoder self-attention) takes the decoder's 2-D
     mask; encoder self- and cross-attention keys are the encoder's tokens.
     """
@@ -105,7 +105,7 @@ def layer_masks(
     key = ("4d", id(mask), B, Lq, Lk, causal)
     hit = cache.get(key)
     if hit is None or hit[0] is not mask:  # the identity check: ids can be reused
-        kpm, c, k2, _ = _convert_mask(mask, causal, q, k, k)
+        kpm, c, k2, _ = convert_mask(mask, causal, q, k, k)
         hit = (mask, kpm, c, k2.shape[2])
         cache[key] = hit
     _, kpm, causal, n = hit

@@ -18,32 +18,32 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .. import _tasks
-from .wrappers import AdapterWrapper, hidden_of
+from .root import Site
+from .wrappers import AdapterWrapper, hidden_of, run_adapters
 
 
-def _run_adapters(wrapper: nn.Module, a_in: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + g * scaling * a(a_in)`` with each example's task adapter: one fused call
-    for the whole (mixed-task) batch."""
-    root = wrapper.__dict__.get("_unipelt_root")
-    task_ids = None if root is None else root.task_ids_for(a_in.shape[0])
-    mask = None if root is None else root.mask_for(a_in, wrapper.__dict__.get("_unipelt_stack"))
-    adapters = wrapper.adapters
-    dt = adapters[0].down.weight.dtype
-    default = 0 if root is None else root.default_task
-    out = _tasks.gated_adapters(
-        adapters, a_in.to(dt), task_ids, default, mask=mask, residual=residual.to(dt)
-    )
-    return out.to(residual.dtype)
+def _recorded_residual(wrapper: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The FFN block's input x that ``hooks.residual_pre_hook`` recorded for this wrapper's
+    site in this forward (taken, so a stale one is never read)."""
+    site = wrapper.site
+    x = None if site is None else site.root.residual_slots.pop(site.index, None)
+    if x is None or x.shape != like.shape:
+        raise RuntimeError(
+            f"unipelt: adapter placement {wrapper.placement!r} did not see this block's "
+            "residual (the hook before its FFN did not run in this forward)"
+        )
+    return x
 
 
 class PostLNOutputWrapper(nn.Module):
     """Replaces a BERT-like ``*Output`` (dense -> dropout -> LayerNorm(h + x)) with a placement
     that reads the residual ``x`` (its ``input_tensor``)."""
 
-    def __init__(self, inner: nn.Module, adapters: nn.ModuleList, placement: str) -> None:
+    def __init__(
+        self, inner: nn.Module, adapters: nn.ModuleList, placement: str, site: Site | None = None
+    ) -> None:
         super().__init__()
-        self.inner, self.adapters, self.placement = inner, adapters, placement
+        self.inner, self.adapters, self.placement, self.site = inner, adapters, placement, site
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, *args, **kwargs):
         inner = self.inner
@@ -52,38 +52,24 @@ class PostLNOutputWrapper(nn.Module):
             a_in = inner.LayerNorm(h + input_tensor)
         else:  # ffn_parallel
             a_in = input_tensor
-        return inner.LayerNorm(_run_adapters(self, a_in, h + input_tensor))
+        return inner.LayerNorm(run_adapters(self, a_in, h + input_tensor))
 
 
 class PreLNMLPWrapper(nn.Module):
     """Wraps a pre-LN block's MLP; the block adds its return value to the residual stream
     ``x``, which a pre-hook on the block's pre-FFN norm records (that norm's input is x)."""
 
-    def __init__(self, inner: nn.Module, adapters: nn.ModuleList, placement: str) -> None:
+    def __init__(
+        self, inner: nn.Module, adapters: nn.ModuleList, placement: str, site: Site | None = None
+    ) -> None:
         super().__init__()
-        self.inner, self.adapters, self.placement = inner, adapters, placement
+        self.inner, self.adapters, self.placement, self.site = inner, adapters, placement, site
 
     def forward(self, *args, **kwargs):
         h, rebuild = hidden_of(self.inner(*args, **kwargs))  # MoE: (h, router output)
-        x = self.__dict__.get("_unipelt_residual")
-        if x is None or x.shape != h.shape:
-            raise RuntimeError(
-                f"unipelt: adapter placement {self.placement!r} did not see this block's "
-                "residual (its pre-FFN norm did not run before the MLP)"
-            )
-        self.__dict__["_unipelt_residual"] = None
+        x = _recorded_residual(self, h)
         a_in = x + h if self.placement == "block_output" else x
-        return rebuild(_run_adapters(self, a_in, h))  # the block adds x
-
-
-def _recorded_residual(wrapper: nn.Module, placement: str, like: torch.Tensor) -> torch.Tensor:
-    x = wrapper.__dict__.get("_unipelt_residual")
-    if x is None or x.shape != like.shape:
-        raise RuntimeError(
-            f"unipelt: adapter placement {placement!r} did not see this block's FFN input"
-        )
-    wrapper.__dict__["_unipelt_residual"] = None
-    return x
+        return rebuild(run_adapters(self, a_in, h))  # the block adds x
 
 
 class PostLNNormWrapper(nn.Module):
@@ -91,16 +77,18 @@ class PostLNNormWrapper(nn.Module):
     Marian), whose input is ``s = x + h``: "block_output" ``N(s + a(N(s)))``,
     "ffn_parallel" ``N(s + a(x))`` (x recorded by a pre-hook on the first FFN projection)."""
 
-    def __init__(self, inner: nn.Module, adapters: nn.ModuleList, placement: str) -> None:
+    def __init__(
+        self, inner: nn.Module, adapters: nn.ModuleList, placement: str, site: Site | None = None
+    ) -> None:
         super().__init__()
-        self.inner, self.adapters, self.placement = inner, adapters, placement
+        self.inner, self.adapters, self.placement, self.site = inner, adapters, placement, site
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         if self.placement == "block_output":
             a_in = self.inner(s)
         else:
-            a_in = _recorded_residual(self, self.placement, s)
-        return self.inner(_run_adapters(self, a_in, s))
+            a_in = _recorded_residual(self, s)
+        return self.inner(run_adapters(self, a_in, s))
 
 
 class SublayerOutputAdapters(nn.Module):
@@ -109,9 +97,12 @@ class SublayerOutputAdapters(nn.Module):
     "block_output" ``s + a(s)``, "ffn_parallel" ``s + a(x)`` (x: the FFN's input, the
     hooked module's input for T5, recorded from the pre-FFN norm otherwise)."""
 
-    def __init__(self, adapters: nn.ModuleList, placement: str, x_is_input: bool) -> None:
+    def __init__(
+        self, adapters: nn.ModuleList, placement: str, x_is_input: bool, site: Site | None = None
+    ) -> None:
         super().__init__()
         self.adapters, self.placement, self.x_is_input = adapters, placement, x_is_input
+        self.site = site
 
     def hook(self, module: nn.Module, args, kwargs, output):
         s = output[0] if isinstance(output, tuple) else output
@@ -120,18 +111,9 @@ class SublayerOutputAdapters(nn.Module):
         elif self.x_is_input:
             a_in = kwargs.get("hidden_states", args[0] if args else None)
         else:
-            a_in = _recorded_residual(self, self.placement, s)
-        new = _run_adapters(self, a_in, s)
+            a_in = _recorded_residual(self, s)
+        new = run_adapters(self, a_in, s)
         return (new, *output[1:]) if isinstance(output, tuple) else new
-
-
-def _residual_pre_hook(wrapper: nn.Module):
-    def hook(module: nn.Module, args, kwargs):
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        wrapper.__dict__["_unipelt_residual"] = x
-        return None
-
-    return hook
 
 
 # Every module that holds a layer's per-task adapters (as ``.adapters``), whatever the placement.

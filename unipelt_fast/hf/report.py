@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..lora import GatedLoRA
-from .families import _DEFAULT_HEADS
+from .families import DEFAULT_HEADS
 from .placements import ADAPTER_HOSTS
-from .root import _root
+from .root import root_of
 
 
 def set_active_task(model: nn.Module, task: str | int) -> None:
     """The task used by forwards that pass no ``task_ids`` (e.g. inside ``generate()``)."""
-    root = _root(model)
+    root = root_of(model)
     tasks = root.cfg.tasks
     if isinstance(task, str):
         if task not in tasks:
@@ -34,7 +34,7 @@ def set_active_task(model: nn.Module, task: str | int) -> None:
 def eject(model: nn.Module) -> nn.Module:
     """Replace the prefix MLP by its fixed per-layer K/V (for inference). Outputs are
     unchanged. Returns the model."""
-    root = _root(model)
+    root = root_of(model)
     if root.prefix is not None and not root.prefix.is_ejected:
         root.prefix.eject()
     return model
@@ -42,7 +42,7 @@ def eject(model: nn.Module) -> nn.Module:
 
 def _method_of_params(model: nn.Module) -> dict[int, str]:
     owner: dict[int, str] = {}
-    root = _root(model)
+    root = root_of(model)
     inner = getattr(model, "module", model)
     for m in inner.modules():
         what = None
@@ -65,11 +65,11 @@ def _method_of_params(model: nn.Module) -> dict[int, str]:
 
 def trainable_report(model: nn.Module) -> str:
     """Trainable / total parameters and %, per method, plus what an inference copy adds."""
-    root = _root(model)
+    root = root_of(model)
     owner = _method_of_params(model)
     inner = getattr(model, "module", model)
     heads = root.cfg.modules_to_save
-    heads = _DEFAULT_HEADS if heads is None else heads
+    heads = DEFAULT_HEADS if heads is None else heads
     seen: set[int] = set()
     total = 0
     per: dict[str, int] = {}

@@ -1,6 +1,9 @@
-"""Per-model UniPELT state: the root module (prefix encoder, gates, prompt, runtime state)."""
+"""Per-model UniPELT state: the root module (prefix encoder, gates, prompt, runtime state)
+and the :class:`Site` records that wire hooked modules to it."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -10,18 +13,49 @@ from ..config import UniPELTConfig
 from ..modules import PrefixEncoder, PrefixGate
 
 
+def _forward_state() -> dict:
+    """The per-forward state of a root, empty. Set at the model's entry (hooks.py), read by
+    the hooks, wrappers and the attention function of that forward."""
+    return {
+        "task_ids": None,  # (B,) LongTensor, or None: the default task
+        "mask2d": None,  # (B, L) bool real-token mask of the model's input
+        "dec_mask2d": None,  # encoder-decoder: the decoder's
+        "mask_cache": {},  # masks.layer_masks, worked out once per forward
+        "entry_ref": None,  # the model forward's input (identity, see encoder_pre_hook)
+        # handed from a hook to the module it precedes, by site index, taken when used:
+        "gate_slots": {},  # a prefix site's gate G_P (B, 2)
+        "residual_slots": {},  # an adapter site's FFN-block input x
+    }
+
+
+# The attribute that carries a hooked HF module's Site (its only UniPELT attribute).
+SITE_ATTR = "unipelt_site"
+
+
+@dataclass(eq=False)
+class Site:
+    """Static wiring of one hooked module, owned by its root (``root.sites``): its slot (the
+    prefix rows and gate of an attention site; the residual slot of an adapter site) and the
+    2-D masks its gates and keys read ("enc"/"dec" in an encoder-decoder; None: the model's
+    one mask). Hooks and wrappers hold a Site, never a closure, so ``copy.deepcopy`` maps it
+    (and through it the root) onto the copy, and pickling carries it."""
+
+    root: UniPELTRoot = field(repr=False)
+    index: int
+    stack: str | None = None
+    keys_of: str = "enc"
+
+
 class UniPELTRoot(nn.Module):
-    """Holds the prefix encoder, prefix gates and soft prompt, plus the runtime state."""
+    """Holds the prefix encoder, prefix gates and soft prompt, the static wiring
+    (``sites``) and all per-forward state (see :meth:`reset_forward_state`)."""
 
     def __init__(self, cfg: UniPELTConfig, dims: dict, backend: str) -> None:
         super().__init__()
         self.cfg, self.dims, self.backend = cfg, dict(dims), backend
         self.default_task = 0
-        self.task_ids: torch.Tensor | None = None
-        self.mask2d: torch.Tensor | None = None
-        self.mask_cache: dict = {}  # hf.masks.layer_masks, reset per forward
-        self.dec_mask2d: torch.Tensor | None = None  # encoder-decoder: the decoder's mask
-        self.entry_ref: torch.Tensor | None = None  # the model forward's input (identity)
+        self.sites: list[Site] = []
+        self.reset_forward_state()
         T, L = len(cfg.tasks), dims["n_layers"]
         gm = "masked_mean" if cfg.gate_mode == "token" else cfg.gate_mode
         self.prefix = self.prefix_gates = self.prompt = None
@@ -47,6 +81,33 @@ class UniPELTRoot(nn.Module):
         self._handles: list = []
 
     # runtime state ---------------------------------------------------------------------------
+    def site(self, index: int, stack: str | None = None, keys_of: str = "enc") -> Site:
+        """A new Site of this root (``index``: its slot in the per-forward state)."""
+        s = Site(self, index, stack, keys_of)
+        self.sites.append(s)
+        return s
+
+    def reset_forward_state(self) -> None:
+        """Forget everything a forward leaves behind (the model pre-hook calls this first)."""
+        self.__dict__.update(_forward_state())
+
+    def __getstate__(self) -> dict:
+        # deepcopy and pickle: the last forward's state is not part of the model (and may
+        # hold non-leaf tensors, which deepcopy refuses)
+        return {**self.__dict__, **_forward_state()}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.cfg.prefix is not None:  # unpickled in a fresh process: the model's config
+            from .attention import _register  # names the "unipelt" attention function
+
+            _register()
+
+    def remove_hooks(self) -> None:
+        """Remove every hook apply_unipelt registered for this root."""
+        for h in self._handles:
+            h.remove()
+
     def task_ids_for(self, batch: int) -> torch.Tensor | None:
         t = self.task_ids
         if t is None or t.shape[0] == batch:
@@ -95,7 +156,8 @@ class UniPELTRoot(nn.Module):
         return kv[0], kv[1]
 
 
-def _root(model: nn.Module) -> UniPELTRoot:
+def root_of(model: nn.Module) -> UniPELTRoot:
+    """The UniPELTRoot of an applied model (or of the model inside a DDP wrapper)."""
     inner = getattr(model, "module", model)  # DDP
     root = getattr(inner, "unipelt", None)
     if not isinstance(root, UniPELTRoot):

@@ -8,6 +8,25 @@ import torch
 import torch.nn as nn
 
 from .. import _tasks
+from .root import Site
+
+
+def run_adapters(
+    wrapper: nn.Module, a_in: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``residual + g * scaling * a(a_in)`` (``residual`` None: ``a_in``) with each example's
+    task adapter of ``wrapper.adapters``: one fused call for the whole (mixed-task) batch.
+    The task ids and mask come from the root of ``wrapper.site`` (none: the first task)."""
+    site = wrapper.site
+    root = None if site is None else site.root
+    task_ids = None if root is None else root.task_ids_for(a_in.shape[0])
+    mask = None if root is None else root.mask_for(a_in, site.stack)
+    adapters = wrapper.adapters
+    dt = adapters[0].down.weight.dtype
+    default = 0 if root is None else root.default_task
+    res = None if residual is None else residual.to(dt)
+    out = _tasks.gated_adapters(adapters, a_in.to(dt), task_ids, default, mask=mask, residual=res)
+    return out.to(a_in.dtype if residual is None else residual.dtype)
 
 
 def hidden_of(out) -> tuple[torch.Tensor, Callable[[torch.Tensor], object]]:
@@ -30,16 +49,10 @@ class AdapterWrapper(nn.Module):
     """Runs the wrapped FFN-output module, then each example's task's gated adapter on its
     output: one fused ``gated_adapter`` call for the whole (mixed-task) batch."""
 
-    def __init__(self, inner: nn.Module, adapters: nn.ModuleList) -> None:
+    def __init__(self, inner: nn.Module, adapters: nn.ModuleList, site: Site | None = None) -> None:
         super().__init__()
-        self.inner, self.adapters = inner, adapters
+        self.inner, self.adapters, self.site = inner, adapters, site
 
     def forward(self, *args, **kwargs):
         y, rebuild = hidden_of(self.inner(*args, **kwargs))
-        root = self.__dict__.get("_unipelt_root")
-        task_ids = None if root is None else root.task_ids_for(y.shape[0])
-        mask = None if root is None else root.mask_for(y, self.__dict__.get("_unipelt_stack"))
-        dt = self.adapters[0].down.weight.dtype
-        default = 0 if root is None else root.default_task
-        out = _tasks.gated_adapters(self.adapters, y.to(dt), task_ids, default, mask=mask)
-        return rebuild(out.to(y.dtype))
+        return rebuild(run_adapters(self, y))

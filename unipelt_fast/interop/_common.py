@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..checkpoint import UniPELTCheckpointError
 from ..config import UniPELTConfig
-from ..hf import UniPELTRoot, _Snapshot, apply_unipelt
+from ..hf import Snapshot, UniPELTRoot, apply_unipelt
 
 
 class InteropError(UniPELTCheckpointError):
@@ -79,7 +79,7 @@ def apply_and_copy(
     inner = getattr(model, "module", model)
     if isinstance(getattr(inner, "unipelt", None), UniPELTRoot):
         raise InteropError(f"{who}: the model already has UniPELT methods; pass its base model")
-    snap = _Snapshot(inner)
+    snap = Snapshot(inner)
     try:
         apply_unipelt(inner, cfg, backend=backend)
         pairs = assign(inner)
@@ -94,11 +94,7 @@ def apply_and_copy(
             for dst, src in pairs:
                 dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
     except BaseException:
-        root = getattr(inner, "unipelt", None)
-        if isinstance(root, UniPELTRoot):
-            for h in root._handles:
-                h.remove()
-        snap.restore()
+        snap.restore()  # also removes the hooks of the root apply_unipelt added
         raise
     return model
 

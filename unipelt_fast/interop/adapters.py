@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from ..config import AdapterConfig, LoRAConfig, PrefixConfig, UniPELTConfig
-from ..hf import _dims, _root
-from ..hf.families import _DEFAULT_HEADS, _family
+from ..hf import model_dims, root_of
+from ..hf.families import DEFAULT_HEADS, model_family
 from ..lora import GatedLoRA
 from ..modules import GatedAdapter
 from ._common import apply_and_copy, head_pairs, lora_ab, need, read_json, read_weights
@@ -170,8 +170,8 @@ def adapters_config(config: dict, model: nn.Module) -> UniPELTConfig:
         "adapters' encoder-decoder layout (which sites get prefixes, LoRA and adapters) is not "
         "mapped",
     )
-    dims = _dims(inner.config)
-    sub = _methods(config, dims, _family(dims["model_type"]), who)
+    dims = model_dims(inner.config)
+    sub = _methods(config, dims, model_family(dims["model_type"]), who)
     return UniPELTConfig(bitfit=False, gate_mode="mean", prompt=False, **sub)
 
 
@@ -187,8 +187,8 @@ def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.M
     inner = getattr(model, "module", model)
     config = getattr(inner, "config", None)
     need(config is not None and hasattr(config, "model_type"), who, "expects an HF model")
-    dims = _dims(config)
-    family = _family(dims["model_type"])
+    dims = model_dims(config)
+    family = model_family(dims["model_type"])
     need(
         meta.get("model_type") in (None, dims["model_type"]),
         who,
@@ -218,9 +218,7 @@ def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.M
         # the base model's
         names = {n for n, _ in inner.named_children()}
         skipped = sorted(
-            n
-            for n in heads
-            if n.split(".")[0] not in _DEFAULT_HEADS or n.split(".")[0] not in names
+            n for n in heads if n.split(".")[0] not in DEFAULT_HEADS or n.split(".")[0] not in names
         )
         if skipped:
             warnings.warn(f"{who}: skipped head tensors {skipped} (not a task head)", stacklevel=2)
@@ -248,7 +246,7 @@ def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.M
             pairs.append((dst, src if reshape is None else src.reshape(reshape)))
             used.add(key)
 
-        root = _root(m)
+        root = root_of(m)
         if cfg.prefix is not None:
             enc = root.prefix
             pool = [k for k in tensors if ".prefix_tuning.prefix_tunings" + tag in k]

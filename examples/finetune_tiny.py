@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> float:
     up.eject(model)  # inference: the prefix MLP becomes fixed K/V
     with tempfile.TemporaryDirectory() as d:
         up.save_unipelt(model, d)
-        size = os.path.getsize(os.path.join(d, "unipelt.safetensors"))
+        size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
         print(f"saved UniPELT checkpoint: {size / 1024:.1f} KiB")
     print(f"loss {first:.4f} -> {avg:.4f}")
     return avg - first

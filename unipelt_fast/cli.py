@@ -18,6 +18,8 @@ import sys
 import textwrap
 import time
 
+from . import _atomic
+
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -337,9 +339,7 @@ def _bench(args, parser, argv) -> int:
     for n in notes:
         print(_wrap(n, args.wide))
     if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write(report.markdown(doc))
+        _atomic.write_text(args.markdown, report.markdown(doc))
     if args.plot:
         for p in report.plot(rows, args.plot):
             print(f"wrote {p}")

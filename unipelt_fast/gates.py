@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import _tasks, reference
+from . import _atomic, _tasks, reference
 from .hf.placements import ADAPTER_HOSTS
 from .hf.root import root_of
 from .lora import GatedLoRA
@@ -229,6 +229,6 @@ def plot_gates(report: GateReport, path: str) -> str:
         ax.set_yticklabels(["input" if r is None else f"layer {r}" for r in rows], fontsize=8)
         ax.set_title(f"task {task}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="gate mean")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
     plt.close(fig)
     return path

@@ -35,6 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from . import _atomic
+
 ARCHS = (80, 90)
 # Per-block shared memory a kernel may use (opt-in maximum) and per-SM resources.
 LIMITS = {
@@ -393,8 +395,7 @@ def collect(
                 for (key, job), res in zip(todo, done, strict=True):
                     results[key] = res
                     if cache:
-                        with open(os.path.join(cache, key + ".json"), "w") as f:
-                            json.dump(res, f)
+                        _atomic.write_text(os.path.join(cache, key + ".json"), json.dumps(res))
                     if progress:
                         progress(f"{job['kernel']} sm_{job['arch']}")
     out = []
@@ -491,8 +492,7 @@ def run(args: argparse.Namespace) -> int:
     spills = [r for r in rows if r["spill_bytes"]]
     print(f"{len(rows)} rows: {len(bad)} do not fit, {len(spills)} spill registers")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([public_row(r) for r in rows], f, indent=1)
+        _atomic.write_text(args.json, json.dumps([public_row(r) for r in rows], indent=1))
         print(f"wrote {args.json}")
     return 0
 

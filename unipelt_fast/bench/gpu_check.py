@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _atomic
 from .report import _finite, device_name, device_slug, git_commit, versions
 from .runners import TimerCfg, dtype_name, first_line, make_case, make_timer
 from .shapes import SHAPES, Shape, _pa, decode_shape
@@ -90,14 +91,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Temp name in the same folder, fsync, rename: a reader sees the old or the new file.
-    The temp name is per process: the watchdog and the script may pack at the same time."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A reader sees the old or the new file (unique temp name: the watchdog and the script
+    may pack at the same time)."""
+    _atomic.write_text(path, text)
 
 
 # ---- stage 0: env.txt --------------------------------------------------------------------------

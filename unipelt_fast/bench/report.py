@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import math
 import os
@@ -13,6 +14,8 @@ import sys
 import textwrap
 
 import torch
+
+from .. import _atomic
 
 OP_COLUMNS = (
     "kind",
@@ -135,23 +138,19 @@ def _finite(x):
 
 
 def write_json(path: str, doc: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_finite(doc), f, indent=1, allow_nan=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(_finite(doc), indent=1, allow_nan=False, default=str)
+    _atomic.write_text(path, text + "\n")
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=OP_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            r = dict(r)
-            r["versions"] = _version_str(r.get("versions") or {})
-            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in OP_COLUMNS})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=OP_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        r = dict(r)
+        r["versions"] = _version_str(r.get("versions") or {})
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in OP_COLUMNS})
+    _atomic.write_text(path, f.getvalue())
 
 
 # ---- text table ----------------------------------------------------------------------------
@@ -455,7 +454,7 @@ def plot(rows: list[dict], outdir: str) -> list[str]:
         else:
             fig.tight_layout()
         path = os.path.join(outdir, f"{kind}_{op}_{dtype}.png")
-        fig.savefig(path, dpi=90)
+        _atomic.write_with(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=90))
         plt.close(fig)
         written.append(path)
     return written

@@ -23,6 +23,7 @@ import re
 import torch
 import torch.nn as nn
 
+from .. import _atomic
 from ..config import LoRAConfig, PrefixConfig, PromptConfig, UniPELTConfig
 from ..hf import model_dims, root_of
 from ..hf.families import model_family
@@ -206,7 +207,9 @@ def save_peft(model: nn.Module, path: str) -> None:
     """Write ``model``'s UniPELT methods as a peft checkpoint directory ``path`` that
     ``peft.PeftModel.from_pretrained(base, path)`` loads. peft holds one method per directory:
     an ungated prefix (written flat) with ``positions="after_prefix"``, an ungated soft prompt,
-    or ungated LoRA; plus the trained heads. Anything else raises InteropError naming it."""
+    or ungated LoRA; plus the trained heads. Anything else raises InteropError naming it.
+    Crash-safe: the two files are swapped in as a unit where the system allows it (see
+    :func:`unipelt_fast._atomic.write_files` and docs/reliability.md)."""
     who = "save_peft"
     inner = getattr(model, "module", model)
     root = root_of(inner)
@@ -298,12 +301,14 @@ def save_peft(model: nn.Module, path: str) -> None:
         for n, p in heads.items():
             state[head_prefix + n] = p
     meta.update(common)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    os.makedirs(path, exist_ok=True)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.items()},
-        os.path.join(path, WEIGHTS + ".safetensors"),
+    blob = save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    text = json.dumps(meta, indent=1, sort_keys=True) + "\n"
+    # peft fixes both names, so the pair is swapped in as one directory where possible (see
+    # _atomic.write_files); weights before config in the per-file fallback
+    _atomic.write_files(
+        path,
+        {WEIGHTS + ".safetensors": blob, CONFIG: text.encode()},
+        owned={CONFIG, WEIGHTS + ".safetensors", WEIGHTS + ".bin"},
     )
-    with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)

@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .config import UniPELTConfig
 from .hf import UniPELTRoot, _dims, _root, _Snapshot, apply_unipelt, eject
 
@@ -28,10 +29,13 @@ class UniPELTCheckpointError(ValueError):
 
 def tuned_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a UniPELT checkpoint holds: every trainable parameter, plus the ejected
-    prefix buffer when there is one."""
+    prefix buffer when there is one. Names are the state_dict's (no activation-checkpoint
+    wrapper prefix); on a sharded model (FSDP2) the values are the local shards."""
     inner = getattr(model, "module", model)
     root = _root(inner)
-    state = {n: p for n, p in inner.named_parameters() if p.requires_grad}
+    state = {
+        distributed.canonical_name(n): p for n, p in inner.named_parameters() if p.requires_grad
+    }
     if root.prefix is not None and root.prefix.is_ejected:
         state["unipelt.prefix.ejected"] = root.prefix.ejected
     return state
@@ -46,12 +50,23 @@ def _sha256(path: str) -> str:
 
 
 def save_unipelt(model: nn.Module, path: str) -> None:
-    """Write the tuned parameters + config to the directory ``path`` (created if needed)."""
-    from safetensors.torch import save_file
+    """Write the tuned parameters + config to the directory ``path`` (created if needed).
 
+    On a model sharded with FSDP2 (``fully_shard``) call it on every rank: the full tuned
+    tensors are gathered, rank 0 writes the same files as an unsharded save, the others wait.
+    """
     inner = getattr(model, "module", model)
     root = _root(inner)
-    state = {n: t.detach().contiguous().cpu() for n, t in tuned_state(inner).items()}
+    if distributed.is_sharded(inner):
+        state = distributed.full_state(inner, list(tuned_state(inner)))  # {} off rank 0
+    else:
+        state = {n: t.detach().contiguous().cpu() for n, t in tuned_state(inner).items()}
+    distributed.write_on_rank0(inner, lambda: _write(root, state, path))
+
+
+def _write(root: UniPELTRoot, state: dict[str, torch.Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
     wpath = os.path.join(path, WEIGHTS)
     save_file(state, wpath)
@@ -121,9 +136,18 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
     equal the saved one) or a plain base model (the saved config is applied first, on
     ``backend``). Raises :class:`UniPELTCheckpointError` and leaves the model untouched on a
     corrupt file or any mismatch. Returns the model.
+
+    A model sharded with FSDP2 must have UniPELT applied before ``fully_shard``; call this on
+    every rank (each reads ``path``): every rank keeps its shard of the loaded tensors.
     """
     inner = getattr(model, "module", model)
     meta, tensors = _read(path)
+    sharded = distributed.is_sharded(inner)
+    if sharded and not isinstance(getattr(inner, "unipelt", None), UniPELTRoot):
+        raise UniPELTCheckpointError(
+            "load_unipelt: this model is sharded (fully_shard) without UniPELT; load the "
+            "checkpoint into the plain model, then shard it"
+        )
     config = getattr(inner, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise UniPELTCheckpointError("load_unipelt: expects a transformers PreTrainedModel")
@@ -169,6 +193,12 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
             snap.restore()
             raise
     state = tuned_state(inner)
+    if sharded:  # the parameters are shards: each rank takes its part of the full values
+        params = {
+            n: tensors[n].to(t.dtype) for n, t in state.items() if isinstance(t, nn.Parameter)
+        }
+        distributed.load_full_state(inner, params)
+        state = {n: t for n, t in state.items() if n not in params}
     with torch.no_grad():
         for n, t in state.items():
             src = tensors[n]
@@ -177,3 +207,64 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
             else:
                 t.copy_(src.to(device=t.device, dtype=t.dtype))
     return model
+
+
+# The file Trainer.resume_from_checkpoint loads with ``model.load_state_dict(strict=False)``.
+HF_WEIGHTS = "model.safetensors"
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **kwargs,
+) -> None:
+    """``model.save_pretrained`` of a model with UniPELT applied (``apply_unipelt`` installs
+    it on the model): the tuned tensors only, never the base model.
+
+    Writes :func:`save_unipelt`'s files plus ``model.safetensors``: the same tensors under
+    the same (state_dict) names, a hard link to ``unipelt.safetensors`` where the filesystem
+    allows (else a copy). ``Trainer`` checkpoints go through here, and its
+    ``resume_from_checkpoint`` loads ``model.safetensors`` with ``load_state_dict(strict=
+    False)``: the tuned tensors come back, the frozen base stays as loaded. No
+    ``config.json`` is written, so ``from_pretrained`` on the directory fails rather than
+    building a model with untrained base weights; load with :func:`load_unipelt`.
+
+    ``state_dict`` (what Trainer passes under FSDP's FULL_STATE_DICT): the full values to
+    take the tuned tensors from, written by the main process with no communication.
+    Without it, a model sharded with FSDP2 is gathered (every rank must call this).
+    """
+    if kwargs.get("push_to_hub"):
+        raise NotImplementedError("save_pretrained(push_to_hub=True) of a UniPELT model")
+    inner = getattr(model, "module", model)
+    root = _root(inner)
+    path = os.fspath(save_directory)
+    names = list(tuned_state(inner))
+    if state_dict is not None:
+        missing = [n for n in names if n not in state_dict]
+        if missing:
+            raise ValueError(f"save_pretrained: state_dict lacks the tuned tensors {missing[:5]}")
+        if is_main_process:
+            state = {n: state_dict[n].detach().contiguous().cpu() for n in names}
+            _write(root, state, path)
+            _link_hf_weights(path)
+        return
+    if distributed.is_sharded(inner):
+        save_unipelt(inner, path)
+        distributed.write_on_rank0(inner, lambda: _link_hf_weights(path))
+    elif is_main_process:
+        save_unipelt(inner, path)
+        _link_hf_weights(path)
+
+
+def _link_hf_weights(path: str) -> None:
+    src, dst = os.path.join(path, WEIGHTS), os.path.join(path, HF_WEIGHTS)
+    if os.path.lexists(dst):
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links here (some network filesystems): a copy
+        import shutil
+
+        shutil.copyfile(src, dst)

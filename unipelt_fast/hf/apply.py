@@ -10,6 +10,7 @@ import torch.nn as nn
 from .._backend import BACKENDS
 from ..bitfit import bitfit
 from ..config import UniPELTConfig
+from ..distributed import is_sharded
 from ..lora import GatedLoRA
 from ..modules import GatedAdapter
 from ..prompt import SoftPrompt
@@ -112,6 +113,11 @@ def apply_unipelt(
         raise ValueError(f"apply_unipelt: backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(getattr(model, "unipelt", None), UniPELTRoot):
         raise ValueError("apply_unipelt: this model already has UniPELT methods")
+    if is_sharded(model):
+        raise ValueError(
+            "apply_unipelt: this model is already sharded (fully_shard / DTensor parameters); "
+            "apply UniPELT first, then shard"
+        )
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise TypeError("apply_unipelt: expects a transformers PreTrainedModel")
@@ -392,12 +398,30 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: _Snapshot) 
         _tag(enc, snap, _unipelt_root=root)
         snap.handles.append(enc.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True))
     root._handles = snap.handles
+    _install_save_pretrained(model, snap)
     # Reentrant gradient checkpointing only backpropagates into a checkpointed block when its
     # input requires grad; with a frozen embedding it would not (and the PELT gradients would
     # silently be lost), so make the embedding output require grad (what peft does too).
     if hasattr(model, "enable_input_require_grads") and device.type != "meta":
         model.enable_input_require_grads()
         snap.handles.append(getattr(model, "_require_grads_hook", None) or _NoHandle())
+
+
+def _install_save_pretrained(model: nn.Module, snap: _Snapshot) -> None:
+    """``model.save_pretrained`` (and so every Trainer checkpoint) writes the tuned tensors
+    only (checkpoint.save_pretrained); the frozen keys become ``_keys_to_ignore_on_save``, the
+    keys Trainer's resume expects to be absent from the checkpoint (no missing-key warning)."""
+    if not hasattr(model, "save_pretrained"):
+        return
+
+    def save_pretrained(save_directory, *args, **kwargs) -> None:
+        from ..checkpoint import save_pretrained as save
+
+        save(model, save_directory, *args, **kwargs)
+
+    tuned = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {k for k in model.state_dict(keep_vars=True) if k not in tuned}
+    _tag(model, snap, save_pretrained=save_pretrained, _keys_to_ignore_on_save=frozen)
 
 
 def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .. import distributed
 from ..lora import GatedLoRA
 from .families import _DEFAULT_HEADS
 from .placements import ADAPTER_HOSTS
@@ -33,10 +34,11 @@ def set_active_task(model: nn.Module, task: str | int) -> None:
 
 def eject(model: nn.Module) -> nn.Module:
     """Replace the prefix MLP by its fixed per-layer K/V (for inference). Outputs are
-    unchanged. Returns the model."""
+    unchanged. Returns the model. On a model sharded with FSDP2, call it on every rank."""
     root = _root(model)
     if root.prefix is not None and not root.prefix.is_ejected:
-        root.prefix.eject()
+        with distributed.unsharded(getattr(model, "module", model), root.prefix):
+            root.prefix.eject()
     return model
 
 

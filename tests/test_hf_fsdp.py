@@ -70,14 +70,14 @@ def _shard(model, *, checkpoint: bool = False, mp_policy=None):
     return model
 
 
-def _train(model, data: dict, rank: int | None, world: int = 2) -> list[float]:
+def _train(model, data: dict, rank: int | None, world: int = 2, steps: int = STEPS) -> list[float]:
     """STEPS AdamW steps; with ``rank``, on this rank's rows; returns the full-batch losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)  # no decay: an unused param stays
     part = data if rank is None else {k: v[rank::world] for k, v in data.items()}
     model.train()
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss = model(**part).loss
         loss.backward()
         opt.step()
@@ -129,7 +129,9 @@ def _scenarios() -> dict[str, dict]:
         # qwen2: LLaMA with q/k/v biases, so BitFit trains too; layers under checkpoint_wrapper
         "fp32_ac_tasks": dict(kind="qwen2", cfg=_full_cfg(), checkpoint=True),
         "bf16_mp": dict(kind="llama", cfg=_full_cfg(tasks=("default",)), mp=True),
-        "triton": dict(kind="llama", cfg=_full_cfg(), backend="triton"),
+        # the triton kernels under the interpreter are slow: 2 steps, and the parent's
+        # one-process reference is eager (the kernels' own tests hold them to eager)
+        "triton": dict(kind="llama", cfg=_full_cfg(), backend="triton", steps=2),
     }
 
 
@@ -145,7 +147,7 @@ def _training(out: str) -> None:
         data = _data(sc["kind"])
         if len(sc["cfg"].tasks) == 1:
             data.pop("task_ids")
-        losses = _train(m, data, dist.get_rank())
+        losses = _train(m, data, dist.get_rank(), steps=sc.get("steps", STEPS))
         up.save_unipelt(m, os.path.join(out, name))
         if dist.get_rank() == 0:
             with open(os.path.join(out, name, "losses.json"), "w") as f:
@@ -226,14 +228,14 @@ def _tuned(path) -> dict[str, torch.Tensor]:
 def test_fsdp2_training_matches_one_process(tmp_path):
     _spawn("training", tmp_path)
     for name, sc in _scenarios().items():
-        m = _model(sc["kind"], sc["cfg"], sc.get("backend", "eager"))
+        m = _model(sc["kind"], sc["cfg"])  # eager: the reference for every backend
         start = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
         data = _data(sc["kind"])
         if len(sc["cfg"].tasks) == 1:
             data.pop("task_ids")
         if sc.get("checkpoint"):
             m.gradient_checkpointing_enable({"use_reentrant": False})
-        losses = _train(m, data, None)
+        losses = _train(m, data, None, steps=sc.get("steps", STEPS))
         up.save_unipelt(m, tmp_path / f"{name}_single")
         got_losses = json.loads((tmp_path / name / "losses.json").read_text())
         got, want = _tuned(tmp_path / name), _tuned(tmp_path / f"{name}_single")
@@ -248,7 +250,17 @@ def test_fsdp2_training_matches_one_process(tmp_path):
             assert (num / den).sqrt() < 0.1, (name, float((num / den).sqrt()))
         else:
             assert got_losses == pytest.approx(losses, rel=1e-5), name
+            # eager: as one process to rounding. triton against the eager reference: Adam
+            # divides by sqrt(v), so a near-zero gradient turns the kernels' rounding into up
+            # to ~1% of a step (lr 1e-2); measured 3e-5
+            atol = 1e-4 if sc.get("backend") == "triton" else 2e-6
             for k in want:
-                torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=2e-6, msg=f"{name} {k}")
+                torch.testing.assert_close(
+                    got[k],
+                    want[k],
+                    rtol=1e-4,
+                    atol=atol,
+                    msg=lambda e, k=f"{name} {k}": f"{k}: {e}",
+                )
         moved = [k for k in want if not torch.equal(want[k], start[k])]
         assert len(moved) == len(want), (name, sorted(set(want) - set(moved))[:5])

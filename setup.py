@@ -75,7 +75,20 @@ setup(
         # matplotlib: tests/test_cli.py checks that `bench --plot` writes PNGs.
         # accelerate: transformers.Trainer refuses to run without it (the Trainer test).
         # peft: the interop tests build peft models with peft itself (tests/test_interop_peft.py).
-        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7", "accelerate", "peft>=0.17"],
+        # bitsandbytes, torchao: the quantized-base tests (tests/test_quantized.py) load 4-bit /
+        # 8-bit bases with them on CPU (tested: bitsandbytes 0.50.2, torchao 0.18.0).
+        "test": [
+            "pytest>=8",
+            "ninja",
+            "ruff",
+            "matplotlib>=3.7",
+            "accelerate",
+            "peft>=0.17",
+            "bitsandbytes>=0.50",
+            "torchao>=0.18",
+        ],
+        # quantized bases (QLoRA-style): transformers' BitsAndBytesConfig, or torchao.
+        "quant": ["bitsandbytes>=0.50", "torchao>=0.18"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
     },
     entry_points={"console_scripts": ["unipelt-fast=unipelt_fast.cli:main"]},

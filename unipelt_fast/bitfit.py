@@ -78,8 +78,12 @@ def _fuse_intermediate_activations(model: nn.Module) -> None:
 
 def is_quantized(weight: torch.Tensor) -> bool:
     """Whether ``weight`` is stored quantized: not a plain floating tensor (bitsandbytes'
-    Params4bit / Int8Params hold integers; torchao's weights are tensor subclasses)."""
-    return not weight.is_floating_point() or type(weight.data) is not torch.Tensor
+    Params4bit / Int8Params hold integers; torchao's weights are tensor subclasses). A
+    sharded (DTensor) weight is judged by its local shard."""
+    data = weight.data
+    if hasattr(data, "to_local") and hasattr(data, "device_mesh"):  # DTensor (FSDP2)
+        data = data.to_local()
+    return not data.is_floating_point() or type(data) is not torch.Tensor
 
 
 def bitfit(model: nn.Module, *, backend: str = "auto", fuse_activations: bool = True) -> nn.Module:

@@ -130,3 +130,20 @@ def test_save_pretrained_writes_the_unipelt_files(tmp_path):
         "unipelt.json",
         "unipelt.safetensors",
     ]
+
+
+def test_save_pretrained_from_a_given_state_dict(tmp_path):
+    """Trainer under FSDP's FULL_STATE_DICT passes the gathered full state on rank 0."""
+    m = _applied()
+    up.save_unipelt(m, str(tmp_path / "up"))
+    full = {k: v.clone() for k, v in m.state_dict().items()}
+    m.save_pretrained(str(tmp_path / "given"), state_dict=full)
+    for name in ("unipelt.safetensors", "unipelt.json"):
+        assert (tmp_path / "given" / name).read_bytes() == (tmp_path / "up" / name).read_bytes()
+    m.save_pretrained(str(tmp_path / "not_main"), state_dict=full, is_main_process=False)
+    assert not (tmp_path / "not_main").exists()
+    lora = next(k for k in full if ".A." in k)
+    with pytest.raises(ValueError, match="lacks the tuned tensors"):
+        m.save_pretrained(
+            str(tmp_path / "bad"), state_dict={k: v for k, v in full.items() if k != lora}
+        )

@@ -413,15 +413,17 @@ def _install_save_pretrained(model: nn.Module, snap: _Snapshot) -> None:
     keys Trainer's resume expects to be absent from the checkpoint (no missing-key warning)."""
     if not hasattr(model, "save_pretrained"):
         return
-
-    def save_pretrained(save_directory, *args, **kwargs) -> None:
-        from ..checkpoint import save_pretrained as save
-
-        save(model, save_directory, *args, **kwargs)
-
     tuned = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {k for k in model.state_dict(keep_vars=True) if k not in tuned}
-    _tag(model, snap, save_pretrained=save_pretrained, _keys_to_ignore_on_save=frozen)
+    # a bound method, so copy.deepcopy(model) gets one bound to the copy
+    save = types.MethodType(_save_pretrained, model)
+    _tag(model, snap, save_pretrained=save, _keys_to_ignore_on_save=frozen)
+
+
+def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs) -> None:
+    from ..checkpoint import save_pretrained
+
+    save_pretrained(model, save_directory, *args, **kwargs)
 
 
 def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:

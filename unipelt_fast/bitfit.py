@@ -76,6 +76,16 @@ def _fuse_intermediate_activations(model: nn.Module) -> None:
             m.intermediate_act_fn = nn.Identity()
 
 
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is stored quantized: not a plain floating tensor (bitsandbytes'
+    Params4bit / Int8Params hold integers; torchao's weights are tensor subclasses). A
+    sharded (DTensor) weight is judged by its local shard."""
+    data = weight.data
+    if hasattr(data, "to_local") and hasattr(data, "device_mesh"):  # DTensor (FSDP2)
+        data = data.to_local()
+    return not data.is_floating_point() or type(data) is not torch.Tensor
+
+
 def bitfit(model: nn.Module, *, backend: str = "auto", fuse_activations: bool = True) -> nn.Module:
     """Freeze every parameter except the biases of nn.Linear, nn.LayerNorm and HF's Conv1D,
     swapping those modules for :class:`BiasOnlyLinear` / :class:`BiasOnlyLayerNorm` (the
@@ -84,6 +94,12 @@ def bitfit(model: nn.Module, *, backend: str = "auto", fuse_activations: bool = 
     With ``fuse_activations`` (default), the activation after a BERT-style intermediate
     dense (``BertIntermediate`` and its copies: RoBERTa, ELECTRA, ...) moves into that
     BiasOnlyLinear, so the kernels fuse it; the function computed is unchanged.
+
+    A Linear whose weight is quantized (:func:`is_quantized`: bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt``, a torchao-quantized ``nn.Linear``) stays as it is, its quantized weight
+    frozen, and trains its bias through its own forward (which adds the bias after the
+    quantized matmul): the bias-only kernels need a dense weight, and a dense copy of a
+    quantized weight is what quantizing the base avoids.
 
     Modules without a bias (e.g. a tied lm_head) are left as they are, frozen. Returns the
     model, changed in place.
@@ -95,7 +111,10 @@ def bitfit(model: nn.Module, *, backend: str = "auto", fuse_activations: bool = 
     for parent in model.modules():
         for name, child in parent.named_children():
             new: nn.Module | None = None
-            if isinstance(child, nn.Linear) and child.bias is not None:
+            linear = isinstance(child, nn.Linear) and child.bias is not None
+            if linear and is_quantized(child.weight):  # kept: its forward adds the bias
+                child.bias.requires_grad_(True)
+            elif linear:
                 new = BiasOnlyLinear.from_linear(child, backend=backend)
             elif conv1d is not None and isinstance(child, conv1d) and child.bias is not None:
                 new = BiasOnlyLinear(child.weight, child.bias, transposed=True, backend=backend)

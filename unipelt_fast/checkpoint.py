@@ -22,7 +22,7 @@ import re
 import torch
 import torch.nn as nn
 
-from . import _atomic
+from . import _atomic, distributed
 from .config import UniPELTConfig
 from .hf import Snapshot, UniPELTRoot, apply_unipelt, eject, model_dims, root_of
 
@@ -44,10 +44,13 @@ class UniPELTCheckpointError(ValueError):
 
 def tuned_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a UniPELT checkpoint holds: every trainable parameter, plus the ejected
-    prefix buffer when there is one."""
+    prefix buffer when there is one. Names are the state_dict's (no activation-checkpoint
+    wrapper prefix); on a sharded model (FSDP2) the values are the local shards."""
     inner = getattr(model, "module", model)
     root = root_of(inner)
-    state = {n: p for n, p in inner.named_parameters() if p.requires_grad}
+    state = {
+        distributed.canonical_name(n): p for n, p in inner.named_parameters() if p.requires_grad
+    }
     if root.prefix is not None and root.prefix.is_ejected:
         state["unipelt.prefix.ejected"] = root.prefix.ejected
     return state
@@ -61,13 +64,25 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def checkpoint_contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """What :func:`save_unipelt` writes: the tuned tensors (contiguous, on the CPU) and the
-    JSON metadata without the weights file's name and hash. A distributed save gathers these
-    in full and has one rank pass them to :func:`write_checkpoint`."""
+def checkpoint_contents(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """What :func:`save_unipelt` writes: the tuned tensors (full, contiguous, on the CPU) and
+    the JSON metadata without the weights file's name and hash. On a model sharded with FSDP2
+    the full tensors are gathered (every rank must call this; ranks other than 0 get none).
+    ``state_dict``: full values to take the tuned tensors from instead (no communication)."""
     inner = getattr(model, "module", model)
     root = root_of(inner)
-    state = {n: t.detach().contiguous().cpu() for n, t in tuned_state(inner).items()}
+    names = list(tuned_state(inner))
+    if state_dict is not None:
+        missing = [n for n in names if n not in state_dict]
+        if missing:
+            raise ValueError(f"save_pretrained: state_dict lacks the tuned tensors {missing[:5]}")
+        state = {n: state_dict[n].detach().contiguous().cpu() for n in names}
+    elif distributed.is_sharded(inner):
+        state = distributed.full_state(inner, names)  # {} off rank 0
+    else:
+        state = {n: t.detach().contiguous().cpu() for n, t in tuned_state(inner).items()}
     meta = {
         "format": FORMAT,
         "model_type": root.dims["model_type"],
@@ -103,9 +118,14 @@ def write_checkpoint(path: str, state: dict[str, torch.Tensor], meta: dict) -> N
 
 def save_unipelt(model: nn.Module, path: str) -> None:
     """Write the tuned parameters + config to the directory ``path`` (created if needed).
-    Crash-safe: killed at any moment, ``path`` still loads as the old or the new checkpoint."""
-    state, meta = checkpoint_contents(model)
-    write_checkpoint(path, state, meta)
+    Crash-safe: killed at any moment, ``path`` still loads as the old or the new checkpoint.
+
+    On a model sharded with FSDP2 (``fully_shard``) call it on every rank: the full tuned
+    tensors are gathered, rank 0 writes the same files as an unsharded save, the others wait.
+    """
+    inner = getattr(model, "module", model)
+    state, meta = checkpoint_contents(inner)
+    distributed.write_on_rank0(inner, lambda: write_checkpoint(path, state, meta))
 
 
 def weights_path(path: str, meta: dict) -> str:
@@ -119,6 +139,12 @@ def weights_path(path: str, meta: dict) -> str:
             f"({name!r})"
         )
     return os.path.join(path, name)
+
+
+def weights_file(path: str) -> str:
+    """The weights file of the checkpoint directory ``path``: the one its JSON names."""
+    with open(os.path.join(path, META)) as f:
+        return weights_path(path, json.load(f))
 
 
 def _read(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -181,9 +207,18 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
     equal the saved one) or a plain base model (the saved config is applied first, on
     ``backend``). Raises :class:`UniPELTCheckpointError` and leaves the model untouched on a
     corrupt file or any mismatch. Returns the model.
+
+    A model sharded with FSDP2 must have UniPELT applied before ``fully_shard``; call this on
+    every rank (each reads ``path``): every rank keeps its shard of the loaded tensors.
     """
     inner = getattr(model, "module", model)
     meta, tensors = _read(path)
+    sharded = distributed.is_sharded(inner)
+    if sharded and not isinstance(getattr(inner, "unipelt", None), UniPELTRoot):
+        raise UniPELTCheckpointError(
+            "load_unipelt: this model is sharded (fully_shard) without UniPELT; load the "
+            "checkpoint into the plain model, then shard it"
+        )
     config = getattr(inner, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise UniPELTCheckpointError("load_unipelt: expects a transformers PreTrainedModel")
@@ -229,6 +264,12 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
             snap.restore()
             raise
     state = tuned_state(inner)
+    if sharded:  # the parameters are shards: each rank takes its part of the full values
+        params = {
+            n: tensors[n].to(t.dtype) for n, t in state.items() if isinstance(t, nn.Parameter)
+        }
+        distributed.load_full_state(inner, params)
+        state = {n: t for n, t in state.items() if n not in params}
     with torch.no_grad():
         for n, t in state.items():
             src = tensors[n]
@@ -237,3 +278,62 @@ def load_unipelt(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Mo
             else:
                 t.copy_(src.to(device=t.device, dtype=t.dtype))
     return model
+
+
+# The file Trainer.resume_from_checkpoint loads with ``model.load_state_dict(strict=False)``.
+HF_WEIGHTS = "model.safetensors"
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **kwargs,
+) -> None:
+    """``model.save_pretrained`` of a model with UniPELT applied (``apply_unipelt`` installs
+    it on the model): the tuned tensors only, never the base model.
+
+    Writes :func:`save_unipelt`'s files plus ``model.safetensors``: the same tensors under
+    the same (state_dict) names, a hard link to the weights file ``unipelt.json`` names where
+    the filesystem allows (else a copy). ``Trainer`` checkpoints go through here, and its
+    ``resume_from_checkpoint`` loads ``model.safetensors`` with ``load_state_dict(strict=
+    False)``: the tuned tensors come back, the frozen base stays as loaded. No
+    ``config.json`` is written, so ``from_pretrained`` on the directory fails rather than
+    building a model with untrained base weights; load with :func:`load_unipelt`.
+
+    ``state_dict`` (what Trainer passes under FSDP's FULL_STATE_DICT): the full values to
+    take the tuned tensors from, written by the main process with no communication.
+    Without it, a model sharded with FSDP2 is gathered (every rank must call this).
+    """
+    if kwargs.get("push_to_hub"):
+        raise NotImplementedError("save_pretrained(push_to_hub=True) of a UniPELT model")
+    inner = getattr(model, "module", model)
+    path = os.fspath(save_directory)
+    if state_dict is not None:  # full values given: the main process writes, no gathering
+        if is_main_process:
+            write_checkpoint(path, *checkpoint_contents(inner, state_dict))
+            _link_hf_weights(path)
+        return
+    if distributed.is_sharded(inner):
+        save_unipelt(inner, path)
+        distributed.write_on_rank0(inner, lambda: _link_hf_weights(path))
+    elif is_main_process:
+        save_unipelt(inner, path)
+        _link_hf_weights(path)
+
+
+def _link_hf_weights(path: str) -> None:
+    """``model.safetensors``: a hard link to the weights the checkpoint JSON names (a copy
+    where the filesystem has no hard links), put in place by one rename (crash-safe)."""
+    src = weights_file(path)
+    dst = os.path.join(path, HF_WEIGHTS)
+    tmp = _atomic.temp_name(dst)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network filesystems): a copy
+        with open(src, "rb") as f:
+            _atomic.write_bytes(dst, f.read())
+        return
+    os.replace(tmp, dst)
+    _atomic.fsync_dir(path)

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .._backend import BACKENDS
 from ..config import UniPELTConfig
+from ..distributed import is_sharded
 from .families import model_layout
 from .hooks import encoder_pre_hook, model_pre_hook
 from .inject import (
@@ -52,6 +53,16 @@ def apply_unipelt(
         raise ValueError(f"apply_unipelt: backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(getattr(model, "unipelt", None), UniPELTRoot):
         raise ValueError("apply_unipelt: this model already has UniPELT methods")
+    if is_sharded(model):
+        raise ValueError(
+            "apply_unipelt: this model is already sharded (fully_shard / DTensor parameters); "
+            "apply UniPELT first, then shard"
+        )
+    if is_sharded(model):
+        raise ValueError(
+            "apply_unipelt: this model is already sharded (fully_shard / DTensor parameters); "
+            "apply UniPELT first, then shard"
+        )
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise TypeError("apply_unipelt: expects a transformers PreTrainedModel")
@@ -136,6 +147,7 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: Snapshot) -
         hook = functools.partial(encoder_pre_hook, root)
         snap.handles.append(layout.encoder.register_forward_pre_hook(hook, with_kwargs=True))
     root._handles = snap.handles
+    _install_save_pretrained(model, snap)
     # Reentrant gradient checkpointing only backpropagates into a checkpointed block when its
     # input requires grad; with a frozen embedding it would not (and the PELT gradients would
     # silently be lost), so make the embedding output require grad (what peft does too).
@@ -153,6 +165,25 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: Snapshot) -
 
 def _inputs_require_grad(module: nn.Module, args, output: torch.Tensor) -> None:
     output.requires_grad_(True)  # what transformers' enable_input_require_grads hook does
+
+
+def _install_save_pretrained(model: nn.Module, snap: Snapshot) -> None:
+    """``model.save_pretrained`` (and so every Trainer checkpoint) writes the tuned tensors
+    only (checkpoint.save_pretrained); the frozen keys become ``_keys_to_ignore_on_save``, the
+    keys Trainer's resume expects to be absent from the checkpoint (no missing-key warning)."""
+    if not hasattr(model, "save_pretrained"):
+        return
+    tuned = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {k for k in model.state_dict(keep_vars=True) if k not in tuned}
+    # a partial over a module-level function: deepcopy binds it to the copy, pickle keeps it
+    save = functools.partial(_save_pretrained, model)
+    snap.tag(model, save_pretrained=save, _keys_to_ignore_on_save=frozen)
+
+
+def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs) -> None:
+    from ..checkpoint import save_pretrained
+
+    save_pretrained(model, save_directory, *args, **kwargs)
 
 
 class _NoHandle:

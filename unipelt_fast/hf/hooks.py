@@ -97,7 +97,9 @@ def _task_ids_tensor(task_ids, tasks: tuple[str, ...], device) -> torch.Tensor:
                 f"task_ids must be an integer tensor (LongTensor) or a list of task names "
                 f"{tasks}, got a {task_ids.dtype} tensor"
             )
-        return task_ids.to(device=device, dtype=torch.long).reshape(-1)
+        # contiguous: a strided view (a rank's rows ids[r::world]) reached the triton kernels,
+        # which read adapter_index as dense (issue 27)
+        return task_ids.to(device=device, dtype=torch.long).reshape(-1).contiguous()
     if isinstance(task_ids, str) or not isinstance(task_ids, list | tuple):
         raise TypeError(
             f"task_ids must be an integer tensor (LongTensor) or a list of task names {tasks}, "

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn as nn
 
+from .. import distributed
+from ..bitfit import is_quantized
 from ..lora import GatedLoRA
 from .families import DEFAULT_HEADS
 from .placements import ADAPTER_HOSTS
@@ -33,10 +38,11 @@ def set_active_task(model: nn.Module, task: str | int) -> None:
 
 def eject(model: nn.Module) -> nn.Module:
     """Replace the prefix MLP by its fixed per-layer K/V (for inference). Outputs are
-    unchanged. Returns the model."""
+    unchanged. Returns the model. On a model sharded with FSDP2, call it on every rank."""
     root = root_of(model)
     if root.prefix is not None and not root.prefix.is_ejected:
-        root.prefix.eject()
+        with distributed.unsharded(getattr(model, "module", model), root.prefix):
+            root.prefix.eject()
     return model
 
 
@@ -63,6 +69,28 @@ def _method_of_params(model: nn.Module) -> dict[int, str]:
     return owner
 
 
+def _numel(p: torch.Tensor) -> int:
+    """The parameter's logical element count (bitsandbytes 4-bit packs two per byte)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes the tensor holds, quantization scales included; a sharded (DTensor) tensor
+    counts in full (the whole model's memory, over all ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor) or not hasattr(t, "__tensor_flatten__"):
+        n = t.numel() * t.element_size()
+        absmax = getattr(getattr(t, "quant_state", None), "absmax", None)
+        for scales in (absmax, getattr(t, "SCB", None)):  # bitsandbytes 4-bit / 8-bit scales
+            if isinstance(scales, torch.Tensor):
+                n += scales.numel() * scales.element_size()
+        return n
+    names, _ = t.__tensor_flatten__()  # a tensor subclass (torchao): its inner tensors
+    return sum(_nbytes(getattr(t, name)) for name in names)
+
+
 def trainable_report(model: nn.Module) -> str:
     """Trainable / total parameters and %, per method, plus what an inference copy adds."""
     root = root_of(model)
@@ -71,20 +99,22 @@ def trainable_report(model: nn.Module) -> str:
     heads = root.cfg.modules_to_save
     heads = DEFAULT_HEADS if heads is None else heads
     seen: set[int] = set()
-    total = 0
+    total = frozen_bytes = n_quantized = 0
     per: dict[str, int] = {}
     for name, p in inner.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += _numel(p)
         if not p.requires_grad:
+            frozen_bytes += _nbytes(p)
+            n_quantized += is_quantized(p)
             continue
         what = owner.get(id(p))
         if what is None:
             in_head = any(part in heads for part in name.split("."))
             what = "bitfit" if name.endswith("bias") and not in_head else "head"
-        per[what] = per.get(what, 0) + p.numel()
+        per[what] = per.get(what, 0) + _numel(p)
     trainable = sum(per.values())
     base = total - sum(n for w, n in per.items() if w in ("adapter", "lora", "prefix", "prompt"))
     lines = [
@@ -96,6 +126,8 @@ def trainable_report(model: nn.Module) -> str:
     for what in ("bitfit", "adapter", "prefix", "lora", "prompt", "head"):
         if what in per:
             lines.append(f"  {what:<8} {per[what]:>12,}  ({100 * per[what] / max(total, 1):.3f}%)")
+    quantized = f", {n_quantized} of them quantized" if n_quantized else ""
+    lines.append(f"frozen weights: {frozen_bytes / 2**20:,.2f} MiB in memory{quantized}")
     if root.prefix is not None and root.prefix.reparam:
         d = root.dims
         kv = len(root.cfg.tasks) * root.prefix.prefix_len * root.prefix.n_layers * 2

@@ -23,7 +23,7 @@ import re
 import torch
 import torch.nn as nn
 
-from .. import _atomic
+from .. import _atomic, distributed
 from ..config import LoRAConfig, PrefixConfig, PromptConfig, UniPELTConfig
 from ..hf import model_dims, root_of
 from ..hf.families import model_family
@@ -209,7 +209,8 @@ def save_peft(model: nn.Module, path: str) -> None:
     an ungated prefix (written flat) with ``positions="after_prefix"``, an ungated soft prompt,
     or ungated LoRA; plus the trained heads. Anything else raises InteropError naming it.
     Crash-safe: the two files are swapped in as a unit where the system allows it (see
-    :func:`unipelt_fast._atomic.write_files` and docs/reliability.md)."""
+    :func:`unipelt_fast._atomic.write_files` and docs/reliability.md). On a model sharded
+    with FSDP2, call it on every rank: rank 0 writes the full tensors."""
     who = "save_peft"
     inner = getattr(model, "module", model)
     root = root_of(inner)
@@ -236,6 +237,15 @@ def save_peft(model: nn.Module, path: str) -> None:
     task = _task_type(inner)
     common = {"task_type": task, "inference_mode": True, "base_model_name_or_path": None}
     trained = {n: p for n, p in inner.named_parameters() if p.requires_grad}
+    full: dict[int, torch.Tensor] = {}  # sharded (FSDP2): the full values, on rank 0
+    if distributed.is_sharded(inner):
+        fqn = {id(p): distributed.canonical_name(n) for n, p in trained.items()}
+        gathered = distributed.full_state(inner, list(fqn.values()))
+        full = {i: gathered[n] for i, n in fqn.items() if n in gathered}
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        return full.get(id(t), t)
+
     if methods == ["lora"]:
         lc = cfg.lora
         if family == "gpt2" and set(lc.targets) != {"query", "key", "value"}:
@@ -244,8 +254,9 @@ def save_peft(model: nn.Module, path: str) -> None:
         names = set()
         for n, w in wrappers.items():
             A, B = lora_ab(w)
-            state[f"base_model.model.{n}.lora_A.weight"] = A
-            state[f"base_model.model.{n}.lora_B.weight"] = B
+            key = f"base_model.model.{distributed.canonical_name(n)}"
+            state[f"{key}.lora_A.weight"] = value(A)
+            state[f"{key}.lora_B.weight"] = value(B)
             names.add(n.rsplit(".", 1)[-1])
         lora_params = {id(p) for w in wrappers.values() for p in w.units.parameters()}
         head_prefix = "base_model.model."
@@ -286,21 +297,25 @@ def save_peft(model: nn.Module, path: str) -> None:
                 encoder_hidden_size=dims["hidden"],
                 prefix_projection=False,
             )
-            with torch.no_grad():
-                state["prompt_embeddings"] = root.prefix._flat()[0]
+            with torch.no_grad(), distributed.unsharded(inner, root.prefix):
+                state["prompt_embeddings"] = root.prefix._flat()[0].clone()
             own = {id(p) for p in root.prefix.parameters()}
         else:
             meta.update(peft_type="PROMPT_TUNING", token_dim=dims["hidden"])
             meta["prompt_tuning_init"] = "RANDOM"
-            state["prompt_embeddings"] = root.prompt.embeddings[0]
+            state["prompt_embeddings"] = value(root.prompt.embeddings)[0]
             own = {id(root.prompt.embeddings)}
         head_prefix = "base_model."
     heads = {n: p for n, p in trained.items() if id(p) not in own}
     if heads:
         meta["modules_to_save"] = sorted({n.split(".")[0] for n in heads})
         for n, p in heads.items():
-            state[head_prefix + n] = p
+            state[head_prefix + distributed.canonical_name(n)] = value(p)
     meta.update(common)
+    distributed.write_on_rank0(inner, lambda: _write_peft(state, meta, path))
+
+
+def _write_peft(state: dict[str, torch.Tensor], meta: dict, path: str) -> None:
     from safetensors.torch import save
 
     blob = save({k: v.detach().contiguous().cpu() for k, v in state.items()})

@@ -56,7 +56,8 @@ setup(
     packages=[
         "unipelt_fast",
         "unipelt_fast.bench",
-        "unipelt_fast.hf", "unipelt_fast.interop", "unipelt_fast.kernels", "unipelt_fast.csrc"],
+        "unipelt_fast.hf", "unipelt_fast.interop", "unipelt_fast.ops", "unipelt_fast.kernels",
+        "unipelt_fast.csrc"],
     package_dir={
         "unipelt_fast": "unipelt_fast",
         "unipelt_fast.kernels": "kernels",

@@ -11,7 +11,7 @@ accumulation.
 
 Rows that fit one block (N <= 16384) stay in registers; wider rows loop over N in blocks.
 
-Calling convention: see ``unipelt_fast/ops.py``.
+Calling convention: see ``unipelt_fast/ops/bias_only_layer_norm.py`` and docs/ops.md.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import triton.language as tl
 
 from unipelt_fast import _alloc
 from unipelt_fast._alloc import new_output, on_input_device
+from unipelt_fast._args import BiasOnlyLayerNormArgs
 
 MAX_BLOCK_N = 16384  # widest row kept whole in registers; tests lower it to cover the loop
 MAX_BLOCK_M = 32  # most rows per backward row block; tests lower it to cover the row loop
@@ -219,10 +220,9 @@ def _num_warps(tile: int) -> int:
 
 
 @on_input_device
-def forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(a: BiasOnlyLayerNormArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): y (M, N) contiguous in x's dtype; mean, rstd float32 (M,)."""
+    x, weight, bias, eps = a.x, a.weight, a.bias, a.eps
     M, N = x.shape
     y = new_output((M, N), x.dtype, x.device)
     mean = new_output((M,), torch.float32, x.device)
@@ -249,14 +249,11 @@ def forward(
 
 @on_input_device
 def backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    a: BiasOnlyLayerNormArgs, grad_y: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias): dx in x's dtype and layout (as the op's fake impl promises), dbias in
     x's dtype accumulated in fp32. d gamma is never computed."""
+    x, weight = a.x, a.weight
     M, N = x.shape
     grad_y = grad_y.contiguous()
     # empty_like keeps a dense x's layout, matching the registered fake (torch.empty_like).

@@ -15,7 +15,7 @@ needs no partial sums or second stage. The column blocks are narrow enough (down
 give every SM programs. Then ``dx = grad_pre @ W`` on the vendor GEMM. No weight gradient
 is computed or allocated.
 
-Calling convention: see ``unipelt_fast/ops.py``.
+Calling convention: see ``unipelt_fast/ops/bias_only_linear.py`` and docs/ops.md.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from unipelt_fast._alloc import new_output, on_input_device
+from unipelt_fast._args import BiasOnlyLinearArgs
 
 # activation codes (constexpr in the kernels)
 _ACT = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
@@ -152,10 +153,9 @@ def _bwd_blocks(N: int, device: torch.device) -> tuple[int, int]:
 
 
 @on_input_device
-def forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(a: BiasOnlyLinearArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """y = act(x @ weight.T + bias), plus pre for gelu/gelu_tanh/silu/tanh (else (0,))."""
+    x, weight, bias, activation = a.x, a.weight, a.bias, a.activation
     M, N = x.shape[0], weight.shape[0]
     act = _ACT[activation]
     empty = x.new_empty((0,))
@@ -184,10 +184,12 @@ def forward(
 
 @on_input_device
 def backward(
-    grad_y: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor, activation: str
+    a: BiasOnlyLinearArgs, grad_y: torch.Tensor, saved: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias): grad_pre = grad_y * act'(pre) and its column sums in one launch, then
-    dx = grad_pre @ weight. dbias is in grad_y's dtype, accumulated in fp32."""
+    dx = grad_pre @ weight. dbias is in grad_y's dtype, accumulated in fp32. a.x is an
+    empty placeholder here (x is never saved)."""
+    weight, activation = a.weight, a.activation
     M, N = grad_y.shape
     act = _ACT[activation]
     grad_y = grad_y.contiguous()

@@ -1,6 +1,7 @@
 """Fused gated bottleneck adapter: ``residual + g * scaling * (act(x @ Wd.T + bd) @ Wu.T + bu)``.
 
-Calling convention: see the top of ``unipelt_fast/ops.py`` (gated_adapter).
+Calling convention: ``forward(a)``/``backward(a, ...)`` with ``a`` the op's argument record;
+see ``unipelt_fast/ops/gated_adapter.py`` and docs/ops.md.
 
 Forward. One program per block of BM rows (64-128 on a GPU, autotuned: each program streams
 all of Wd and Wu from L2, so larger row blocks read them fewer times). Walk 1 over d builds
@@ -40,6 +41,7 @@ import triton.language as tl
 
 from unipelt_fast import _autotune
 from unipelt_fast._alloc import new_output, on_input_device
+from unipelt_fast._args import GatedAdapterArgs
 
 Tensor = torch.Tensor
 
@@ -553,22 +555,11 @@ def _mask_args(gate_mask: Tensor | None, dummy: Tensor) -> tuple[Tensor, int, in
 
 
 @on_input_device
-def forward(
-    x: Tensor,
-    w_down: Tensor,
-    b_down: Tensor | None,
-    w_up: Tensor,
-    b_up: Tensor | None,
-    residual: Tensor | None,
-    w_gate: Tensor | None,
-    b_gate: Tensor | None,
-    gate_mask: Tensor | None,
-    gate_mode: str,
-    activation: str,
-    scaling: float,
-    *,
-    adapter_index: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def forward(a: GatedAdapterArgs) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, z, s) for canonical arguments (the contract: unipelt_fast/ops/gated_adapter.py)."""
+    x, w_down, b_down, w_up, b_up = a.x, a.w_down, a.b_down, a.w_up, a.b_up
+    residual, w_gate, b_gate, gate_mode = a.residual, a.w_gate, a.b_gate, a.gate_mode
+    gate_mask, activation, scaling, adapter_index = a.gate_mask, a.activation, a.scaling, a.adapter_index
     B, L, D = x.shape
     R = w_down.shape[-2]
     M = B * L
@@ -646,24 +637,14 @@ def forward(
 
 @on_input_device
 def backward(
-    grad_out: Tensor,
-    x: Tensor,
-    w_down: Tensor,
-    b_down: Tensor | None,
-    w_up: Tensor,
-    b_up: Tensor | None,
-    residual_is_x: bool,
-    w_gate: Tensor | None,
-    b_gate: Tensor | None,
-    gate_mask: Tensor | None,
-    z: Tensor,
-    s: Tensor,
-    gate_mode: str,
-    activation: str,
-    scaling: float,
-    *,
-    adapter_index: Tensor | None = None,
+    a: GatedAdapterArgs, grad_out: Tensor, z: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dw_down, db_down, dw_up, db_up, dw_gate, db_gate) (the contract:
+    unipelt_fast/ops/gated_adapter.py); a.residual is None when the residual was x."""
+    x, w_down, b_down, w_up, b_up = a.x, a.w_down, a.b_down, a.w_up, a.b_up
+    w_gate, b_gate, gate_mode, gate_mask = a.w_gate, a.b_gate, a.gate_mode, a.gate_mask
+    activation, scaling, adapter_index = a.activation, a.scaling, a.adapter_index
+    residual_is_x = a.residual is None
     B, L, D = x.shape
     R = w_down.shape[-2]
     D_OUT = w_up.shape[-2]

@@ -28,7 +28,8 @@ Backward, three launches; dO and O are read through their own strides (no copies
 3. the partials summed per task (and the gate's per example) in a fixed order.
 Every reduction is deterministic.
 
-Calling convention: see ``unipelt_fast/ops.py``.
+Calling convention: ``forward(a)``/``backward(a, ...)`` with ``a`` the op's argument record;
+see ``unipelt_fast/ops/prefix_attention.py`` and docs/ops.md.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import triton.language as tl
 
 from unipelt_fast import _autotune
 from unipelt_fast._alloc import new_output, new_output_like, on_input_device
+from unipelt_fast._args import PrefixAttentionArgs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1066,7 +1068,7 @@ def _dropout_args(
     if dropout_p <= 0:
         return q, (0.0, 1.0)
     if seed is None:
-        raise ValueError("prefix_attention: dropout_p > 0 needs the seed tensor (see ops.py)")
+        raise ValueError("prefix_attention: dropout_p > 0 needs the seed tensor (see ops.dropout_seed)")
     return seed, (float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
 
 
@@ -1090,7 +1092,7 @@ def dropout_keep_mask(
     seed: torch.Tensor, B: int, H: int, Lq: int, P: int, Lk: int, dropout_p: float
 ) -> torch.Tensor:
     """Debug hook: the bool keep-mask (B, H, Lq, P + Lk), columns [prefix ; tokens], that a
-    triton ``forward``/``backward`` with this ``seed`` (the int64 (1,) tensor ops.py draws,
+    triton ``forward``/``backward`` with this ``seed`` (the int64 (1,) tensor the op draws,
     see ``unipelt_fast.ops.dropout_seed``) and ``dropout_p`` uses. Pass it as
     ``reference.prefix_attention(..., dropout_mask=)`` to reproduce that call exactly."""
     PP, nc4 = triton.cdiv(P, 4) * 4, triton.cdiv(P, 4) + triton.cdiv(Lk, 4)
@@ -1103,21 +1105,12 @@ def dropout_keep_mask(
 
 
 @on_input_device
-def forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor,
-    prefix_gate: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    softmax_scale: float,
-    attn_bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(a: PrefixAttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for canonical arguments (the contract: unipelt_fast/ops/prefix_attention.py)."""
+    q, k, v, prefix_k, prefix_v = a.q, a.k, a.v, a.prefix_k, a.prefix_v
+    prefix_index, prefix_gate, key_padding_mask = a.prefix_index, a.prefix_gate, a.key_padding_mask
+    causal, softmax_scale, attn_bias = a.causal, a.softmax_scale, a.attn_bias
+    dropout_p, seed = a.dropout_p, a.seed
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = prefix_k.shape[2]
@@ -1161,25 +1154,15 @@ def forward(
 
 @on_input_device
 def backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    prefix_index: torch.Tensor,
-    prefix_gate: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    softmax_scale: float,
-    attn_bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
+    a: PrefixAttentionArgs, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
 ]:
+    """(dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate) (the contract: ops/prefix_attention.py)."""
+    q, k, v, prefix_k, prefix_v = a.q, a.k, a.v, a.prefix_k, a.prefix_v
+    prefix_index, prefix_gate, key_padding_mask = a.prefix_index, a.prefix_gate, a.key_padding_mask
+    causal, softmax_scale, attn_bias = a.causal, a.softmax_scale, a.attn_bias
+    dropout_p, seed = a.dropout_p, a.seed
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     T, P = prefix_k.shape[0], prefix_k.shape[2]

@@ -1,4 +1,4 @@
-"""A pure-PyTorch implementation of the kernel calling convention (see unipelt_fast/ops.py).
+"""A pure-PyTorch implementation of the kernel calling convention (see docs/ops.md).
 
 It lets CPU tests exercise the torch.library wiring (fake impls, registered autograd,
 torch.compile tracing, opcheck) without any kernel. Backward recomputes with autograd.
@@ -6,6 +6,7 @@ torch.compile tracing, opcheck) without any kernel. Backward recomputes with aut
 
 from __future__ import annotations
 
+import importlib
 import types
 
 import torch
@@ -34,121 +35,75 @@ def _vjp(fn, inputs, grad_out):
 
 
 # ---- prefix_attention ----------------------------------------------------------------------
-def pa_forward(q, k, v, pk, pv, idx, gate, kpm, causal, scale, attn_bias=None):
-    kw = dict(
-        prefix_index=idx, prefix_gate=gate, key_padding_mask=kpm, causal=causal, softmax_scale=scale
-    )
-    kw["attn_bias"] = attn_bias
-    out = reference.prefix_attention(q, k, v, pk, pv, **kw).contiguous()
-    lse = reference.prefix_attention_lse(q, k, pk, **kw).float()
+def _pa_kwargs(a) -> dict:
+    """The reference's keywords: every field but the kernel-only seed (no dropout here)."""
+    if a.dropout_p > 0:
+        raise NotImplementedError("prefix_attention: the convention backend has no dropout")
+    kw = a._asdict()
+    del kw["seed"]
+    return kw
+
+
+def pa_forward(a):
+    kw = _pa_kwargs(a)
+    out = reference.prefix_attention(**kw).contiguous()
+    del kw["v"], kw["prefix_v"], kw["dropout_p"]
+    lse = reference.prefix_attention_lse(**kw).float()
     return out, lse
 
 
-def pa_backward(grad_out, q, k, v, pk, pv, idx, gate, kpm, out, lse, causal, scale, attn_bias=None):
+def pa_backward(a, grad_out, out, lse):
     def f(q, k, v, pk, pv, gate):
-        return reference.prefix_attention(
-            q,
-            k,
-            v,
-            pk,
-            pv,
-            prefix_index=idx,
-            prefix_gate=gate,
-            key_padding_mask=kpm,
-            causal=causal,
-            softmax_scale=scale,
-            attn_bias=attn_bias,
-        )
+        b = a._replace(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, prefix_gate=gate)
+        return reference.prefix_attention(**_pa_kwargs(b))
 
-    return _vjp(f, [q, k, v, pk, pv, gate], grad_out)
+    return _vjp(f, [a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_gate], grad_out)
 
 
 # ---- gated_adapter -------------------------------------------------------------------------
-def ga_forward(
-    x, wd, bd, wu, bu, residual, wg, bg, gate_mask, gate_mode, activation, scaling, *,
-    adapter_index=None,
-):  # fmt: skip
-    out = reference.gated_adapter(
-        x,
-        wd,
-        bd,
-        wu,
-        bu,
-        residual=residual,
-        w_gate=wg,
-        b_gate=bg,
-        gate_mode=gate_mode,
-        gate_mask=gate_mask,
-        activation=activation,
-        scaling=scaling,
-        adapter_index=adapter_index,
-    ).contiguous()
+def ga_forward(a):
+    out = reference.gated_adapter(**a._asdict()).contiguous()
+    x, idx = a.x, a.adapter_index
     M = x.shape[0] * x.shape[1]
-    z = reference.task_linear(x, wd, bd, adapter_index).float().reshape(M, -1)
+    z = reference.task_linear(x, a.w_down, a.b_down, idx).float().reshape(M, -1)
     s = (
         x.new_empty(0, dtype=torch.float32)
-        if wg is None
-        else reference.task_linear(x, wg, bg, adapter_index).float().reshape(M)
+        if a.w_gate is None
+        else reference.task_linear(x, a.w_gate, a.b_gate, idx).float().reshape(M)
     )
     return out, z, s
 
 
-def ga_backward(
-    grad_out,
-    x,
-    wd,
-    bd,
-    wu,
-    bu,
-    residual_is_x,
-    wg,
-    bg,
-    gate_mask,
-    z,
-    s,
-    gate_mode,
-    activation,
-    scaling,
-    *,
-    adapter_index=None,
-):
+def ga_backward(a, grad_out, z, s):
     def f(x, wd, bd, wu, bu, wg, bg):
-        res = None if residual_is_x else x.new_zeros(*x.shape[:-1], wu.shape[-2])
+        res = None if a.residual is None else x.new_zeros(*x.shape[:-1], wu.shape[-2])
         return reference.gated_adapter(
-            x,
-            wd,
-            bd,
-            wu,
-            bu,
-            residual=res,
-            w_gate=wg,
-            b_gate=bg,
-            gate_mode=gate_mode,
-            gate_mask=gate_mask,
-            activation=activation,
-            scaling=scaling,
-            adapter_index=adapter_index,
+            **a._replace(
+                x=x, w_down=wd, b_down=bd, w_up=wu, b_up=bu, residual=res, w_gate=wg, b_gate=bg
+            )._asdict()
         )
 
-    return _vjp(f, [x, wd, bd, wu, bu, wg, bg], grad_out)
+    return _vjp(f, [a.x, a.w_down, a.b_down, a.w_up, a.b_up, a.w_gate, a.b_gate], grad_out)
 
 
 # ---- bias_only_linear ----------------------------------------------------------------------
-def bl_forward(x, weight, bias, activation):
-    pre = F.linear(x, weight, bias)
+def bl_forward(a):
+    x, activation = a.x, a.activation
+    pre = F.linear(x, a.weight, a.bias)
     y = reference.activation_fn(activation)(pre).contiguous()
     saved = x.new_empty(0) if activation in ("identity", "relu") else pre.contiguous()
     return y, saved
 
 
-def bl_backward(grad_y, weight, saved, activation):
+def bl_backward(a, grad_y, saved):
+    activation = a.activation
     if activation == "identity":
         gp = grad_y
     elif activation == "relu":
         gp = grad_y * (saved > 0)
     else:
         (gp,) = _vjp(reference.activation_fn(activation), [saved], grad_y)
-    return gp @ weight, gp.sum(0)
+    return gp @ a.weight, gp.sum(0)
 
 
 MODULES = {
@@ -158,13 +113,18 @@ MODULES = {
 }
 
 
+def op_module(op: str):
+    """The module ``unipelt_fast/ops/<op>.py`` (the package attribute of that name is the op)."""
+    return importlib.import_module(f"unipelt_fast.ops.{op}")
+
+
 def install(monkeypatch) -> None:
     """Route backend="triton" to this module on any device, for the current test."""
-    import unipelt_fast.ops as ops
+    from unipelt_fast import _backend
 
-    monkeypatch.setattr(ops, "kernel_impl", lambda op, backend: MODULES[op])
+    monkeypatch.setattr(_backend, "kernel_impl", lambda op, backend: MODULES[op])
     monkeypatch.setattr(
-        ops,
+        _backend,
         "resolve_backend",
         lambda backend, device, op, dtype=None: "eager" if backend == "eager" else "triton",
     )

@@ -84,16 +84,22 @@ def test_process_default(clean):
 
 
 def test_unwritten_kernels_raise_not_implemented(clean):
-    clean.setattr(_backend.importlib, "import_module", _no_module)
+    # The message names the op and the backend (no longer an issue number).
+    clean.setitem(_backend.REGISTRY, ("gated_adapter", "triton"), _no_module)
     with pytest.raises(
         NotImplementedError,
-        match=r"gated_adapter: the triton kernels are not written yet \(issue 4\)",
+        match=r"gated_adapter: the triton backend has no implementation of gated_adapter",
     ):
         _backend.kernel_impl("gated_adapter", "triton")
 
 
-def _no_module(name):
-    raise ModuleNotFoundError(name=name)
+def _no_module():
+    raise ModuleNotFoundError(name="unipelt_fast.kernels.gated_adapter")
+
+
+def test_registry_names_every_op_on_every_kernel_backend():
+    ops = ("prefix_attention", "gated_adapter", "bias_only_linear", "bias_only_layer_norm")
+    assert set(_backend.REGISTRY) == {(op, be) for op in ops for be in ("triton", "cuda")}
 
 
 def test_auto_float64_falls_back_to_eager(clean):
@@ -105,3 +111,40 @@ def test_auto_float64_falls_back_to_eager(clean):
     case = bias_only_linear_case(lead=(3,), d_in=4, d_out=5)
     y = uf.bias_only_linear(*case.args.values(), backend="auto")  # float64 on CPU
     assert y.dtype == torch.float64
+
+
+# ---- the torch backend (moved from test_torch_backend.py) ---------------------------------
+
+
+def test_auto_picks_torch_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("UNIPELT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert uf.resolve_backend("auto", CPU, "prefix_attention") == "torch"
+    assert uf.resolve_backend("auto", CPU, "prefix_attention", torch.float64) == "eager"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    want = "triton" if _backend.triton_import_error() is None else "torch"
+    assert uf.resolve_backend("auto", CPU, "prefix_attention") == want
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_hf_model_torch_backend_matches_eager(kind):
+    """A whole UniPELT model (prefix through the HF attention hook) on backend="torch"
+    equals backend="eager": logits and the trainable gradients."""
+    from tests.hf_tiny import ADAPTER, batch, perturb, tiny_model
+
+    b = batch(kind)
+    res = []
+    for backend in ("eager", "torch"):
+        m = tiny_model(kind)
+        up_cfg = uf.UniPELTConfig(adapter=ADAPTER, lora=True, gate_mode="masked_mean")
+        uf.apply_unipelt(m, up_cfg, backend=backend)
+        perturb(m)
+        out = m(**b)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        res.append((out.logits.detach(), grads))
+    (l0, g0), (l1, g1) = res
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys() and any("prefix" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)

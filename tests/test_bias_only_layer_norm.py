@@ -1,11 +1,17 @@
-"""Triton bias_only_layer_norm: parity with the float64 eager reference, d gamma never made."""
+"""The bias_only_layer_norm op on every backend: parity with the float64 eager reference
+(the torch backend runs the eager code in the test dtype, triton under the interpreter),
+d gamma never made; and the eager reference's gradcheck. The CUDA backend's parity runs on a
+GPU in tests/test_cuda_backend.py."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import unipelt_fast as uf
 from tests.launches import Counter
 from tests.parity import Case, check_parity, noncontig
+from unipelt_fast._args import BiasOnlyLayerNormArgs
+from unipelt_fast.testing import assert_close
 
 
 def ln_case(lead, d, *, layout="contiguous", device="cpu") -> Case:
@@ -33,12 +39,15 @@ SHAPES = [
 ]
 
 
-@pytest.mark.interpreter
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
-def test_parity(shape, dtype):
+def test_parity(shape, dtype, backend):
     lead, d, layout = shape
-    check_parity(uf.bias_only_layer_norm, ln_case(lead, d, layout=layout), dtype, "triton")
+    check_parity(uf.bias_only_layer_norm, ln_case(lead, d, layout=layout), dtype, backend)
 
 
 @pytest.mark.interpreter
@@ -91,8 +100,9 @@ def test_launches_per_call(monkeypatch, wide):
     # inside the launcher: allocation only (dx, partials, dbias)
     count.clear()
     with count:
-        _, mean, rstd = kernel.forward(x.detach(), w, b, 1e-5)
-        kernel.backward(g, x.detach(), w, mean, rstd)
+        args = BiasOnlyLayerNormArgs(x.detach(), w, b, 1e-5)
+        _, mean, rstd = kernel.forward(args)
+        kernel.backward(args, g, mean, rstd)
     assert count.launches == ["_ln_fwd_kernel", "_ln_bwd_kernel", "_ln_dbias_kernel"]
     assert count.compute_ops() == []
 
@@ -146,3 +156,23 @@ def test_parity_gpu_wide_rows():
     # 20000 > MAX_BLOCK_N: the looped path on real hardware.
     case = ln_case((64,), 20000, layout="strided", device="cuda")
     check_parity(uf.bias_only_layer_norm, case, torch.float32, "triton")
+
+
+# ---- the eager reference (the spec) ------------------------------------------------------
+
+
+def test_layer_norm_gradcheck_and_frozen_gamma():
+    x = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    y = uf.bias_only_layer_norm(x, w, b, 1e-5, backend="eager")
+    assert_close(y, F.layer_norm(x, (6,), w, b, 1e-5), torch.float64, "y")
+    assert torch.autograd.gradcheck(
+        lambda x_, b_: uf.bias_only_layer_norm(x_, w, b_, backend="eager"), (x, b)
+    )
+    with pytest.raises(ValueError, match="weight \\(gamma\\) requires grad"):
+        uf.bias_only_layer_norm(x, w.clone().requires_grad_(), b)
+    with pytest.raises(ValueError, match="weight must have shape \\(6,\\)"):
+        uf.bias_only_layer_norm(x, w[:5], b)
+    with pytest.raises(ValueError, match="eps must be a positive float"):
+        uf.bias_only_layer_norm(x, w, b, eps=0.0)

@@ -1,11 +1,16 @@
-"""Triton bias_only_linear: parity with the float64 eager reference, saved tensors, BitFit."""
+"""The bias_only_linear op on every backend (parity with the float64 eager reference, saved
+tensors, BitFit), and its eager reference (gradcheck). The torch
+backend runs the eager code in the test dtype; triton runs under the interpreter. The CUDA
+backend's parity runs on a GPU in tests/test_cuda_backend.py."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import unipelt_fast as uf
 from tests.launches import Counter
 from tests.parity import bias_only_linear_case, check_parity
+from unipelt_fast._args import BiasOnlyLinearArgs
 from unipelt_fast.testing import assert_close
 
 ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "tanh"]
@@ -19,14 +24,17 @@ SHAPES = [
 ]
 
 
-@pytest.mark.interpreter
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}")
-def test_parity(shape, act, dtype):
+def test_parity(shape, act, dtype, backend):
     lead, d_in, d_out, nc = shape
     case = bias_only_linear_case(lead, d_in, d_out, activation=act, noncontiguous=nc)
-    check_parity(uf.bias_only_linear, case, dtype, "triton")
+    check_parity(uf.bias_only_linear, case, dtype, backend)
 
 
 @pytest.mark.interpreter
@@ -58,12 +66,12 @@ def test_launches_per_call(monkeypatch, act):
 
     # the launcher: the GEMM is its only torch compute op
     with count:
-        y, pre = kernel.forward(x, w, b, name)
+        y, pre = kernel.forward(BiasOnlyLinearArgs(x, w, b, name))
     assert count.launches == ([] if fused else ["_act_fwd_kernel"])
     assert count.compute_ops() == ["aten._addmm_activation" if name == "relu" else "aten.addmm"]
     count.clear()
     with count:
-        kernel.backward(g, w, pre if not fused else y, name)
+        kernel.backward(BiasOnlyLinearArgs(x, w, b, name), g, pre if not fused else y)
     assert count.launches == ["_act_bias_bwd_kernel"]
     assert count.compute_ops() == ["aten.mm"]
     # the op through autograd: the same launches, nothing else around the custom ops
@@ -240,3 +248,71 @@ def test_parity_gpu_realistic_gelu_bf16():
     # The issue's benchmark shape: M=16384, d_in=4096, d_out=16384, gelu.
     case = bias_only_linear_case((16384,), 4096, 16384, activation="gelu", device="cuda")
     check_parity(uf.bias_only_linear, case, torch.bfloat16, "triton")
+
+
+# ---- the eager reference (the spec) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "identity"])
+def test_gradcheck_and_value(act):
+    case = bias_only_linear_case(lead=(3, 2), d_in=5, d_out=4, activation=act)
+    x, w, b = case.args.values()
+    y = uf.bias_only_linear(x, w, b, activation=act, backend="eager")
+    z = x @ w.T + b
+    want = {
+        None: z,
+        "identity": z,
+        "relu": z.clamp_min(0),
+        "tanh": torch.tanh(z),
+        "gelu": F.gelu(z),
+        "gelu_tanh": F.gelu(z, approximate="tanh"),
+        "silu": F.silu(z),
+    }[act]
+    assert_close(y, want, torch.float64, "y")
+    xx, bb = x.detach().requires_grad_(), b.detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x_, b_: uf.bias_only_linear(x_, w, b_, activation=act, backend="eager"), (xx, bb)
+    )
+
+
+def test_weight_never_gets_grad():
+    lin = torch.nn.Linear(6, 5)
+    lin.weight.requires_grad_(False)
+    x = torch.randn(3, 6, requires_grad=True)
+    uf.bias_only_linear(
+        x, lin.weight, lin.bias, activation="gelu", backend="eager"
+    ).sum().backward()
+    assert lin.weight.grad is None and lin.bias.grad is not None and x.grad is not None
+
+
+def test_eager_bitfit_matches_bert_with_trainable_biases():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    ref = BertModel(cfg).eval()
+    model = BertModel(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    for n, p in ref.named_parameters():  # eager BitFit: biases of Linear/LayerNorm train
+        p.requires_grad_(n.endswith(".bias"))
+    uf.bitfit(model, backend="eager")
+    assert any(isinstance(m, uf.BiasOnlyLinear) for m in model.modules())
+    assert any(isinstance(m, uf.BiasOnlyLayerNorm) for m in model.modules())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in ref.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 50, (2, 7))
+    ref(ids).last_hidden_state.square().mean().backward()
+    model(ids).last_hidden_state.square().mean().backward()
+    got = dict(model.named_parameters())
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert_close(got[n].grad, p.grad, torch.float32, n)
+        else:
+            assert got[n].grad is None, n

@@ -17,6 +17,7 @@ from tests.parity import (
     prefix_attention_case,
 )
 from unipelt_fast import _cuda, reference
+from unipelt_fast._args import PrefixAttentionArgs
 from unipelt_fast._backend import kernel_impl
 from unipelt_fast._validation import ACTIVATIONS
 from unipelt_fast.testing import assert_close
@@ -249,8 +250,10 @@ def test_prefix_attention_lse_and_determinism(dtype):
     gate = kw["prefix_gate"].float().contiguous()
     scale = q.shape[-1] ** -0.5
     fwd = _cuda.op_module("prefix_attention")
-    args = (q, k, v, pk, pv, kw["prefix_index"], gate, kw["key_padding_mask"], True, scale)
-    out, lse = fwd.forward(*args)
+    args = PrefixAttentionArgs(
+        q, k, v, pk, pv, kw["prefix_index"], gate, kw["key_padding_mask"], True, scale
+    )
+    out, lse = fwd.forward(args)
     r = c.cast(torch.float64)
     want = reference.prefix_attention_lse(
         r.args["q"],
@@ -263,8 +266,8 @@ def test_prefix_attention_lse_and_determinism(dtype):
     )
     assert_close(lse, want, dtype, "lse")
     g = torch.randn_like(out)
-    first = fwd.backward(g, *args[:8], out, lse, True, scale)
-    second = fwd.backward(g, *args[:8], out, lse, True, scale)
+    first = fwd.backward(args, g, out, lse)
+    second = fwd.backward(args, g, out, lse)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)  # bitwise: no atomics in the reductions
 
@@ -657,8 +660,9 @@ EMU_PREFIX_CASES = {
 def test_emulated_prefix_attention_kernels(emu, name, dtype):
     import ctypes
 
-    from unipelt_fast import ops
+    from tests.convention_backend import op_module
 
+    ops = op_module("prefix_attention")
     case = prefix_attention_case(**EMU_PREFIX_CASES[name]).cast(dtype)
     ref = case.cast(torch.float64)
     q, k, v, pk, pv = (t.detach() for t in case.args.values())
@@ -670,7 +674,7 @@ def test_emulated_prefix_attention_kernels(emu, name, dtype):
     kpm = kw.get("key_padding_mask")
     causal = kw["causal"]
     scale = D**-0.5
-    bias = kw.get("attn_bias")  # as ops.py hands it over: a stride-0 (B, H, Lq, P + Lk) view
+    bias = kw.get("attn_bias")  # as the op hands it over: a stride-0 (B, H, Lq, P + Lk) view
     if bias is not None:
         bias = bias.detach().expand(B, H, Lq, pk4.shape[2] + k.shape[2])
     b_st = (0, 0, 0, 0) if bias is None else bias.stride()

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import unipelt_fast as up
-import unipelt_fast.ops as ops
 from tests import convention_backend
 from tests.hf_tiny import ADAPTER, batch, pelt
 from unipelt_fast import _tasks
+from unipelt_fast._args import GatedAdapterArgs
 from unipelt_fast.hf.placements import ADAPTER_HOSTS
 from unipelt_fast.lora import GatedLoRA
+
+ops = convention_backend.op_module("gated_adapter")
 
 TASKS = ("a", "b", "c", "d")
 N = 4  # examples
@@ -40,7 +42,7 @@ def test_one_fused_call_per_wrapped_module_whatever_the_tasks(kind, monkeypatch)
     calls = []
 
     def spy(*args):
-        calls.append(args[9])  # adapter_index
+        calls.append(GatedAdapterArgs(*args[:-1]).adapter_index)  # the fields, then backend
         return target(*args)
 
     monkeypatch.setattr(ops, "_gated_adapter_op", spy)

@@ -3,20 +3,19 @@ guard, recompiles, and the GPU's block sizes under the interpreter."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 import unipelt_fast as uf
 from tests.parity import check_parity, gated_adapter_case, prefix_attention_case
-from unipelt_fast import _alloc, _validation
+from unipelt_fast import _alloc, _backend, _validation
+from unipelt_fast._args import PrefixAttentionArgs
 
 KERNEL_MODULES = ("prefix_attention", "gated_adapter", "bias_only_linear", "bias_only_layer_norm")
 
 
 def _kmod(name: str):
-    return importlib.import_module(f"unipelt_fast.kernels.{name}")
+    return _backend.kernel_impl(name, "triton")
 
 
 # ---- out-of-range prefix_index ----------------------------------------------------------------
@@ -68,8 +67,9 @@ def test_grids_keep_batch_times_heads_off_one_axis(monkeypatch):
     q = torch.zeros(1, dtype=torch.float16).expand(B, H, L, D)
     pk = torch.zeros(1, dtype=torch.float16).expand(T, H, P, D)
     idx = torch.zeros(B, dtype=torch.long)
-    out, lse = kpa.forward(q, q, q, pk, pk, idx, None, None, True, 0.25)
-    kpa.backward(q, q, q, q, pk, pk, idx, None, None, out, lse, True, 0.25)
+    args = PrefixAttentionArgs(q, q, q, pk, pk, idx, None, None, True, 0.25)
+    out, lse = kpa.forward(args)
+    kpa.backward(args, q, out, lse)
     names = {n for n, _ in grids}
     assert names >= {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_prefix_sum_kernel"}
     for name, g in grids:

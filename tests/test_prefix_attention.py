@@ -1,19 +1,26 @@
-"""The Triton prefix_attention kernels (forward and backward) against the eager reference.
+"""The prefix_attention op on every backend, and its eager reference (the spec).
 
-Interpreter tests run the kernels on CPU tensors under TRITON_INTERPRET=1 (fp32 and fp16;
-bf16 is broken in the interpreter). GPU tests repeat the grid with bf16 and add large shapes.
+Parity (output and every gradient against the float64 eager reference) runs the torch
+backend (SDPA composite) everywhere and the triton kernels under the interpreter
+(TRITON_INTERPRET=1: fp32 and fp16; bf16 is broken in the interpreter). GPU tests repeat the
+grid with bf16 and add large shapes. The eager reference itself is checked against an
+independent formulation (SDPA on an explicit concatenation) and by float64 gradcheck.
+The CUDA backend's parity runs on a GPU in tests/test_cuda_backend.py.
 """
 
 import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from unipelt_fast.kernels import prefix_attention as kpa
 
 import unipelt_fast as uf
+from tests.convention_backend import op_module
 from tests.launches import Counter
 from tests.parity import check_parity, noncontig, prefix_attention_case
 from unipelt_fast import _autotune, reference
+from unipelt_fast._args import PrefixAttentionArgs
 from unipelt_fast.testing import assert_close
 
 # Each case covers several features; together: odd lengths (1, 7, 33), P in {0, 1, 16}
@@ -45,11 +52,18 @@ def _id(c: dict) -> str:
     return "-".join(f"{k}{v}" for k, v in c.items()) or "default"
 
 
-@pytest.mark.interpreter
+# The torch backend also runs the case with no key at all (SDPA would give NaN there).
+NO_KEY = dict(Lq=3, Lk=0, P=0)
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", GRID, ids=_id)
-def test_parity_interpreter(cfg, dtype):
-    check_parity(uf.prefix_attention, prefix_attention_case(**cfg), dtype, "triton")
+@pytest.mark.parametrize("cfg", GRID + [NO_KEY], ids=_id)
+def test_parity(cfg, dtype, backend):
+    if backend == "triton" and cfg is NO_KEY:
+        pytest.skip("the triton grid has its own no-key rows (P=0, causal)")
+    check_parity(uf.prefix_attention, prefix_attention_case(**cfg), dtype, backend)
 
 
 def _canonical_call(case, dtype):
@@ -57,7 +71,8 @@ def _canonical_call(case, dtype):
     c = case.cast(dtype)
     a, kw = c.args, c.kwargs
     B = a["q"].shape[0]
-    pk, pv, idx = uf.ops._canonical_prefix(a["prefix_k"], a["prefix_v"], kw.get("prefix_index"), B)
+    pk, pv, idx = op_module("prefix_attention")._canonical_prefix(
+        a["prefix_k"], a["prefix_v"], kw.get("prefix_index"), B)
     gate = kw.get("prefix_gate")
     if gate is not None:
         gate = gate.float().reshape(B, -1).expand(B, 2).contiguous()
@@ -81,7 +96,7 @@ def test_lse_matches_reference(cfg):
     q, k, v, pk, pv, idx, gate, kpm = _canonical_call(case, torch.float32)
     causal = cfg.get("causal", False)
     scale = q.shape[-1] ** -0.5
-    _, lse = kpa.forward(q, k, v, pk, pv, idx, gate, kpm, causal, scale)
+    _, lse = kpa.forward(PrefixAttentionArgs(q, k, v, pk, pv, idx, gate, kpm, causal, scale))
     expected = reference.prefix_attention_lse(
         q.double(),
         k.double(),
@@ -266,21 +281,21 @@ def _hf_layout(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.interpreter
 def test_backward_reads_grad_out_and_out_through_their_strides():
-    """The kernels take dO's and O's own strides (ops.py copies neither): an HF-strided dO
+    """The kernels take dO's and O's own strides (the op copies neither): an HF-strided dO
     and O, and a stride-0 dO (``out.sum().backward()``), give the gradients of contiguous
     ones bit for bit."""
     from unipelt_fast.kernels import prefix_attention as kpa
 
     case = prefix_attention_case(B=2, H=4, Hkv=2, Lq=20, Lk=9, P=16, layout="indexed", T=2,
                                  gate="b2", mask=True, causal=True)  # fmt: skip
-    args = _canonical_call(case, torch.float32)
-    out, lse = kpa.forward(*args, True, 0.3)
+    args = PrefixAttentionArgs(*_canonical_call(case, torch.float32), True, 0.3)
+    out, lse = kpa.forward(args)
     g = torch.randn_like(out)
     ones = torch.ones(1).expand_as(out)
     assert not _hf_layout(out).is_contiguous() and ones.stride() == (0, 0, 0, 0)
     for dout, o in ((g, out), (_hf_layout(g), _hf_layout(out)), (ones, _hf_layout(out))):
-        got = kpa.backward(dout, *args, o, lse, True, 0.3)
-        want = kpa.backward(dout.contiguous(), *args, out, lse, True, 0.3)
+        got = kpa.backward(args, dout, o, lse)
+        want = kpa.backward(args, dout.contiguous(), out, lse)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
 
@@ -295,7 +310,7 @@ def test_strided_grad_out_reaches_the_kernels_and_matches_reference(dtype, monke
     seen = []
     orig = kpa.backward
     monkeypatch.setattr(
-        kpa, "backward", lambda g, *a, **k: seen.append(g.stride()) or orig(g, *a, **k)
+        kpa, "backward", lambda a, g, *s: seen.append(g.stride()) or orig(a, g, *s)
     )
     case = prefix_attention_case(B=2, H=2, Hkv=1, Lq=9, Lk=7, P=5, noncontiguous=True,
                                  gate="b2", layout="batch")  # fmt: skip
@@ -319,13 +334,13 @@ def test_backward_launches(monkeypatch, gate):
 
     case = prefix_attention_case(B=3, H=4, Hkv=2, Lq=20, Lk=9, P=5, layout="indexed", T=2,
                                  gate=gate, mask=True, causal=True)  # fmt: skip
-    args = _canonical_call(case, torch.float32)
-    out, lse = kpa.forward(*args, True, 0.3)
+    args = PrefixAttentionArgs(*_canonical_call(case, torch.float32), True, 0.3)
+    out, lse = kpa.forward(args)
     expected = ["_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_prefix_sum_kernel"]
     count = Counter(monkeypatch, "prefix_attention")
     g = _hf_layout(torch.randn_like(out))
     with count:
-        kpa.backward(g, *args, out, lse, True, 0.3)
+        kpa.backward(args, g, out, lse)
     assert count.launches == expected
     assert count.compute_ops() == []
     c = case.cast(torch.float32)
@@ -418,3 +433,219 @@ def test_autotuned_forward_gpu(monkeypatch):
                  torch.bfloat16, "triton")  # fmt: skip
     assert any(k.startswith("prefix_attention.fwd") for k in _autotune.chosen())
     _autotune.reset()
+
+
+# ---- the torch backend -------------------------------------------------------------------
+
+
+def test_no_fp32_probability_matrix_is_saved():
+    """Autograd keeps no (B, H, Lq, P + Lk) floating tensor: the probabilities are never
+    kept (the eager reference keeps them)."""
+    B, H, Lq, Lk, P = 2, 4, 33, 40, 8
+    case = prefix_attention_case(B=B, H=H, Hkv=2, Lq=Lq, Lk=Lk, P=P, mask=True, causal=True)
+    c = case.cast(torch.float32)
+
+    def saved_shapes(backend):
+        shapes = []
+
+        def pack(t):
+            if t.is_floating_point():
+                shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            c.call(uf.prefix_attention, backend=backend)
+        return shapes
+
+    # (B, H, Lq, P+Lk): probabilities. torch's CPU flash kernel keeps its additive form of
+    # the mask, (B, 1, Lq, P+Lk): 1/H of that, and not a probability matrix.
+    probs = lambda s: s == (B, H, Lq, P + Lk)
+    assert any(probs(s) for s in saved_shapes("eager"))  # the check can fail
+    assert not any(probs(s) for s in saved_shapes("torch"))
+
+
+# ---- the eager reference (the spec) against an independent formulation -----------------
+
+
+def sdpa_on_concat(
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    *,
+    prefix_index=None,
+    prefix_gate=None,
+    key_padding_mask=None,
+    causal=False,
+    softmax_scale=None,
+):
+    """Build [gated prefix ; tokens] and its mask explicitly, with Python loops, then SDPA."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    outs = []
+    for b in range(B):
+        if prefix_index is not None:
+            pk, pv = prefix_k[prefix_index[b]], prefix_v[prefix_index[b]]
+        elif prefix_k.dim() == 3:
+            pk, pv = prefix_k, prefix_v
+        else:
+            pk, pv = prefix_k[b], prefix_v[b]
+        if prefix_gate is not None:
+            gk = prefix_gate[b] if prefix_gate.dim() == 1 else prefix_gate[b, 0]
+            gv = prefix_gate[b] if prefix_gate.dim() == 1 else prefix_gate[b, 1]
+            pk, pv = pk * gk, pv * gv
+        P = pk.shape[1]
+        heads = []
+        for h in range(H):
+            kv_h = h // (H // Hkv)
+            keys = torch.cat([pk[kv_h], k[b, kv_h]], 0)
+            vals = torch.cat([pv[kv_h], v[b, kv_h]], 0)
+            allowed = torch.zeros(Lq, P + Lk, dtype=torch.bool)
+            for i in range(Lq):
+                for j in range(P + Lk):
+                    if j < P:
+                        allowed[i, j] = True
+                        continue
+                    t = j - P
+                    ok = key_padding_mask is None or bool(key_padding_mask[b, t])
+                    if causal and t > i + (Lk - Lq):
+                        ok = False
+                    allowed[i, j] = ok
+            o = F.scaled_dot_product_attention(
+                q[b, h][None],
+                keys[None],
+                vals[None],
+                attn_mask=allowed[None],
+                scale=softmax_scale,
+            )[0]
+            o = torch.where(allowed.any(-1, keepdim=True), o, torch.zeros_like(o))
+            heads.append(o)
+        outs.append(torch.stack(heads))
+    return torch.stack(outs)
+
+
+SPEC_GRID = [
+    dict(),
+    dict(P=0),
+    dict(P=1, Lq=1, Lk=1),
+    dict(H=4, Hkv=1, Lq=5, Lk=9),
+    dict(layout="batch", gate="b"),
+    dict(layout="indexed", gate="b2", T=3),
+    dict(causal=True, Lq=5, Lk=9),
+    dict(causal=True, Lq=9, Lk=4),  # first Lq-Lk rows see prefix keys only
+    dict(causal=True, P=0, Lq=6, Lk=3),  # rows with no visible key at all
+    dict(mask=True, fully_padded=True),
+    dict(mask=True, fully_padded=True, P=0),
+    dict(noncontiguous=True, layout="indexed", gate="b", causal=True, mask=True),
+    dict(scale=0.3, B=1, H=2, Hkv=2),
+]
+
+
+@pytest.mark.parametrize("cfg", SPEC_GRID, ids=[str(i) for i in range(len(SPEC_GRID))])
+def test_matches_sdpa_on_explicit_concat(cfg):
+    case = prefix_attention_case(**cfg)
+    kw = {**case.kwargs}
+    if "scale" in cfg:
+        kw["softmax_scale"] = cfg["scale"]
+    args = list(case.args.values())
+    got = uf.prefix_attention(*args, **kw, backend="eager")
+    want = sdpa_on_concat(*args, **kw)
+    assert got.dtype == torch.float64
+    assert_close(got, want, torch.float64, "out")
+    row_empty = (want == 0).all(-1)
+    assert torch.isfinite(got).all()
+    assert (got[row_empty] == 0).all()
+
+
+def test_gradients_match_sdpa_formulation():
+    case = prefix_attention_case(layout="indexed", gate="b2", causal=True, mask=True, Lq=5, Lk=6)
+    args = [t.detach().requires_grad_(True) for t in case.args.values()]
+    gate = case.kwargs["prefix_gate"].detach().requires_grad_(True)
+    kw = {**case.kwargs, "prefix_gate": gate}
+    g = torch.randn(2, 4, 5, 16, dtype=torch.float64)
+    ins = args + [gate]
+    a = torch.autograd.grad(uf.prefix_attention(*args, **kw, backend="eager"), ins, g)
+    b = torch.autograd.grad(sdpa_on_concat(*args, **kw), ins, g)
+    for x, y in zip(a, b, strict=True):
+        assert_close(x, y, torch.float64, "grad")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(layout="shared", gate="b"),
+        dict(layout="indexed", gate="b2", causal=True),
+        dict(layout="batch", mask=True, fully_padded=True),
+        dict(P=0, causal=True, Lq=5, Lk=2),
+    ],
+)
+def test_gradcheck_float64(cfg):
+    case = prefix_attention_case(**{**dict(B=2, H=2, Hkv=1, Lq=3, Lk=4, P=2, D=4), **cfg})
+    names = list(case.args) + [n for n in case.diff if n in case.kwargs]
+
+    def fn(*ts):
+        args = dict(zip(names, ts, strict=True))
+        pos = [args[n] for n in case.args]
+        kw = {**case.kwargs, **{n: args[n] for n in names if n in case.kwargs}}
+        return uf.prefix_attention(*pos, **kw, backend="eager")
+
+    inputs = [t.detach().requires_grad_(True) for t in case.tensors(names)]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_zero_prefix_is_plain_attention():
+    case = prefix_attention_case(P=0, causal=True, Lq=6, Lk=6, H=2, Hkv=2)
+    q, k, v, pk, pv = case.args.values()
+    got = uf.prefix_attention(q, k, v, pk, pv, causal=True, backend="eager")
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close(got, want, torch.float64, "out")
+
+
+def test_layouts_agree():
+    """Indexed == per-example layout built by gathering == shared when all indices agree."""
+    case = prefix_attention_case(layout="indexed", T=3, B=4)
+    q, k, v, pk, pv = case.args.values()
+    idx = case.kwargs["prefix_index"]
+    a = uf.prefix_attention(q, k, v, pk, pv, prefix_index=idx, backend="eager")
+    b = uf.prefix_attention(q, k, v, pk[idx], pv[idx], backend="eager")
+    assert_close(a, b, torch.float64, "indexed vs batch")
+    same = torch.full_like(idx, 2)
+    c = uf.prefix_attention(q, k, v, pk, pv, prefix_index=same, backend="eager")
+    d = uf.prefix_attention(q, k, v, pk[2], pv[2], backend="eager")
+    assert_close(c, d, torch.float64, "indexed vs shared")
+
+
+def test_gate_b_equals_b2_with_equal_columns():
+    case = prefix_attention_case(gate="b")
+    q, k, v, pk, pv = case.args.values()
+    g = case.kwargs["prefix_gate"]
+    a = uf.prefix_attention(q, k, v, pk, pv, prefix_gate=g, backend="eager")
+    b = uf.prefix_attention(q, k, v, pk, pv, prefix_gate=torch.stack([g, g], 1), backend="eager")
+    assert_close(a, b, torch.float64, "gate")
+    # A key-only gate changes the result differently from a value-only gate.
+    one = torch.ones_like(g)
+    kg = uf.prefix_attention(q, k, v, pk, pv, prefix_gate=torch.stack([g, one], 1), backend="eager")
+    vg = uf.prefix_attention(q, k, v, pk, pv, prefix_gate=torch.stack([one, g], 1), backend="eager")
+    assert (kg - vg).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_eager_close_to_float64(dtype):
+    case = prefix_attention_case(gate="b2", mask=True, causal=True, layout="batch")
+    args = [t.to(dtype) if t.is_floating_point() else t for t in case.args.values()]
+    kw = {
+        n: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+        for n, t in case.kwargs.items()
+    }
+    got = uf.prefix_attention(*args, **kw, backend="eager")
+    assert got.dtype == dtype
+    want = uf.prefix_attention(
+        *[a.double() if a.is_floating_point() else a for a in args],
+        **{
+            n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for n, t in kw.items()
+        },
+        backend="eager",
+    )
+    assert_close(got, want, dtype, "out")

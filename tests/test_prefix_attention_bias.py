@@ -151,9 +151,9 @@ def test_kernel_gets_a_stride_0_view_of_the_callers_bias(monkeypatch):
     seen = {}
     real = kpa.forward
 
-    def spy(*a, **kw):
-        seen["bias"] = kw["attn_bias"]
-        return real(*a, **kw)
+    def spy(a):
+        seen["bias"] = a.attn_bias
+        return real(a)
 
     monkeypatch.setattr(kpa, "forward", spy)
     case = prefix_attention_case(B=2, H=2, Hkv=1, Lq=5, Lk=6, P=2, bias="b11k").cast(torch.float32)

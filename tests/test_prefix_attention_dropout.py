@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import unipelt_fast as uf
+from tests import convention_backend
 from tests.hf_tiny import batch, perturb, tiny_model
 from tests.parity import prefix_attention_case
 from unipelt_fast import reference
+from unipelt_fast._args import PrefixAttentionArgs
 from unipelt_fast.testing import assert_close
 
 P_DROP = 0.3
@@ -50,16 +52,16 @@ def test_p0_is_bit_identical(backend):
 
 @pytest.mark.interpreter
 def test_p0_launches_without_dropout(monkeypatch):
-    """p=0 reaches the kernel backend exactly as before (no dropout keywords, DROPOUT off)."""
+    """p=0 reaches the kernel backend exactly as before (no dropout, no seed: DROPOUT off)."""
     kpa = _kpa()
     seen = []
     fwd = kpa.forward
-    monkeypatch.setattr(kpa, "forward", lambda *a, **kw: seen.append(kw) or fwd(*a, **kw))
+    monkeypatch.setattr(kpa, "forward", lambda a: seen.append(a) or fwd(a))
     case = prefix_attention_case(Lq=3, Lk=3, P=2).cast(torch.float32)
     _call(case, "triton", 0.0)
     _call(case, "triton", P_DROP, seed=0)
-    assert seen[0] == {}
-    assert seen[1]["dropout_p"] == P_DROP and seen[1]["seed"].dtype == torch.int64
+    assert seen[0].dropout_p == 0 and seen[0].seed is None
+    assert seen[1].dropout_p == P_DROP and seen[1].seed.dtype == torch.int64
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -223,13 +225,15 @@ def test_bad_dropout_p_raises(backend, bad, err):
 
 
 def test_cuda_backend_raises_before_any_launch(monkeypatch):
-    import unipelt_fast.ops as ops_mod
+    from unipelt_fast import _backend
+
+    ops_mod = convention_backend.op_module("prefix_attention")
 
     def no_launch(*a, **kw):
         raise AssertionError("a kernel was reached")
 
-    monkeypatch.setattr(ops_mod, "resolve_backend", lambda *a, **kw: "cuda")
-    monkeypatch.setattr(ops_mod, "kernel_impl", no_launch)
+    monkeypatch.setattr(_backend, "resolve_backend", lambda *a, **kw: "cuda")
+    monkeypatch.setattr(_backend, "kernel_impl", no_launch)
     monkeypatch.setattr(ops_mod, "dropout_seed", no_launch)
     case = prefix_attention_case(Lq=2, Lk=2, P=1).cast(torch.float32)
     with pytest.raises(NotImplementedError, match="dropout"):
@@ -310,7 +314,7 @@ def test_dropout_saves_only_the_seed():
 @pytest.mark.interpreter
 def test_opcheck_with_dropout(monkeypatch):
     """Schema, fake tensors and autograd registration of the custom op with dropout_p/seed."""
-    import unipelt_fast.ops as ops
+    ops = convention_backend.op_module("prefix_attention")
 
     captured = {}
     target = ops._prefix_attention_op
@@ -322,7 +326,8 @@ def test_opcheck_with_dropout(monkeypatch):
     monkeypatch.setattr(ops, "_prefix_attention_op", spy)
     case = prefix_attention_case(Lq=5, Lk=6, P=3, gate="b2", causal=True).cast(torch.float32)
     _call(case, "triton", P_DROP, seed=0)
-    assert captured["args"][-2] == P_DROP and captured["args"][-1].dtype == torch.int64
+    args = PrefixAttentionArgs(*captured["args"][:-1])  # the record's fields, then backend
+    assert args.dropout_p == P_DROP and args.seed.dtype == torch.int64
     torch.library.opcheck(
         target._opoverload,
         captured["args"],

@@ -73,19 +73,17 @@ def test_opcheck(op, monkeypatch):
     op = op.removesuffix("_mixed").removesuffix("_bias").removesuffix("_hf_layout")
     case = case.cast(torch.float32)
     captured = {}
-    import unipelt_fast.ops as ops
-
     target = {
-        "prefix_attention": ops._prefix_attention_op,
-        "gated_adapter": ops._gated_adapter_op,
-        "bias_only_linear": ops._bias_only_linear_op,
+        "prefix_attention": convention_backend.op_module("prefix_attention")._prefix_attention_op,
+        "gated_adapter": convention_backend.op_module("gated_adapter")._gated_adapter_op,
+        "bias_only_linear": convention_backend.op_module("bias_only_linear")._bias_only_linear_op,
     }[op]
 
     def spy(*args):
         captured["args"] = args
         return target(*args)
 
-    monkeypatch.setattr(ops, f"_{op}_op", spy)
+    monkeypatch.setattr(convention_backend.op_module(op), f"_{op}_op", spy)
     case.call(fn, backend="triton")
     torch.library.opcheck(
         target._opoverload,

@@ -64,7 +64,9 @@ def on_input_device(fn: F) -> F:
 
     @functools.wraps(fn)
     def launcher(*args, **kwargs):
-        t = next(a for a in args if isinstance(a, torch.Tensor))
+        # The first tensor, looking inside an op's argument record (a NamedTuple) too.
+        flat = (t for a in args for t in (a if isinstance(a, tuple) else (a,)))
+        t = next(t for t in flat if isinstance(t, torch.Tensor))
         with device_context(t.device):
             return fn(*args, **kwargs)
 

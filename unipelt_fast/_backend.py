@@ -12,25 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 BACKENDS = ("auto", "eager", "torch", "triton", "cuda")
-
-# Which issue delivers each (backend, op) pair: named in NotImplementedError messages.
-_ISSUE = {
-    ("triton", "prefix_attention"): "issue 3",
-    ("triton", "gated_adapter"): "issue 4",
-    ("triton", "bias_only_linear"): "issue 5",
-    ("triton", "bias_only_layer_norm"): "issue 5",
-    ("cuda", "prefix_attention"): "issue 6",
-    ("cuda", "gated_adapter"): "issue 6",
-    ("cuda", "bias_only_linear"): "issue 6",
-    ("cuda", "bias_only_layer_norm"): "issue 6",
-}
 
 _default_backend: str | None = None  # set_backend(); None means "read UNIPELT_BACKEND"
 
@@ -77,8 +64,8 @@ def triton_interpret() -> bool:
 def triton_import_error() -> str | None:
     """None when triton imports, else the reason it does not."""
     try:
-        importlib.import_module("triton")
-        importlib.import_module("triton.language")
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means "no triton"
         return f"{type(e).__name__}: {e}"
     return None
@@ -138,28 +125,91 @@ def resolve_backend(
     return backend
 
 
+# ---- the registry: (op, kernel backend) -> the module implementing it ---------------------
+# Each entry is a small named loader, so a reader (and a tool) can follow op -> kernels. The
+# imports are deferred: triton may be missing, and the cuda extension is built on first use.
+# Every implementation keeps one contract (docs/ops.md): ``forward(args) -> outputs`` and
+# ``backward(args, grad, *saved) -> grads``, args being the op's record (unipelt_fast._args).
+# "eager" (reference.py) and "torch" (composite.py) run under torch autograd instead.
+
+
+def _triton_prefix_attention():
+    from .kernels import prefix_attention
+
+    return prefix_attention
+
+
+def _triton_gated_adapter():
+    from .kernels import gated_adapter
+
+    return gated_adapter
+
+
+def _triton_bias_only_linear():
+    from .kernels import bias_only_linear
+
+    return bias_only_linear
+
+
+def _triton_bias_only_layer_norm():
+    from .kernels import bias_only_layer_norm
+
+    return bias_only_layer_norm
+
+
+def _cuda_prefix_attention():
+    from . import _cuda
+
+    return _cuda.prefix_attention
+
+
+def _cuda_gated_adapter():
+    from . import _cuda
+
+    return _cuda.gated_adapter
+
+
+def _cuda_bias_only_linear():
+    from . import _cuda
+
+    return _cuda.bias_only_linear
+
+
+def _cuda_bias_only_layer_norm():
+    from . import _cuda
+
+    return _cuda.bias_only_layer_norm
+
+
+REGISTRY: dict[tuple[str, str], Callable[[], object]] = {
+    ("prefix_attention", "triton"): _triton_prefix_attention,
+    ("gated_adapter", "triton"): _triton_gated_adapter,
+    ("bias_only_linear", "triton"): _triton_bias_only_linear,
+    ("bias_only_layer_norm", "triton"): _triton_bias_only_layer_norm,
+    ("prefix_attention", "cuda"): _cuda_prefix_attention,
+    ("gated_adapter", "cuda"): _cuda_gated_adapter,
+    ("bias_only_linear", "cuda"): _cuda_bias_only_linear,
+    ("bias_only_layer_norm", "cuda"): _cuda_bias_only_layer_norm,
+}
+
+
 def kernel_impl(op: str, backend: str):
-    """The module implementing ``op`` for a kernel backend; it exposes ``forward``/``backward``.
-
-    The calling convention of each op's ``forward``/``backward`` is documented in
-    ``unipelt_fast/ops.py`` and is shared by the triton and cuda backends.
-    """
-    if backend == "triton":
+    """The implementation of ``op`` on a kernel backend ("triton" or "cuda"), from
+    :data:`REGISTRY`; it exposes ``forward`` and ``backward`` (contract: docs/ops.md)."""
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"{op}: no kernel implementation for backend {backend!r}")
+    loader = REGISTRY.get((op, backend))
+    impl = None
+    if loader is not None:
         try:
-            mod = importlib.import_module(f"unipelt_fast.kernels.{op}")
+            impl = loader()
         except ModuleNotFoundError as e:
-            if e.name != f"unipelt_fast.kernels.{op}":
+            # Only the implementation itself missing means "not written"; a missing
+            # dependency inside it (e.g. triton) is a real error and propagates.
+            if e.name is None or not e.name.endswith(f".{op}"):
                 raise
-            mod = None
-    elif backend == "cuda":
-        from . import _cuda
-
-        mod = _cuda.op_module(op)
-    else:
-        raise ValueError(f"no kernel module for backend {backend!r}")
-    if mod is None or not hasattr(mod, "forward") or not hasattr(mod, "backward"):
-        issue = _ISSUE.get((backend, op), "a later issue")
+    if impl is None or not hasattr(impl, "forward") or not hasattr(impl, "backward"):
         raise NotImplementedError(
-            f"{op}: the {backend} kernels are not written yet ({issue}); use backend='eager'"
+            f"{op}: the {backend} backend has no implementation of {op}; use backend='eager'"
         )
-    return mod
+    return impl

@@ -13,9 +13,8 @@ Which extension runs, in order:
    capabilities of the visible GPUs.
 
 A failed build raises one RuntimeError with the tail of the compiler output and the path of
-the full log. The wrappers below implement the kernel calling convention documented at the
-top of ``unipelt_fast/ops.py``; outputs are allocated here with ``new_output`` and filled by
-the extension.
+the full log. The per-op implementations below keep the backend contract of docs/ops.md;
+outputs are allocated here with ``new_output`` and filled by the extension.
 """
 
 from __future__ import annotations
@@ -322,248 +321,144 @@ def is_built() -> bool:
         return False
 
 
-# ---- per-op wrappers (the calling convention of ops.py) ------------------------------------
+# ---- per-op implementations (the backend contract of docs/ops.md) ---------------------------
+# Each reads the op's argument record (unipelt_fast._args), allocates outputs with new_output
+# and has the extension fill them. The extension's argument order is csrc/bindings.cpp's.
 
 
-def _prefix_attention_forward(
-    q,
-    k,
-    v,
-    prefix_k,
-    prefix_v,
-    prefix_index,
-    prefix_gate,
-    key_padding_mask,
-    causal,
-    scale,
-    attn_bias=None,
-):
-    B, H, Lq, _ = q.shape
-    out = new_output(q.shape, q.dtype, q.device)
-    lse = new_output((B, H, Lq), torch.float32, q.device)
+def _prefix_attention_forward(a):
+    if a.dropout_p > 0:  # ops raises first; a direct call must not ignore it either
+        raise NotImplementedError("prefix_attention: backend='cuda' has no attention dropout")
+    B, H, Lq, _ = a.q.shape
+    out = new_output(a.q.shape, a.q.dtype, a.q.device)
+    lse = new_output((B, H, Lq), torch.float32, a.q.device)
     extension().prefix_attention_forward(
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_index,
-        prefix_gate,
-        key_padding_mask,
-        bool(causal),
-        float(scale),
-        out,
-        lse,
-        attn_bias,
-    )
+        *_prefix_attention_inputs(a), bool(a.causal), float(a.softmax_scale), out, lse,
+        a.attn_bias,
+    )  # fmt: skip
     return out, lse
 
 
-def _prefix_attention_backward(
-    grad_out,
-    q,
-    k,
-    v,
-    prefix_k,
-    prefix_v,
-    prefix_index,
-    prefix_gate,
-    key_padding_mask,
-    out,
-    lse,
-    causal,
-    scale,
-    attn_bias=None,
-):
-    dev, dt = q.device, q.dtype
-    dq = new_output(q.shape, dt, dev)
-    dk = new_output(k.shape, dt, dev)
-    dv = new_output(v.shape, dt, dev)
-    dpk = new_output(prefix_k.shape, dt, dev)
-    dpv = new_output(prefix_v.shape, dt, dev)
-    dg = None if prefix_gate is None else new_output((q.shape[0], 2), torch.float32, dev)
+def _prefix_attention_inputs(a) -> tuple:
+    return (a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_index, a.prefix_gate,
+            a.key_padding_mask)  # fmt: skip
+
+
+def _prefix_attention_backward(a, grad_out, out, lse):
+    dev, dt = a.q.device, a.q.dtype
+    dq = new_output(a.q.shape, dt, dev)
+    dk = new_output(a.k.shape, dt, dev)
+    dv = new_output(a.v.shape, dt, dev)
+    dpk = new_output(a.prefix_k.shape, dt, dev)
+    dpv = new_output(a.prefix_v.shape, dt, dev)
+    dg = None if a.prefix_gate is None else new_output((a.q.shape[0], 2), torch.float32, dev)
     extension().prefix_attention_backward(
-        grad_out,
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_index,
-        prefix_gate,
-        key_padding_mask,
-        out,
-        lse,
-        bool(causal),
-        float(scale),
-        dq,
-        dk,
-        dv,
-        dpk,
-        dpv,
-        dg,
-        attn_bias,
-    )
+        grad_out, *_prefix_attention_inputs(a), out, lse, bool(a.causal),
+        float(a.softmax_scale), dq, dk, dv, dpk, dpv, dg, a.attn_bias,
+    )  # fmt: skip
     return dq, dk, dv, dpk, dpv, dg
 
 
-def _gate_mode_id(w_gate, gate_mode) -> int:
-    return GATE_MODE_ID[None if w_gate is None else gate_mode]
+def _gate_mode_id(a) -> int:
+    return GATE_MODE_ID[None if a.w_gate is None else a.gate_mode]
 
 
-def _no_adapter_index(adapter_index, x, w_up) -> None:
+def _no_adapter_index(a) -> None:
     # Raised before any launch; the triton and eager backends run both.
-    if adapter_index is not None:
+    if a.adapter_index is not None:
         raise NotImplementedError(
             "gated_adapter: backend='cuda' does not support adapter_index (mixed-task "
             "batches with per-task stacked weights); use backend='triton' or 'eager'"
         )
-    if w_up.shape[-2] != x.shape[-1]:
+    if a.w_up.shape[-2] != a.x.shape[-1]:
         raise NotImplementedError(
             "gated_adapter: backend='cuda' needs d_out == d (w_up (d, r)); use backend="
             "'triton' or 'eager' for a residual of another width"
         )
 
 
-def _gated_adapter_forward(
-    x,
-    w_down,
-    b_down,
-    w_up,
-    b_up,
-    residual,
-    w_gate,
-    b_gate,
-    gate_mask,
-    gate_mode,
-    activation,
-    scaling,
-    *,
-    adapter_index=None,
-):
-    _no_adapter_index(adapter_index, x, w_up)
-    B, L, d = x.shape
-    M, r = B * L, w_down.shape[0]
-    mode = _gate_mode_id(w_gate, gate_mode)
-    out = new_output((B, L, d), x.dtype, x.device)
-    z = new_output((M, r), torch.float32, x.device)
-    s = new_output((M,) if mode else (0,), torch.float32, x.device)
+def _gated_adapter_forward(a):
+    _no_adapter_index(a)
+    B, L, d = a.x.shape
+    M, r = B * L, a.w_down.shape[0]
+    mode = _gate_mode_id(a)
+    dev = a.x.device
+    out = new_output((B, L, d), a.x.dtype, dev)
+    z = new_output((M, r), torch.float32, dev)
+    s = new_output((M,) if mode else (0,), torch.float32, dev)
     extension().gated_adapter_forward(
-        x,
-        w_down,
-        b_down,
-        w_up,
-        b_up,
-        residual,
-        w_gate,
-        b_gate,
-        gate_mask if mode == 2 else None,
-        mode,
-        ACT_ID[activation],
-        float(scaling),
-        out,
-        z,
-        s,
-    )
+        a.x, a.w_down, a.b_down, a.w_up, a.b_up, a.residual, a.w_gate, a.b_gate,
+        a.gate_mask if mode == 2 else None, mode, ACT_ID[a.activation], float(a.scaling),
+        out, z, s,
+    )  # fmt: skip
     return out, z, s
 
 
-def _gated_adapter_backward(
-    grad_out,
-    x,
-    w_down,
-    b_down,
-    w_up,
-    b_up,
-    residual_is_x,
-    w_gate,
-    b_gate,
-    gate_mask,
-    z,
-    s,
-    gate_mode,
-    activation,
-    scaling,
-    *,
-    adapter_index=None,
-):
-    _no_adapter_index(adapter_index, x, w_up)
-    dev, dt = x.device, x.dtype
-    mode = _gate_mode_id(w_gate, gate_mode)
-    like = lambda t: None if t is None else new_output(t.shape, dt, dev)
-    dx = new_output(x.shape, dt, dev)
-    dwd, dbd, dwu, dbu = like(w_down), like(b_down), like(w_up), like(b_up)
-    dwg = like(w_gate)
-    dbg = like(b_gate) if w_gate is not None else None
+def _gated_adapter_backward(a, grad_out, z, s):
+    _no_adapter_index(a)
+    dev, dt = a.x.device, a.x.dtype
+    mode = _gate_mode_id(a)
+    like = lambda t: None if t is None else new_output(t.shape, dt, dev)  # noqa: E731
+    dx = new_output(a.x.shape, dt, dev)
+    dwd, dbd, dwu, dbu = like(a.w_down), like(a.b_down), like(a.w_up), like(a.b_up)
+    dwg = like(a.w_gate)
+    dbg = like(a.b_gate) if a.w_gate is not None else None
     extension().gated_adapter_backward(
-        grad_out,
-        x,
-        w_down,
-        w_up,
-        b_up,
-        bool(residual_is_x),
-        w_gate,
-        gate_mask if mode == 2 else None,
-        z,
-        s,
-        mode,
-        ACT_ID[activation],
-        float(scaling),
-        dx,
-        dwd,
-        dbd,
-        dwu,
-        dbu,
-        dwg,
-        dbg,
-    )
+        grad_out, a.x, a.w_down, a.w_up, a.b_up, a.residual is None, a.w_gate,
+        a.gate_mask if mode == 2 else None, z, s, mode, ACT_ID[a.activation],
+        float(a.scaling), dx, dwd, dbd, dwu, dbu, dwg, dbg,
+    )  # fmt: skip
     return dx, dwd, dbd, dwu, dbu, dwg, dbg
 
 
-def _bias_only_linear_forward(x, weight, bias, activation):
-    M, N = x.shape[0], weight.shape[0]
-    y = new_output((M, N), x.dtype, x.device)
-    pre = new_output((M, N) if activation in _NEEDS_PRE else (0,), x.dtype, x.device)
-    extension().bias_only_linear_forward(x, weight, bias, ACT_ID[activation], y, pre)
+def _bias_only_linear_forward(a):
+    M, N = a.x.shape[0], a.weight.shape[0]
+    y = new_output((M, N), a.x.dtype, a.x.device)
+    pre = new_output((M, N) if a.activation in _NEEDS_PRE else (0,), a.x.dtype, a.x.device)
+    extension().bias_only_linear_forward(a.x, a.weight, a.bias, ACT_ID[a.activation], y, pre)
     return y, pre
 
 
-def _bias_only_linear_backward(grad_y, weight, saved, activation):
-    dx = new_output((grad_y.shape[0], weight.shape[1]), grad_y.dtype, grad_y.device)
-    dbias = new_output((weight.shape[0],), grad_y.dtype, grad_y.device)
-    extension().bias_only_linear_backward(grad_y, weight, saved, ACT_ID[activation], dx, dbias)
+def _bias_only_linear_backward(a, grad_y, saved):
+    dx = new_output((grad_y.shape[0], a.weight.shape[1]), grad_y.dtype, grad_y.device)
+    dbias = new_output((a.weight.shape[0],), grad_y.dtype, grad_y.device)
+    act = ACT_ID[a.activation]
+    extension().bias_only_linear_backward(grad_y, a.weight, saved, act, dx, dbias)
     return dx, dbias
 
 
-def _bias_only_layer_norm_forward(x, weight, bias, eps):
-    M = x.shape[0]
-    y = new_output(x.shape, x.dtype, x.device)
-    mean = new_output((M,), torch.float32, x.device)
-    rstd = new_output((M,), torch.float32, x.device)
-    extension().bias_only_layer_norm_forward(x, weight, bias, float(eps), y, mean, rstd)
+def _bias_only_layer_norm_forward(a):
+    M = a.x.shape[0]
+    y = new_output(a.x.shape, a.x.dtype, a.x.device)
+    mean = new_output((M,), torch.float32, a.x.device)
+    rstd = new_output((M,), torch.float32, a.x.device)
+    extension().bias_only_layer_norm_forward(a.x, a.weight, a.bias, float(a.eps), y, mean, rstd)
     return y, mean, rstd
 
 
-def _bias_only_layer_norm_backward(grad_y, x, weight, mean, rstd):
-    dx = new_output(x.shape, x.dtype, x.device)
-    dbias = new_output(weight.shape, x.dtype, x.device)
-    extension().bias_only_layer_norm_backward(grad_y, x, weight, mean, rstd, dx, dbias)
+def _bias_only_layer_norm_backward(a, grad_y, mean, rstd):
+    dx = new_output(a.x.shape, a.x.dtype, a.x.device)
+    dbias = new_output(a.weight.shape, a.x.dtype, a.x.device)
+    extension().bias_only_layer_norm_backward(grad_y, a.x, a.weight, mean, rstd, dx, dbias)
     return dx, dbias
 
 
+# The implementations _backend.REGISTRY names, one per op.
+prefix_attention = SimpleNamespace(
+    forward=_prefix_attention_forward, backward=_prefix_attention_backward
+)
+gated_adapter = SimpleNamespace(forward=_gated_adapter_forward, backward=_gated_adapter_backward)
+bias_only_linear = SimpleNamespace(
+    forward=_bias_only_linear_forward, backward=_bias_only_linear_backward
+)
+bias_only_layer_norm = SimpleNamespace(
+    forward=_bias_only_layer_norm_forward, backward=_bias_only_layer_norm_backward
+)
 _OPS = {
-    "prefix_attention": SimpleNamespace(
-        forward=_prefix_attention_forward, backward=_prefix_attention_backward
-    ),
-    "gated_adapter": SimpleNamespace(
-        forward=_gated_adapter_forward, backward=_gated_adapter_backward
-    ),
-    "bias_only_linear": SimpleNamespace(
-        forward=_bias_only_linear_forward, backward=_bias_only_linear_backward
-    ),
-    "bias_only_layer_norm": SimpleNamespace(
-        forward=_bias_only_layer_norm_forward, backward=_bias_only_layer_norm_backward
-    ),
+    "prefix_attention": prefix_attention,
+    "gated_adapter": gated_adapter,
+    "bias_only_linear": bias_only_linear,
+    "bias_only_layer_norm": bias_only_layer_norm,
 }
 
 

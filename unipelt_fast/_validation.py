@@ -1,7 +1,8 @@
 """Input validation shared by every backend.
 
 Each public op calls its ``validate_*`` function before anything runs, so a bad input gets
-the same ValueError/TypeError, naming the argument, whichever backend would have run.
+the same ValueError/TypeError, naming the argument, whichever backend would have run. Each
+returns the op's argument record (``_args``), which the op carries to its backend.
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ import os
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from ._args import (
+    BiasOnlyLayerNormArgs,
+    BiasOnlyLinearArgs,
+    GatedAdapterArgs,
+    PrefixAttentionArgs,
+)
 
 # Kernels support these; float64 is accepted by the eager reference only (for gradcheck).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -125,7 +133,7 @@ def validate_prefix_attention(
     softmax_scale,
     attn_bias=None,
     dropout_p=0.0,
-) -> None:
+) -> PrefixAttentionArgs:
     op = "prefix_attention"
     check_tensor(q, "q", op, ndim=4)
     B, H, Lq, D = _shape(q)
@@ -193,7 +201,11 @@ def validate_prefix_attention(
             )
     if attn_bias is not None:
         _check_attn_bias(attn_bias, (B, H, Lq, pk[-2] + Lk), dt, dev, op)
-    check_dropout_p(dropout_p, op)
+    dropout_p = check_dropout_p(dropout_p, op)
+    return PrefixAttentionArgs(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate, key_padding_mask, causal,
+        softmax_scale, attn_bias, dropout_p,
+    )  # fmt: skip
 
 
 def check_dropout_p(dropout_p: object, op: str) -> float:
@@ -236,7 +248,7 @@ def validate_gated_adapter(
     activation,
     scaling,
     adapter_index=None,
-) -> None:
+) -> GatedAdapterArgs:
     op = "gated_adapter"
     check_tensor(x, "x", op)
     if x.dim() < 1:
@@ -320,9 +332,13 @@ def validate_gated_adapter(
         raise TypeError(f"{op}: scaling must be a float, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
         raise ValueError(f"{op}: scaling must be finite, got {scaling}")
+    return GatedAdapterArgs(
+        x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate, gate_mode, gate_mask,
+        activation, scaling, adapter_index,
+    )  # fmt: skip
 
 
-def validate_bias_only_linear(x, weight, bias, activation) -> None:
+def validate_bias_only_linear(x, weight, bias, activation) -> BiasOnlyLinearArgs:
     op = "bias_only_linear"
     check_tensor(x, "x", op)
     if x.dim() < 1:
@@ -341,9 +357,10 @@ def validate_bias_only_linear(x, weight, bias, activation) -> None:
         raise ValueError(f"{op}: bias is required (it is the trained parameter)")
     check_tensor(bias, "bias", op, shape=(weight.shape[0],), dtype=x.dtype, device=x.device)
     check_activation(activation, op, allow_none=True)
+    return BiasOnlyLinearArgs(x, weight, bias, activation)
 
 
-def validate_bias_only_layer_norm(x, weight, bias, eps) -> None:
+def validate_bias_only_layer_norm(x, weight, bias, eps) -> BiasOnlyLayerNormArgs:
     op = "bias_only_layer_norm"
     check_tensor(x, "x", op)
     if x.dim() < 1 or x.shape[-1] == 0:
@@ -360,3 +377,4 @@ def validate_bias_only_layer_norm(x, weight, bias, eps) -> None:
     check_tensor(bias, "bias", op, shape=(d,), dtype=x.dtype, device=x.device)
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
         raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+    return BiasOnlyLayerNormArgs(x, weight, bias, eps)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -35,7 +34,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from . import _atomic
+from . import _atomic, _backend
+from ._args import (
+    BiasOnlyLayerNormArgs,
+    BiasOnlyLinearArgs,
+    GatedAdapterArgs,
+    PrefixAttentionArgs,
+)
 
 ARCHS = (80, 90)
 # Per-block shared memory a kernel may use (opt-in maximum) and per-SM resources.
@@ -55,7 +60,7 @@ _KERNEL_MODULES = ("prefix_attention", "gated_adapter", "bias_only_linear", "bia
 
 
 def _kmod(name: str):
-    return importlib.import_module(f"unipelt_fast.kernels.{name}")
+    return _backend.kernel_impl(name, "triton")
 
 
 # ---- cases: launcher calls on CPU tensors ------------------------------------------------------
@@ -87,8 +92,9 @@ def _attention_case(
             kw["attn_bias"] = torch.zeros(1, H, L, P + L, dtype=t).expand(B, H, L, P + L)
         if dropout:  # DROPOUT: Philox keep-masks regenerated in every kernel
             kw.update(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.long))
-        out, lse = kpa.forward(q, k, k, pk, pk, idx, g, m, causal, 0.1, **kw)
-        kpa.backward(out, q, k, k, pk, pk, idx, g, m, out, lse, causal, 0.1, **kw)
+        a = PrefixAttentionArgs(q, k, k, pk, pk, idx, g, m, causal, 0.1, **kw)
+        out, lse = kpa.forward(a)
+        kpa.backward(a, out, out, lse)
 
     label = {"gate": gate, "mask": mask, "causal": causal, "attn_bias": bias, "dropout": dropout}
     return Case("prefix_attention", dt, D, label, run)
@@ -123,13 +129,9 @@ def _adapter_case(
         mode = gate or "token"
         gm = torch.ones(B, L, dtype=torch.bool) if gate == "mean" else None
         res = None if gate == "mean" else torch.zeros(B, L, d, dtype=t)  # both residuals
-        out, z, s = kga.forward(
-            x, wd, bd, wu, bu, res, wg, bg, gm, mode, act, 1.0, adapter_index=idx
-        )
-        kga.backward(
-            out, x, wd, bd, wu, bu, res is None, wg, bg, gm, z, s, mode, act, 1.0,
-            adapter_index=idx,
-        )  # fmt: skip
+        a = GatedAdapterArgs(x, wd, bd, wu, bu, res, wg, bg, mode, gm, act, 1.0, idx)
+        out, z, s = kga.forward(a)
+        kga.backward(a, out, z, s)
 
     label = {"d": d, "r": r, "gate": gate, "activation": act, "bias": bias, "mixed": mixed}
     return Case("gated_adapter", dt, None, label, run)
@@ -141,8 +143,9 @@ def _linear_case(dt: str, n_in: int, n_out: int, act: str) -> Case:
         t = DTYPES[dt]
         x, w = torch.zeros(64, n_in, dtype=t), torch.zeros(n_out, n_in, dtype=t)
         b = torch.zeros(n_out, dtype=t)
-        y, pre = k.forward(x, w, b, act)
-        k.backward(y, w, pre if act not in ("identity", "relu") else y, act)
+        a = BiasOnlyLinearArgs(x, w, b, act)
+        y, pre = k.forward(a)
+        k.backward(a, y, pre if act not in ("identity", "relu") else y)
 
     return Case("bias_only_linear", dt, None, {"d_out": n_out, "activation": act}, run)
 
@@ -152,8 +155,9 @@ def _layer_norm_case(dt: str, n: int) -> Case:
         k = _kmod("bias_only_layer_norm")
         t = DTYPES[dt]
         x, w = torch.zeros(64, n, dtype=t), torch.ones(n, dtype=t)
-        y, mean, rstd = k.forward(x, w, torch.zeros(n, dtype=t), 1e-5)
-        k.backward(y, x, w, mean, rstd)
+        a = BiasOnlyLayerNormArgs(x, w, torch.zeros(n, dtype=t), 1e-5)
+        y, mean, rstd = k.forward(a)
+        k.backward(a, y, mean, rstd)
 
     return Case("bias_only_layer_norm", dt, None, {"d": n}, run)
 

@@ -202,6 +202,9 @@ def validate_prefix_attention(
     if attn_bias is not None:
         _check_attn_bias(attn_bias, (B, H, Lq, pk[-2] + Lk), dt, dev, op)
     dropout_p = check_dropout_p(dropout_p, op)
+    # The kernels read the (B,) index as dense: a strided view (ids[r::world]) would silently
+    # pick other examples' tasks. B elements: the copy costs nothing, and syncs nothing.
+    prefix_index = None if prefix_index is None else prefix_index.contiguous()
     return PrefixAttentionArgs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate, key_padding_mask, causal,
         softmax_scale, attn_bias, dropout_p,
@@ -332,6 +335,9 @@ def validate_gated_adapter(
         raise TypeError(f"{op}: scaling must be a float, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
         raise ValueError(f"{op}: scaling must be finite, got {scaling}")
+    # Read as dense by the kernels (see validate_prefix_attention): B and B*L elements.
+    adapter_index = None if adapter_index is None else adapter_index.contiguous()
+    gate_mask = None if gate_mask is None else gate_mask.contiguous()
     return GatedAdapterArgs(
         x, w_down, b_down, w_up, b_up, residual, w_gate, b_gate, gate_mode, gate_mask,
         activation, scaling, adapter_index,

@@ -13,15 +13,6 @@ MAX_README_LINES = 250
 
 # docs/ files other branches write; the README links them already. The lead empties this
 # after merging those branches, so that a missing file then fails.
-PENDING_DOCS = frozenset(
-    {
-        "docs/hf.md",
-        "docs/ops.md",
-        "docs/reliability.md",
-        "docs/distributed.md",
-    }
-)
-
 _LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
@@ -41,7 +32,7 @@ def test_readme_is_at_most_250_lines():
 def test_readme_links_into_docs_exist():
     links = _doc_links(_readme())
     assert links, "README.md links no docs/ file"
-    missing = [t for t in links if not (ROOT / t).exists() and t not in PENDING_DOCS]
+    missing = [t for t in links if not (ROOT / t).exists()]
     assert not missing, f"README.md links missing files: {missing}"
 
 
@@ -51,8 +42,7 @@ def test_docs_links_between_docs_exist():
             if "://" in target or not target.endswith(".md"):
                 continue
             path = (doc.parent / target).resolve()
-            rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else target
-            assert path.exists() or rel in PENDING_DOCS, f"{doc.name} links missing {target}"
+            assert path.exists(), f"{doc.name} links missing {target}"
 
 
 def test_link_check_can_fail():

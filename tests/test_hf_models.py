@@ -305,3 +305,13 @@ def testconvert_mask_static_cache_and_unsupported():
     q4 = torch.randn(1, 2, 4, 4)
     with pytest.raises(NotImplementedError, match="causal"):
         convert_mask(win[None, None], True, q4, q4, q4)
+
+
+def test_model_split_over_devices_is_refused():
+    m = tiny_model("llama")
+    m.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1}
+    before = {n: p.requires_grad for n, p in m.named_parameters()}
+    with pytest.raises(NotImplementedError, match="split over devices"):
+        up.apply_unipelt(m, up.UniPELTConfig())
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == before
+    assert not hasattr(m, "unipelt")

@@ -63,6 +63,13 @@ def apply_unipelt(
             "apply_unipelt: this model is already sharded (fully_shard / DTensor parameters); "
             "apply UniPELT first, then shard"
         )
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) > 1:  # the new modules would all sit on the first parameter's device
+        raise NotImplementedError(
+            f"apply_unipelt: the model is split over devices {sorted(map(str, devices))} "
+            "(device_map); UniPELT supports a model on one device: load it on one, or shard "
+            "it with FSDP2 after apply_unipelt (docs/distributed.md)"
+        )
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         raise TypeError("apply_unipelt: expects a transformers PreTrainedModel")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import transformers as tf
+from transformers import DynamicCache
 
 import unipelt_fast as up
+from unipelt_fast.hf import attention
 
 FAMILIES = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2")
@@ -101,6 +103,49 @@ def reference_run(loss_of, base, handles, params):
     for p in params:
         p.grad = None
     return want, want_g
+
+
+def hf_cache_reference(model, batch: dict, position_offset: int = 0, **kw) -> torch.Tensor:
+    """The prefix path's independent formulation: ``model`` on HF's own sdpa attention with
+    the gated prefix fed as past key values (peft's way of doing prefix tuning), positions
+    given explicitly (from ``position_offset``) so that the prefix takes none. Returns the
+    logits; ``kw`` goes to the forward."""
+    am = batch["attention_mask"]
+    Bn, Ln = am.shape
+    root = model.unipelt
+    P = root.prefix.prefix_len
+    attns = [mod for mod in model.modules() if "unipelt_site" in mod.__dict__]
+    cache = DynamicCache()
+    for i, (pk, pv) in enumerate(root.prefix()):
+        cache.update(pk.expand(Bn, -1, -1, -1).clone(), pv.expand(Bn, -1, -1, -1).clone(), i)
+
+    def gate_hook(i):
+        def hook(mod, args, kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            g = root.prefix_gates[i][0](h, am.bool())[:, None, None, None]
+            lay = cache.layers[i]
+            lay.keys = torch.cat([lay.keys[:, :, :P] * g, lay.keys[:, :, P:]], 2)
+            lay.values = torch.cat([lay.values[:, :, :P] * g, lay.values[:, :, P:]], 2)
+
+        return hook
+
+    hooks = [
+        a.register_forward_pre_hook(gate_hook(i), with_kwargs=True, prepend=True)
+        for i, a in enumerate(attns)
+    ]
+    model.config._attn_implementation = "sdpa"
+    try:
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=torch.cat([torch.ones(Bn, P, dtype=am.dtype), am], 1),
+            past_key_values=cache,
+            position_ids=torch.arange(Ln).expand(Bn, Ln) + position_offset,
+            **kw,
+        ).logits
+    finally:
+        model.config._attn_implementation = attention.ATTN_NAME
+        for h in hooks:
+            h.remove()
 
 
 def checkpointing_grads(make, b: dict, reentrant: bool) -> list[dict[str, torch.Tensor]]:

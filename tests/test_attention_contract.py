@@ -12,12 +12,11 @@ import sys
 import pytest
 import torch
 import transformers
-from transformers import DynamicCache
 from transformers.modeling_utils import AttentionInterface
 
 import unipelt_fast as up
 from tests.hf_families import ALL, DECODERS, tiny, tiny_batch
-from tests.hf_tiny import perturb
+from tests.hf_tiny import hf_cache_reference, perturb
 from unipelt_fast.hf import attention
 
 KNOWN = (
@@ -164,48 +163,6 @@ def test_unknown_argument_refused_and_off_values_accepted():
         attention._check_attention_kwargs(mod, key, {"s_aux": torch.zeros(4)}, prefix=False)
 
 
-def _hf_cache_reference(m, b, **kw):
-    """The same model on HF's sdpa attention with the gated prefix fed as past key values,
-    positions given explicitly so that the prefix takes none (as tests/test_hf_models.py's
-    reference, for families outside tests/hf_tiny.py)."""
-    am = b["attention_mask"]
-    Bn, Ln = am.shape
-    root = m.unipelt
-    P = root.prefix.prefix_len
-    attns = [mod for mod in m.modules() if "unipelt_site" in mod.__dict__]
-    cache = DynamicCache()
-    for i, (pk, pv) in enumerate(root.prefix()):
-        cache.update(pk.expand(Bn, -1, -1, -1).clone(), pv.expand(Bn, -1, -1, -1).clone(), i)
-
-    def gate_hook(i):
-        def hook(mod, args, kwargs):
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            g = root.prefix_gates[i][0](h, am.bool())[:, None, None, None]
-            lay = cache.layers[i]
-            lay.keys = torch.cat([lay.keys[:, :, :P] * g, lay.keys[:, :, P:]], 2)
-            lay.values = torch.cat([lay.values[:, :, :P] * g, lay.values[:, :, P:]], 2)
-
-        return hook
-
-    hooks = [
-        a.register_forward_pre_hook(gate_hook(i), with_kwargs=True, prepend=True)
-        for i, a in enumerate(attns)
-    ]
-    m.config._attn_implementation = "sdpa"
-    try:
-        return m(
-            input_ids=b["input_ids"],
-            attention_mask=torch.cat([torch.ones(Bn, P, dtype=am.dtype), am], 1),
-            past_key_values=cache,
-            position_ids=torch.arange(Ln).expand(Bn, Ln),
-            **kw,
-        ).logits
-    finally:
-        m.config._attn_implementation = attention.ATTN_NAME
-        for h in hooks:
-            h.remove()
-
-
 # Decoders outside tests/hf_tiny.py whose prefix path is exact (Gemma 2: soft-capping off).
 PREFIX_EXACT = (
     "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm",
@@ -214,14 +171,14 @@ PREFIX_EXACT = (
 
 
 @pytest.mark.parametrize("kind", PREFIX_EXACT)
-def test_prefix_equals_hf_cache_reference(kind):
+def test_prefix_equalshf_cache_reference(kind):
     model = tiny(kind, attn_logit_softcapping=None) if kind == "gemma2" else tiny(kind)
     m = up.apply_unipelt(model, PREFIX, backend="eager")
     perturb(m)
     b = tiny_batch(kind)
     with torch.no_grad():
         got = m(**b).logits
-        want = _hf_cache_reference(m, b)
+        want = hf_cache_reference(m, b)
     real = b["attention_mask"].bool()  # padded positions differ by design (HF unmasks them)
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # the prefix matters
@@ -242,7 +199,7 @@ def test_is_causal_override_is_implemented():
     with torch.no_grad():
         got = m(**b, is_causal=False).logits
         causal = m(**b).logits
-        want = _hf_cache_reference(m, b, is_causal=False)
+        want = hf_cache_reference(m, b, is_causal=False)
     real = b["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
     assert (got - causal)[real].abs().max() > 1e-3

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import transformers
-from transformers import DynamicCache
 
 import unipelt_fast as up
 from tests.hf_tiny import (
@@ -11,9 +10,9 @@ from tests.hf_tiny import (
     DECODERS,
     FAMILIES,
     B,
-    L,
     batch,
     checkpointing_grads,
+    hf_cache_reference,
     pelt,
     tiny_model,
     trainable_grads,
@@ -56,41 +55,8 @@ def test_prefix_equals_hf_cache_reference(kind):
     am = b["attention_mask"]
     with torch.no_grad():
         want = _logits(m, b)
-        root = m.unipelt
-        P = root.prefix.prefix_len
-        attns = [mod for mod in m.modules() if "unipelt_site" in mod.__dict__]
-        assert len(attns) == 2
-        cache = DynamicCache()
-        for i, (pk, pv) in enumerate(root.prefix()):
-            cache.update(pk.expand(B, -1, -1, -1).clone(), pv.expand(B, -1, -1, -1).clone(), i)
-
-        def gate_hook(i):
-            def hook(mod, args, kwargs):
-                h = kwargs.get("hidden_states", args[0] if args else None)
-                g = root.prefix_gates[i][0](h, am.bool())[:, None, None, None]
-                lay = cache.layers[i]
-                lay.keys = torch.cat([lay.keys[:, :, :P] * g, lay.keys[:, :, P:]], 2)
-                lay.values = torch.cat([lay.values[:, :, :P] * g, lay.values[:, :, P:]], 2)
-
-            return hook
-
-        hooks = [
-            a.register_forward_pre_hook(gate_hook(i), with_kwargs=True, prepend=True)
-            for i, a in enumerate(attns)
-        ]
-        pos = torch.arange(L).expand(B, L) + (2 if kind == "roberta" else 0)
-        m.config._attn_implementation = "sdpa"
-        try:
-            got = m(
-                input_ids=b["input_ids"],
-                attention_mask=torch.cat([torch.ones(B, P, dtype=am.dtype), am], 1),
-                past_key_values=cache,
-                position_ids=pos,
-            ).logits
-        finally:
-            m.config._attn_implementation = "unipelt"
-            for h in hooks:
-                h.remove()
+        assert sum("unipelt_site" in mod.__dict__ for mod in m.modules()) == 2
+        got = hf_cache_reference(m, b, position_offset=2 if kind == "roberta" else 0)
     if want.dim() == 3:  # token logits: padded positions differ by design (HF unmasks them)
         want, got = want[am.bool()], got[am.bool()]
     torch.testing.assert_close(want, got, rtol=1e-4, atol=1e-5)

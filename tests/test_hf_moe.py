@@ -12,6 +12,7 @@ import unipelt_fast as up
 from tests.hf_families import tiny, tiny_batch
 from tests.hf_tiny import formula_adapter as _adapter
 from tests.hf_tiny import perturb_params as _perturb
+from tests.hf_tiny import reference_run
 from unipelt_fast.hf.wrappers import AdapterWrapper
 
 
@@ -113,13 +114,7 @@ def test_adapter_on_block_matches_formula(kind, placement):
 
     base = tiny(kind)
     handles = _reference_hooks(base, placement, adapters)
-    want, loss = _loss(base, b)
-    loss.backward()
-    want_g = [p.grad.clone() for p in params]
-    for h in handles:
-        h.remove()
-    for p in params:
-        p.grad = None
+    want, want_g = reference_run(lambda mod: _loss(mod, b), base, handles, params)
 
     got, loss = _loss(m, b)
     loss.backward()

@@ -174,6 +174,13 @@ def formula_adapter(z, ad):
     return out
 
 
+def formula_lora(x, unit, scale: float):
+    """A LoRA unit's delta by its formula: g * scale * B(A(x)), g the sequence mean of
+    sigmoid(gate(x)) (gate_mode "mean"); the LoRA placement tests' independent formulation."""
+    g = torch.sigmoid(F.linear(x, unit.gate.proj.weight, unit.gate.proj.bias)).mean(1, True)
+    return g * scale * F.linear(F.linear(x, unit.A.weight), unit.B.weight)
+
+
 def pelt(kind: str, cfg: up.UniPELTConfig | None = None, backend: str = "eager", seed: int = 0):
     cfg = cfg or up.UniPELTConfig(lora=True, gate_mode="masked_mean", adapter=ADAPTER)
     m = up.apply_unipelt(tiny_model(kind, seed), cfg, backend=backend)

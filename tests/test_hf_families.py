@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import unipelt_fast as up
 from tests.hf_families import tiny, tiny_batch
+from tests.hf_tiny import formula_lora
 from tests.hf_tiny import perturb_params as _perturb
 
 DECODERS = (
@@ -52,9 +53,7 @@ def test_lora_and_prompt_match_formula(kind):
         u = lo.units[0]
 
         def hook(mod, args, out, u=u):
-            x = args[0]
-            g = torch.sigmoid(F.linear(x, u.gate.proj.weight, u.gate.proj.bias)).mean(1, True)
-            return out + g * (ALPHA / R) * F.linear(F.linear(x, u.A.weight), u.B.weight)
+            return out + formula_lora(args[0], u, ALPHA / R)
 
         handles.append(proj.register_forward_hook(hook))
     e = base.get_input_embeddings()(ids)

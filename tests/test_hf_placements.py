@@ -4,10 +4,17 @@ the placement's formula (AdapterHub's SeqBn / ParBn / DoubleSeqBn) in plain torc
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import unipelt_fast as up
-from tests.hf_tiny import batch, formula_adapter, perturb, perturb_params, reference_run, tiny_model
+from tests.hf_tiny import (
+    batch,
+    formula_adapter,
+    formula_lora,
+    perturb,
+    perturb_params,
+    reference_run,
+    tiny_model,
+)
 
 KINDS = ("bert", "roberta", "gpt2", "llama")
 PLACEMENTS = ("block_output", "ffn_output", "ffn_parallel", "attn_and_ffn_output")
@@ -188,9 +195,7 @@ def test_gated_lora_scaling_convention(kind, replace):
         u = lo.units[0]
 
         def hook(mod, args, out, u=u):
-            x = args[0]
-            g = torch.sigmoid(F.linear(x, u.gate.proj.weight, u.gate.proj.bias)).mean(1, True)
-            d = g * scale * F.linear(F.linear(x, u.A.weight), u.B.weight)
+            d = formula_lora(args[0], u, scale)
             if kind == "gpt2":  # query = the first third of c_attn's output
                 d = torch.cat([d, torch.zeros_like(out[..., d.shape[-1] :])], -1)
             return out + d

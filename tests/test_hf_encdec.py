@@ -57,6 +57,24 @@ def _explicit_prefix_attention(attn, h, kv_src, pk, pv, gate, allowed):
     return attn.out_proj(o.transpose(1, 2).reshape(Bq, Lq, H * D))
 
 
+def _site_io(m, attn, b: dict, site: str):
+    """One no-grad forward of ``m`` on ``b`` (labels dropped), recording ``attn``'s input
+    hidden states, its key/value source (the encoder output at "dec-cross") and its output."""
+    seen = {}
+
+    def hook(mod, args, kwargs, out):
+        seen["h"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["kv"] = kwargs.get("key_value_states")
+        seen["out"] = out[0]
+
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        m(**{k: v for k, v in b.items() if k != "labels"})
+    handle.remove()
+    h = seen["h"]
+    return h, (h if site != "dec-cross" else seen["kv"]), seen["out"]
+
+
 @pytest.mark.parametrize(
     "site, lt",
     [("enc-self", LT), ("dec-self", LT), ("dec-cross", LT), ("dec-self", LS), ("dec-cross", LS)],
@@ -72,19 +90,7 @@ def test_prefix_semantics_match_explicit_concat(site, lt):
         "dec-self": (layer_dec.self_attn, 1),
         "dec-cross": (layer_dec.encoder_attn, 2),
     }[site]
-    seen = {}
-
-    def hook(mod, args, kwargs, out):
-        seen["h"] = kwargs.get("hidden_states", args[0] if args else None)
-        seen["kv"] = kwargs.get("key_value_states")
-        seen["out"] = out[0]
-
-    handle = attn.register_forward_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        m(**{k: v for k, v in b.items() if k != "labels"})
-    handle.remove()
-    h = seen["h"]
-    kv_src = h if site != "dec-cross" else seen["kv"]
+    h, kv_src, got = _site_io(m, attn, b, site)
     Lq, Lk = h.shape[1], kv_src.shape[1]
     root = m.unipelt
     P = cfg.prefix.length
@@ -102,7 +108,7 @@ def test_prefix_semantics_match_explicit_concat(site, lt):
             tok &= b["attention_mask"].bool()[:, None, :]
         allowed = torch.cat([torch.ones(B, Lq, P, dtype=torch.bool), tok], dim=-1)
         want = _explicit_prefix_attention(attn, h, kv_src, pk, pv, gate, allowed)
-    torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # each site has its own prefix: another site's would give something else
     with torch.no_grad():
         opk, opv = (t[0][None] for t in root.layer_prefix((index + 1) % 3))
@@ -123,17 +129,7 @@ def test_t5_prefix_semantics_with_relative_position_bias(site):
         "dec-self": (dec[0].layer[0].SelfAttention, 2, dec[0].layer[0].SelfAttention),
         "dec-cross": (dec[1].layer[1].EncDecAttention, 5, None),
     }[site]
-    seen = {}
-
-    def hook(mod, args, kwargs, out):
-        seen["h"], seen["kv"], seen["out"] = args[0], kwargs.get("key_value_states"), out[0]
-
-    handle = attn.register_forward_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        m(**{k: v for k, v in b.items() if k != "labels"})
-    handle.remove()
-    h = seen["h"]
-    kv_src = h if site != "dec-cross" else seen["kv"]
+    h, kv_src, got = _site_io(m, attn, b, site)
     Lq, Lk = h.shape[1], kv_src.shape[1]
     H, D, P = attn.n_heads, attn.key_value_proj_dim, cfg.prefix.length
     root = m.unipelt
@@ -162,7 +158,7 @@ def test_t5_prefix_semantics_with_relative_position_bias(site):
         vals = torch.cat([g[:, 1].view(B, 1, 1, 1) * pv.expand(B, -1, -1, -1), v], dim=2)
         o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0)
         want = attn.o(o.transpose(1, 2).reshape(B, Lq, H * D))
-    torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if bias_src is not None:  # the position bias matters here
         no_bias = torch.zeros_like(mask).masked_fill(~allowed[:, None], float("-inf"))
         o2 = F.scaled_dot_product_attention(q, keys, vals, attn_mask=no_bias, scale=1.0)

@@ -13,28 +13,14 @@ from tests.hf_tiny import ADAPTER, batch, tiny_model
 
 def test_hf_trainer_steps(tmp_path):
     pytest.importorskip("accelerate")  # Trainer needs it
-    from transformers import Trainer, TrainingArguments
-
     m = up.apply_unipelt(
         tiny_model("bert"), up.UniPELTConfig(lora=True, adapter=ADAPTER), backend="eager"
     )
     frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
     tuned = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
-    b = batch("bert", n=8)
-    data = [{k: v[i] for k, v in b.items()} for i in range(8)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
+    trainer = _trainer(
+        m, tmp_path, batch("bert", n=8), max_steps=3, logging_steps=1, save_strategy="no"
     )
-    trainer = Trainer(model=m, args=args, train_dataset=data)
     out = trainer.train()
     assert out.global_step == 3 and out.training_loss > 0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -60,27 +46,30 @@ def test_example_script_loss_goes_down(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _trainer(model, out, **kw):
+def _trainer(model, out, b: dict, **kw):
+    """A CPU Trainer on the 8 examples of ``b``, 4 a step at lr 1e-2; ``kw`` (the run's
+    length, logging, saving) goes to TrainingArguments."""
     from transformers import Trainer, TrainingArguments
 
-    b = batch("llama", n=8, pad=False)
     data = [{k: v[i] for k, v in b.items()} for i in range(8)]
     args = TrainingArguments(
         output_dir=str(out),
-        max_steps=4,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
-        weight_decay=0.0,
-        save_strategy="steps",
-        save_steps=2,
         report_to=[],
         use_cpu=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        seed=3,
         **kw,
     )
     return Trainer(model=model, args=args, train_dataset=data)
+
+
+def _resumable_trainer(model, out):
+    """4 steps on unpadded llama rows, a checkpoint every 2, a fixed seed."""
+    b = batch("llama", n=8, pad=False)
+    kw = dict(max_steps=4, weight_decay=0.0, save_strategy="steps", save_steps=2, seed=3)
+    return _trainer(model, out, b, **kw)
 
 
 def _applied():
@@ -95,7 +84,7 @@ def test_trainer_checkpoints_hold_tuned_tensors_and_resume_exactly(tmp_path):
     base_bytes = sum(p.numel() * p.element_size() for p in tiny_model("llama").parameters())
     m = _applied()
     tuned_names = {n for n, p in m.named_parameters() if p.requires_grad}
-    _trainer(m, tmp_path / "run").train()
+    _resumable_trainer(m, tmp_path / "run").train()
     final = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
 
     ckpt = tmp_path / "run" / "checkpoint-2"
@@ -109,7 +98,7 @@ def test_trainer_checkpoints_hold_tuned_tensors_and_resume_exactly(tmp_path):
 
     # a new process's view: a fresh model, resumed from step 2, ends where the run ended
     fresh = _applied()
-    _trainer(fresh, tmp_path / "resumed").train(resume_from_checkpoint=str(ckpt))
+    _resumable_trainer(fresh, tmp_path / "resumed").train(resume_from_checkpoint=str(ckpt))
     for n, p in fresh.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, final[n]), n

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import unipelt_fast as up
-from tests.hf_tiny import VOCAB, tiny_model
+from tests.hf_tiny import tiny_model
+from tests.interop_tiny import DECODER, KINDS, run_both
+from tests.interop_tiny import close as _close
+from tests.interop_tiny import interop_batch as _batch
 
 adapters = pytest.importorskip("adapters")
-
-KINDS = ("bert", "roberta", "gpt2", "llama")  # tiny LLaMA has GQA (4 heads, 2 kv heads)
-DECODER = ("gpt2", "llama")
 
 
 def _configs():
@@ -29,19 +29,6 @@ def _configs():
         "lora_gated": A.LoRAConfig(r=4, alpha=8, use_gating=True, attn_matrices=["q", "k", "v"]),
         "lora": A.LoRAConfig(r=4, alpha=8, leave_out=[0]),
     }
-
-
-def _batch(kind, left):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, VOCAB, (3, 7), generator=g)
-    am = torch.ones(3, 7, dtype=torch.long)
-    if left:
-        am[1, :3] = 0
-    else:
-        am[1, 4:] = 0
-    if kind == "roberta":
-        ids = ids.masked_fill(am == 0, 1)
-    return ids, am
 
 
 def _run(model, ids, am):
@@ -72,11 +59,6 @@ def _peer(kind, name, tmp_path):
     m.eval()
     m.save_adapter(str(tmp_path), "x")
     return m
-
-
-def _close(a, b, tol=1e-5):
-    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
-    return (a - b).norm() <= tol * b.norm() + 1e-12
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -126,14 +108,8 @@ def test_from_adapters_matches_adapters(kind, name, tmp_path):
         [p for n, p in um.named_parameters() if p.requires_grad and not n.startswith(heads)]
     ) == len(peer_params)
     for left in (False, True) if kind in DECODER else (False,):
-        ids, am = _batch(kind, left)
-        want, lw = _run(pm, ids, am)
-        got, lg = _run(um, ids, am)
+        want, got = run_both(pm, um, *_batch(kind, left), _run)
         assert _close(got, want), (left, (got - want).abs().max())
-        pm.zero_grad()
-        um.zero_grad()
-        lw.backward()
-        lg.backward()
         for q, p in pairs:  # fp32 gradients of gate biases nearly cancel: 1e-4
             assert _close(p.grad, q.grad, 1e-4), p.shape
 

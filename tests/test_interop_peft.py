@@ -9,12 +9,13 @@ import torch
 import transformers
 
 import unipelt_fast as up
-from tests.hf_tiny import VOCAB, perturb, tiny_model
+from tests.hf_tiny import perturb, tiny_model
+from tests.interop_tiny import DECODER, KINDS, run_both
+from tests.interop_tiny import close as _close
+from tests.interop_tiny import interop_batch as _batch
 
 peft = pytest.importorskip("peft")
 
-KINDS = ("bert", "roberta", "gpt2", "llama")  # tiny LLaMA has GQA (4 heads, 2 kv heads)
-DECODER = ("gpt2", "llama")
 P = 3
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -31,19 +32,6 @@ def _skip_peft_prefix_on_encoders(kind, method):
             "(TypeError in cache_utils); the RoBERTa prefix path is checked against peft's "
             "format by the BERT case and against HF's cache in test_hf_models"
         )
-
-
-def _batch(kind, left: bool):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, VOCAB, (3, 7), generator=g)
-    am = torch.ones(3, 7, dtype=torch.long)
-    if left:
-        am[1, :3] = 0
-    else:
-        am[1, 4:] = 0
-    if kind == "roberta":
-        ids = ids.masked_fill(am == 0, 1)  # RoBERTa's positions come from its padding id
-    return ids, am
 
 
 def _peft_cfg(kind, method):
@@ -103,11 +91,6 @@ def _tuned_pairs(pm, um, method):
     return pairs
 
 
-def _close(a, b, tol=1e-5):
-    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
-    return (a - b).norm() <= tol * b.norm() + 1e-12
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ("prefix", "prefix_mlp", "prompt", "lora"))
 def test_from_peft_matches_peft(kind, method, tmp_path):
@@ -118,14 +101,8 @@ def test_from_peft_matches_peft(kind, method, tmp_path):
     pm.save_pretrained(tmp_path)
     um = up.from_peft(tiny_model(kind), str(tmp_path), backend="eager").eval()
     for left in (False, True) if kind in DECODER else (False,):
-        ids, am = _batch(kind, left)
-        want, lw = _run(pm, ids, am)
-        got, lg = _run(um, ids, am)
+        want, got = run_both(pm, um, *_batch(kind, left), _run)
         assert _close(got, want), (left, (got - want).abs().max())
-        pm.zero_grad()
-        um.zero_grad()
-        lw.backward()
-        lg.backward()
         pairs = _tuned_pairs(pm, um, method)
         assert pairs or method == "prefix_mlp"
         for a, b in pairs:
@@ -141,11 +118,8 @@ def test_from_peft_prefix_triton(kind, tmp_path):
     pm.eval().save_pretrained(tmp_path)
     um = up.from_peft(tiny_model(kind), str(tmp_path), backend="triton").eval()
     ids, am = _batch(kind, left=kind == "llama")
-    want, lw = _run(pm, ids, am)
-    got, lg = _run(um, ids, am)
+    want, got = run_both(pm, um, ids, am, _run)
     assert _close(got, want, 2e-4)
-    lw.backward()
-    lg.backward()
     for a, b in _tuned_pairs(pm, um, "prefix"):
         assert _close(b.grad, a.grad, 2e-4)
 

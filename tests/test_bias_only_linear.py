@@ -141,15 +141,16 @@ def test_no_weight_grad_and_x_not_saved(act):
     assert lin.bias.grad is not None and x.grad is not None
 
 
-def _tiny_bert(hidden_act="gelu"):
+def _tiny_bert(hidden_act="gelu", layers=1, intermediate=24):
+    """A tiny BertConfig (hidden 16, vocab 50) and the BertModel class to build it."""
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
         vocab_size=50,
         hidden_size=16,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
-        intermediate_size=24,
+        intermediate_size=intermediate,
         max_position_embeddings=16,
         hidden_act=hidden_act,
     )
@@ -286,16 +287,7 @@ def test_weight_never_gets_grad():
 
 
 def test_eager_bitfit_matches_bert_with_trainable_biases():
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
+    cfg, BertModel = _tiny_bert(layers=2, intermediate=32)
     torch.manual_seed(0)
     ref = BertModel(cfg).eval()
     model = BertModel(cfg).eval()

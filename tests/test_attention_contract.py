@@ -171,7 +171,7 @@ PREFIX_EXACT = (
 
 
 @pytest.mark.parametrize("kind", PREFIX_EXACT)
-def test_prefix_equalshf_cache_reference(kind):
+def test_prefix_equals_hf_cache_reference(kind):
     model = tiny(kind, attn_logit_softcapping=None) if kind == "gemma2" else tiny(kind)
     m = up.apply_unipelt(model, PREFIX, backend="eager")
     perturb(m)

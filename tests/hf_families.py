@@ -41,12 +41,34 @@ _DECODERS = {
         dict(num_experts=4, moe_intermediate_size=16, head_dim=8, **_MOE),
     ),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=8, num_local_experts=4, **_MOE)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),  # fused qkv_proj
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # fused, interleaved; parallel
+    # multi-query (fused [q | k | v]), parallel attention/FFN; biases for BitFit
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(bias=True)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=64, word_embed_proj_dim=32)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),  # parallel
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(rotary_dim=4)),  # parallel
+}
+_MODERNBERT = dict(
+    local_attention=16, attention_bias=True, mlp_bias=True, norm_bias=True,
+    bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+)  # fmt: skip
+# Encoders (right-padded batches, sequence classification with 3 labels).
+_ENCODERS = {
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", dict(hidden_dim=64)),
+    "deberta_v2": (
+        "DebertaV2Config",
+        "DebertaV2ForSequenceClassification",
+        dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=8),
+    ),
+    # local layers' window 16 >= the test batches' length (longer: the prefix is refused)
+    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification", _MODERNBERT),
 }
 _HF_TINY = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
 _ENCDEC = ("bart", "t5")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", *_DECODERS)
-ALL = (*_HF_TINY, *_DECODERS, *_ENCDEC)
+ALL = (*_HF_TINY, *_DECODERS, *_ENCODERS, *_ENCDEC)
+_ENC = dict(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
 
 
 def tiny(kind: str, seed: int = 0, **config):
@@ -58,11 +80,12 @@ def tiny(kind: str, seed: int = 0, **config):
         from tests.hf_tiny import tiny_bart
 
         return tiny_bart(seed, kind)
-    if kind not in _DECODERS:
+    if kind not in _DECODERS and kind not in _ENCODERS:
         raise ValueError(f"no tiny {kind} with config overrides")
-    cfg_cls, model_cls, extra = _DECODERS[kind]
+    cfg_cls, model_cls, extra = _DECODERS.get(kind) or _ENCODERS[kind]
     torch.manual_seed(seed)
-    cfg = getattr(tf, cfg_cls)(**{**_COMMON, **_DEC, **extra, **config})
+    base = {**_COMMON, **(_DEC if kind in _DECODERS else _ENC)}
+    cfg = getattr(tf, cfg_cls)(**{**base, **extra, **config})
     return getattr(tf, model_cls)(cfg).eval()
 
 

@@ -108,8 +108,8 @@ def reference_run(loss_of, base, handles, params):
 def hf_cache_reference(model, batch: dict, position_offset: int = 0, **kw) -> torch.Tensor:
     """The prefix path's independent formulation: ``model`` on HF's own sdpa attention with
     the gated prefix fed as past key values (peft's way of doing prefix tuning), positions
-    given explicitly (from ``position_offset``) so that the prefix takes none. Returns the
-    logits; ``kw`` goes to the forward."""
+    given explicitly (from ``position_offset``; ``kw["position_ids"]`` replaces them) so that
+    the prefix takes none. Returns the logits; ``kw`` goes to the forward."""
     am = batch["attention_mask"]
     Bn, Ln = am.shape
     root = model.unipelt
@@ -139,9 +139,59 @@ def hf_cache_reference(model, batch: dict, position_offset: int = 0, **kw) -> to
             input_ids=batch["input_ids"],
             attention_mask=torch.cat([torch.ones(Bn, P, dtype=am.dtype), am], 1),
             past_key_values=cache,
-            position_ids=torch.arange(Ln).expand(Bn, Ln) + position_offset,
+            position_ids=kw.pop("position_ids", torch.arange(Ln).expand(Bn, Ln) + position_offset),
             **kw,
         ).logits
+    finally:
+        model.config._attn_implementation = attention.ATTN_NAME
+        for h in hooks:
+            h.remove()
+
+
+def explicit_prefix_reference(model, batch: dict) -> torch.Tensor:
+    """The prefix path's independent formulation where HF takes no past key values (encoders):
+    ``model`` with every prefixed attention module's attention replaced by an explicit
+    ``[g * prefix ; keys]`` concatenation and SDPA with an explicit boolean mask built here
+    from the 2-D ``attention_mask`` (bidirectional; a module's ``sliding_window`` w keeps
+    ``|i - j| < w``). Returns the logits."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    am = batch["attention_mask"].bool()
+    root = model.unipelt
+    prefixes = root.prefix()
+    gates: dict[int, torch.Tensor] = {}
+
+    def gate_hook(mod, args, kwargs):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        i = mod.__dict__["unipelt_site"].index
+        gates[i] = root.prefix_gates[i][0](h, am).reshape(-1)
+
+    def explicit(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        i = module.__dict__["unipelt_site"].index
+        Bn, H, Lq, D = query.shape
+        g = gates[i][:, None, None, None]
+        pk, pv = (t.expand(Bn, -1, -1, -1) * g for t in prefixes[i])
+        keys, vals = torch.cat([pk, key], 2), torch.cat([pv, value], 2)
+        rep = H // keys.shape[1]
+        keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+        tok = am[:, None, None, :].expand(Bn, 1, Lq, key.shape[2])
+        w = getattr(module, "sliding_window", None)
+        if w is not None:
+            i_, j_ = torch.arange(Lq)[:, None], torch.arange(key.shape[2])[None]
+            tok = tok & ((i_ - j_).abs() < w)
+        P = pk.shape[2]
+        allowed = torch.cat([torch.ones(Bn, 1, Lq, P, dtype=torch.bool), tok], -1)
+        o = F.scaled_dot_product_attention(query, keys, vals, attn_mask=allowed, scale=scaling)
+        return o.transpose(1, 2), None
+
+    AttentionInterface.register("explicit_prefix_test", explicit)
+    AttentionMaskInterface.register("explicit_prefix_test", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    attns = [mod for mod in model.modules() if "unipelt_site" in mod.__dict__]
+    hooks = [a.register_forward_pre_hook(gate_hook, with_kwargs=True, prepend=True) for a in attns]
+    model.config._attn_implementation = "explicit_prefix_test"
+    try:
+        return model(**batch).logits
     finally:
         model.config._attn_implementation = attention.ATTN_NAME
         for h in hooks:

@@ -16,7 +16,7 @@ from transformers.modeling_utils import AttentionInterface
 
 import unipelt_fast as up
 from tests.hf_families import ALL, DECODERS, tiny, tiny_batch
-from tests.hf_tiny import hf_cache_reference, perturb
+from tests.hf_tiny import explicit_prefix_reference, hf_cache_reference, perturb
 from unipelt_fast.hf import attention
 
 KNOWN = (
@@ -25,7 +25,8 @@ KNOWN = (
 # Families apply_unipelt accepts whose attention passes an argument that is on and not
 # implemented: the prefix is refused at the first forward, naming the feature.
 REFUSED = {"gemma2": "soft-capping", "gpt_oss": "sinks"}
-NOT_ACCEPTED = ("phi3",)  # fused qkv_proj: refused by apply_unipelt itself
+# Families whose prefix apply_unipelt itself refuses, and the reason it gives.
+NOT_ACCEPTED = {"deberta_v2": "disentangled attention computes its scores itself"}
 ACCEPTED = tuple(k for k in ALL if k not in NOT_ACCEPTED)
 PREFIX = up.UniPELTConfig(adapter=False, lora=False, bitfit=False, gate_mode="masked_mean")
 
@@ -90,10 +91,12 @@ def test_every_argument_is_implemented_refused_or_allowlisted(kind, monkeypatch)
     )
 
 
-def test_not_accepted_families_are_refused_up_front():
-    for kind in NOT_ACCEPTED:
-        with pytest.raises(NotImplementedError, match="found 0 attention"):
-            up.apply_unipelt(tiny(kind), PREFIX, backend="eager")
+@pytest.mark.parametrize("kind", NOT_ACCEPTED)
+def test_not_accepted_families_are_refused_up_front(kind):
+    model = tiny(kind)
+    with pytest.raises(NotImplementedError, match=NOT_ACCEPTED[kind]):
+        up.apply_unipelt(model, PREFIX, backend="eager")
+    assert not hasattr(model, "unipelt")
 
 
 def _no_launch(monkeypatch) -> list:
@@ -114,6 +117,14 @@ def _no_launch(monkeypatch) -> list:
         ("gpt_oss", {}, "sinks", ("s_aux",)),
         ("mistral", {"sliding_window": 4}, "sliding-window", ("sliding_window=4", "< 8 keys")),
         ("gemma3_text", {"sliding_window": 4}, "sliding-window", ("sliding_window=4",)),
+        # ModernBERT's local layers: a window of local_attention/2 + 1 keys each side (local
+        # layer first here; by default layer 0 is global and runs before the refusal)
+        (
+            "modernbert",
+            {"local_attention": 4, "layer_types": ["sliding_attention", "full_attention"]},
+            "sliding-window",
+            ("sliding_window=3",),
+        ),
     ],
 )
 def test_on_features_refused_before_any_launch(kind, config, feature, names, monkeypatch):
@@ -166,7 +177,7 @@ def test_unknown_argument_refused_and_off_values_accepted():
 # Decoders outside tests/hf_tiny.py whose prefix path is exact (Gemma 2: soft-capping off).
 PREFIX_EXACT = (
     "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm",
-    "smollm3", "mixtral", "qwen3_moe",
+    "smollm3", "mixtral", "qwen3_moe", "phi3", "gpt_neox", "falcon", "opt", "cohere", "gptj",
 )  # fmt: skip
 
 
@@ -176,15 +187,37 @@ def test_prefix_equals_hf_cache_reference(kind):
     m = up.apply_unipelt(model, PREFIX, backend="eager")
     perturb(m)
     b = tiny_batch(kind)
+    am = b["attention_mask"]
+    # OPT counts positions over the real tokens of the mask it is given (here with the prefix)
+    pos = {"position_ids": am.cumsum(1) * am - 1} if kind == "opt" else {}
     with torch.no_grad():
         got = m(**b).logits
-        want = hf_cache_reference(m, b)
-    real = b["attention_mask"].bool()  # padded positions differ by design (HF unmasks them)
+        want = hf_cache_reference(m, b, **pos)
+    real = am.bool()  # padded positions differ by design (HF unmasks them)
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # the prefix matters
         m.config._attn_implementation = "sdpa"
         plain = m(**b).logits
     assert (plain - got)[real].abs().max() > 1e-3
+
+
+# Encoders that take no past key values: the prefix against explicit concatenation + SDPA.
+ENCODER_PREFIX_EXACT = ("distilbert", "modernbert")
+
+
+@pytest.mark.parametrize("kind", ENCODER_PREFIX_EXACT)
+def test_encoder_prefix_equals_explicit_concat(kind):
+    m = up.apply_unipelt(tiny(kind), PREFIX, backend="eager")
+    perturb(m)
+    b = tiny_batch(kind)
+    with torch.no_grad():
+        got = m(**b).logits
+        want = explicit_prefix_reference(m, b)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the prefix matters
+        m.config._attn_implementation = "sdpa"
+        plain = m(**b).logits
+    assert (plain - got).abs().max() > 1e-3
 
 
 @pytest.mark.skipif(

@@ -107,6 +107,8 @@ IGNORED_KWARGS: dict[str, str] = {
     "output_hidden_states": "read by the model's output capture, not by attention",
     "output_router_logits": "MoE router outputs, read by the model, not by attention",
     "num_items_in_batch": "the loss's normalization, read by the loss, not by attention",
+    "deterministic": "flash-attention's deterministic-backward switch (ModernBERT's "
+    "deterministic_flash_attn): it picks how the flash kernels reduce, not what they compute",
     "encoder_hidden_states": "BERT-like self-attention passes its (unused) cross-attention "
     "input; keys and values arrive already projected",
 }

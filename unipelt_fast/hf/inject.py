@@ -27,6 +27,7 @@ from .placements import (
     PostLNOutputWrapper,
     PreLNMLPWrapper,
     SublayerOutputAdapters,
+    TokenRows,
 )
 from .root import SITE_ATTR, Site, UniPELTRoot
 from .snapshot import Snapshot
@@ -118,7 +119,7 @@ def inject_lora(ctx: Injection) -> None:
                 stack = "enc" if blk.kind == "cross" and role != "query" else blk.stack
                 targets[key] = (parent, attr, None if cols is None else [], stack)
             if cols is not None:
-                targets[key][2].append(cols)
+                targets[key][2].extend(cols)
         for parent, attr, cols, stack in targets.values():
             base = getattr(parent, attr)
             d_in, d_out = _linear_dims(base)
@@ -156,9 +157,11 @@ def inject_adapters(ctx: Injection) -> None:
         if i not in layers:
             continue
         if on_output:
-            _wrap(ctx, blk.output, AdapterWrapper, stack=blk.stack)
+            w = _wrap(ctx, blk.output, AdapterWrapper, stack=blk.stack)
         else:
-            _residual_placement(ctx, blk)
+            w = _residual_placement(ctx, blk)
+        if blk.rows_from is not None and w is not None:
+            _token_rows(ctx, blk, w)
     if ac.placement == "attn_and_ffn_output":
         for i, blk in enumerate(layout.attention):
             if blk.output is None:
@@ -198,13 +201,23 @@ def _wrap(ctx: Injection, slot, cls, *extra, stack: str | None = None) -> nn.Mod
     return w
 
 
-def _residual_placement(ctx: Injection, blk: FFNBlock) -> None:
-    """The "block_output" / "ffn_parallel" adapters of one FFN block, by its style."""
+def _token_rows(ctx: Injection, blk: FFNBlock, w: nn.Module) -> None:
+    """Where the FFN sees its tokens as (B*L, d) rows (``blk.rows_from``, OPT), wrap the
+    adapter wrapper ``w`` so that it runs on (B, L, d)."""
+    site = ctx.root.site(len(ctx.root.sites), blk.stack)
+    parent, attr = blk.output if getattr(*blk.output) is w else blk.block
+    setattr(parent, attr, TokenRows(w, site))
+    ctx.hook_before(blk.rows_from, residual_pre_hook, site)
+
+
+def _residual_placement(ctx: Injection, blk: FFNBlock) -> nn.Module | None:
+    """The "block_output" / "ffn_parallel" adapters of one FFN block, by its style; returns
+    the wrapper that replaced a module (None: a hook on the module)."""
     placement = ctx.cfg.adapter.placement
     parallel = placement == "ffn_parallel"
     if blk.style == "post_ln_output":
-        _wrap(ctx, blk.block, PostLNOutputWrapper, placement, stack=blk.stack)
-    elif blk.style == "pre_ln_mlp":
+        return _wrap(ctx, blk.block, PostLNOutputWrapper, placement, stack=blk.stack)
+    if blk.style == "pre_ln_mlp":
         check_residual_placement(blk.block[0])  # the decoder layer that holds the MLP
         if blk.x_from is None:
             raise NotImplementedError(
@@ -213,11 +226,13 @@ def _residual_placement(ctx: Injection, blk: FFNBlock) -> None:
             )
         w = _wrap(ctx, blk.block, PreLNMLPWrapper, placement, stack=blk.stack)
         ctx.hook_before(blk.x_from, residual_pre_hook, w.site)
-    elif blk.style == "post_ln_norm":
+        return w
+    if blk.style == "post_ln_norm":
         w = _wrap(ctx, blk.block, PostLNNormWrapper, placement, stack=blk.stack)
         if parallel:
             ctx.hook_before(blk.x_from, residual_pre_hook, w.site)
-    elif blk.style == "sublayer":  # adapters run by a forward hook; the module stays
+        return w
+    if blk.style == "sublayer":  # adapters run by a forward hook; the module stays
         module = getattr(*blk.block)
         site = ctx.root.site(len(ctx.root.sites), blk.stack)
         h = SublayerOutputAdapters(_adapters(ctx), placement, blk.x_from is None, site=site)
@@ -226,8 +241,8 @@ def _residual_placement(ctx: Injection, blk: FFNBlock) -> None:
         ctx.snap.handles.append(module.register_forward_hook(h.hook, with_kwargs=True))
         if blk.x_from is not None and parallel:
             ctx.hook_before(blk.x_from, residual_pre_hook, site)
-    else:
-        raise AssertionError(f"unknown FFN style {blk.style!r}")
+        return None
+    raise AssertionError(f"unknown FFN style {blk.style!r}")
 
 
 def inject_prompt(ctx: Injection) -> None:
@@ -247,12 +262,39 @@ def inject_prompt(ctx: Injection) -> None:
     )
 
 
+# Families whose attention the prefix cannot enter, and why (the support table's cells).
+PREFIX_REFUSED = {
+    "deberta_v2": "DeBERTa-v2's disentangled attention computes its scores itself (content "
+    "plus content-to-position and position-to-content terms from its relative position "
+    "embeddings) instead of calling transformers' attention function, and a prefix key has no "
+    "relative position for those terms",
+}
+
+
+def _check_prefix_family(ctx: Injection) -> None:
+    """Refuse the prefix, up front, where it cannot be exact."""
+    layout, config = ctx.layout, ctx.model.config
+    why = PREFIX_REFUSED.get(layout.family)
+    if why is None and layout.family == "falcon" and getattr(config, "alibi", False):
+        why = (
+            "Falcon with alibi=True adds its ALiBi position bias through the attention mask, "
+            "which the prefix path does not take as a bias"
+        )
+    if why is not None:
+        raise NotImplementedError(
+            f"apply_unipelt: the prefix on {layout.dims['model_type']}: {why}; train without "
+            "the prefix (UniPELTConfig(prefix=None)): LoRA, adapters, BitFit and the prompt "
+            "are supported"
+        )
+
+
 def inject_prefix(ctx: Injection) -> None:
     """The prefix: each chosen attention module gets a Site (its rows of the prefix encoder,
     its gate, its masks) and, with gates, a pre-hook computing G_P; the model's attention
     implementation becomes the "unipelt" function (attention.py)."""
     layout, root, snap = ctx.layout, ctx.root, ctx.snap
     attns = [blk.module for blk in layout.attention]
+    _check_prefix_family(ctx)
     _register()
     legacy = not _uses_attention_interface(attns[0])
     if legacy and layout.family != "bert":

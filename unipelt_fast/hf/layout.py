@@ -20,14 +20,18 @@ Slot = tuple[nn.Module, str]
 class AttentionBlock:
     """One attention module: a prefix site, LoRA on its projections, an adapter at its output.
 
-    ``projections``: role ("query"/"key"/"value") -> (parent, attribute, output columns or
-    None); roles sharing one fused projection (GPT-2's ``c_attn``) name its column ranges.
+    ``projections``: role ("query"/"key"/"value") -> (parent, attribute, columns): columns
+    is None for a projection of its own, or for a fused q/k/v projection (GPT-2's ``c_attn``,
+    Phi-3's ``qkv_proj``, GPT-NeoX's and Falcon's ``query_key_value``, ModernBERT's
+    ``Wqkv``) the tuple of (start, stop) output column ranges that are this role's: one
+    range where the roles are stacked, one per head or head group where they are
+    interleaved (``families.fused_columns``). Roles sharing a projection share its module.
     ``output``: the attention output projection ("attn_and_ffn_output"), None where this
     family's is not known. ``stack``: "enc"/"dec" in an encoder-decoder, else None.
     """
 
     module: nn.Module
-    projections: dict[str, tuple[nn.Module, str, tuple[int, int] | None]]
+    projections: dict[str, tuple[nn.Module, str, tuple[tuple[int, int], ...] | None]]
     output: Slot | None = None
     stack: str | None = None
     kind: str = "self"  # "self" / "cross"
@@ -38,19 +42,23 @@ class AttentionBlock:
 #   "pre_ln_mlp":     wrap ``block`` (the MLP); x recorded at ``x_from`` (the pre-FFN norm)
 #   "post_ln_norm":   wrap ``block`` (the post-FFN norm); x recorded at ``x_from`` (fc1)
 #   "sublayer":       hook ``block`` (returns s = x + h); x is its input, or from ``x_from``
+#                     (also a parallel block, GPT-J/Cohere/GPT-NeoX/Falcon: s = x + attn + h)
 FFN_STYLES = ("post_ln_output", "pre_ln_mlp", "post_ln_norm", "sublayer")
 
 
 @dataclass(eq=False)
 class FFNBlock:
     """One FFN: ``output`` is its output projection (or the module returning h: "ffn_output"
-    wraps it); ``block``, ``style`` and ``x_from`` say where the residual placements go."""
+    wraps it); ``block``, ``style`` and ``x_from`` say where the residual placements go.
+    ``rows_from``: where the FFN sees its tokens flattened to (B*L, d) rows (OPT), a module
+    whose input is them as (B, L, d); the wrappers run the adapters on that shape."""
 
     output: Slot
     block: Slot
     style: str
     x_from: Slot | None = None
     stack: str | None = None
+    rows_from: Slot | None = None
 
 
 @dataclass(eq=False)

@@ -24,15 +24,40 @@ from .wrappers import AdapterWrapper, hidden_of, run_adapters
 
 def _recorded_residual(wrapper: nn.Module, like: torch.Tensor) -> torch.Tensor:
     """The FFN block's input x that ``hooks.residual_pre_hook`` recorded for this wrapper's
-    site in this forward (taken, so a stale one is never read)."""
+    site in this forward (taken, so a stale one is never read). OPT's FFN sees its tokens
+    as (B*L, d) rows: x recorded there takes the shape of ``like``."""
     site = wrapper.site
     x = None if site is None else site.root.residual_slots.pop(site.index, None)
-    if x is None or x.shape != like.shape:
+    if x is None or x.numel() != like.numel() or x.shape[-1] != like.shape[-1]:
         raise RuntimeError(
             f"unipelt: adapter placement {wrapper.placement!r} did not see this block's "
             "residual (the hook before its FFN did not run in this forward)"
         )
-    return x
+    return x.view(like.shape)
+
+
+class TokenRows(nn.Module):
+    """Runs ``inner`` (an adapter wrapper) on (B, L, d) tokens where the model passes them as
+    (B*L, d) rows (OPT's FFN), so that the gates average over each example's tokens and the
+    task routing sees B examples. (B, L) is the FFN block's input shape, recorded by a
+    pre-hook on the decoder layer (``FFNBlock.rows_from``)."""
+
+    def __init__(self, inner: nn.Module, site: Site) -> None:
+        super().__init__()
+        self.inner, self.site = inner, site
+
+    def forward(self, rows: torch.Tensor, *args, **kwargs):
+        site = self.site
+        ref = site.root.residual_slots.pop(site.index, None)
+        if rows.dim() != 2:  # already (B, L, d)
+            return self.inner(rows, *args, **kwargs)
+        if ref is None or ref.dim() != 3 or ref.shape[0] * ref.shape[1] != rows.shape[0]:
+            raise RuntimeError(
+                "unipelt: the adapter on a flattened FFN did not see its block's (B, L) shape "
+                "(the hook before the decoder layer did not run in this forward)"
+            )
+        out = self.inner(rows.view(*ref.shape[:2], rows.shape[-1]), *args, **kwargs)
+        return out.reshape(rows.shape[0], out.shape[-1])
 
 
 class PostLNOutputWrapper(nn.Module):

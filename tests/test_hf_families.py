@@ -16,19 +16,54 @@ from tests.hf_tiny import perturb_params as _perturb
 
 DECODERS = (
     "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite",
-    "stablelm", "smollm3", "mixtral", "qwen3_moe", "gpt_oss",
+    "stablelm", "smollm3", "mixtral", "qwen3_moe", "gpt_oss", "phi3", "gpt_neox", "falcon", "opt",
+    "cohere", "gptj",
 )  # fmt: skip
+ENCODERS = ("distilbert", "deberta_v2", "modernbert")
 R, ALPHA, P = 4, 8.0, 3
+H, D = 4, 8  # tests/hf_families.py: 4 heads of 8
+
+
+def _span(a: int, b: int) -> list[int]:
+    return list(range(a, b))
+
+
+# The projections LoRA on query/value updates, by leaf name, with the output columns that are
+# the query's and the value's in a fused projection (None: the whole output), as each
+# family's modeling code splits it (transformers 5.x).
+FUSED = {
+    "phi3": ("qkv_proj", _span(0, 32) + _span(48, 64)),  # [q 32 | k 16 | v 16] (2 kv heads)
+    # (H, 3, D) interleaved per head: each head's q then k then v
+    "gpt_neox": ("query_key_value", [c for h in range(H) for c in _span(24 * h, 24 * h + 8)]
+                 + [c for h in range(H) for c in _span(24 * h + 16, 24 * h + 24)]),
+    "falcon": ("query_key_value", _span(0, 32) + _span(40, 48)),  # multi-query [q | k 8 | v 8]
+    "modernbert": ("Wqkv", _span(0, 32) + _span(64, 96)),  # (3, H, D)
+}  # fmt: skip
+QV = {
+    "distilbert": ("q_lin", "v_lin"),
+    "deberta_v2": ("query_proj", "value_proj"),
+}
+
+
+def _lora_sites(base, kind: str) -> list[tuple]:
+    """(projection, sorted output columns or None) in module order, as apply_unipelt's
+    GatedLoRA modules come in ``model.modules()``."""
+    if kind in FUSED:
+        name, cols = FUSED[kind]
+        return [(m, sorted(cols)) for n, m in base.named_modules() if n.endswith("." + name)]
+    names = QV.get(kind, ("q_proj", "v_proj"))
+    return [(m, None) for n, m in base.named_modules() if n.rpartition(".")[2] in names]
 
 
 def _loss(logits):
     return (logits * torch.linspace(-1, 1, logits.shape[-1])).sum()
 
 
-@pytest.mark.parametrize("kind", DECODERS)
+@pytest.mark.parametrize("kind", (*DECODERS, *ENCODERS))
 def test_lora_and_prompt_match_formula(kind):
     """LoRA on q/v and the soft prompt together (one model build per family): logits and the
-    gradients of every LoRA and prompt parameter."""
+    gradients of every LoRA and prompt parameter. On a fused q/k/v projection the update
+    covers the query's and value's columns only."""
     cfg = up.UniPELTConfig(
         bitfit=False,
         adapter=False,
@@ -36,6 +71,7 @@ def test_lora_and_prompt_match_formula(kind):
         gate_mode="mean",
         lora=up.LoRAConfig(r=R, alpha=ALPHA),
         prompt=up.PromptConfig(length=P, gate=True),
+        modules_to_save=(),  # the encoders' heads stay the base model's
     )
     m = up.apply_unipelt(tiny(kind), cfg, backend="eager")
     params = [p for p in m.parameters() if p.requires_grad]
@@ -46,14 +82,17 @@ def test_lora_and_prompt_match_formula(kind):
     ids, am = b["input_ids"], b["attention_mask"]
 
     base = tiny(kind)
-    projs = [p for blk in base.model.layers for p in (blk.self_attn.q_proj, blk.self_attn.v_proj)]
-    assert len(projs) == len(loras)
+    sites = _lora_sites(base, kind)
+    assert len(sites) == len(loras) == (2 if kind in FUSED else 4)
     handles = []
-    for proj, lo in zip(projs, loras, strict=True):
+    for (proj, cols), lo in zip(sites, loras, strict=True):
         u = lo.units[0]
 
-        def hook(mod, args, out, u=u):
-            return out + formula_lora(args[0], u, ALPHA / R)
+        def hook(mod, args, out, u=u, cols=cols):
+            delta = formula_lora(args[0], u, ALPHA / R)
+            if cols is None:
+                return out + delta
+            return out.index_add(-1, torch.tensor(cols), delta)
 
         handles.append(proj.register_forward_hook(hook))
     e = base.get_input_embeddings()(ids)
@@ -61,7 +100,7 @@ def test_lora_and_prompt_match_formula(kind):
     g = torch.sigmoid(F.linear(e, gp.weight, gp.bias)).mean(1, True)  # "mean": every token
     embeds = torch.cat([g * prompt.embeddings[0].expand(ids.shape[0], -1, -1), e], 1)
     mask = torch.cat([torch.ones(ids.shape[0], P, dtype=am.dtype), am], 1)
-    want = base(inputs_embeds=embeds, attention_mask=mask).logits[:, P:]
+    want = base(inputs_embeds=embeds, attention_mask=mask).logits
     _loss(want).backward()
     want_g = [p.grad.clone() for p in params]
     for h in handles:
@@ -69,9 +108,11 @@ def test_lora_and_prompt_match_formula(kind):
     for p in params:
         p.grad = None
 
-    got = m(input_ids=ids, attention_mask=am).logits[:, P:]
+    got = m(input_ids=ids, attention_mask=am).logits
     _loss(got).backward()
-    real = am.bool()
+    real = am.bool() if got.dim() == 3 else slice(None)  # token logits: real tokens only
+    if got.dim() == 3:
+        got, want = got[:, P:], want[:, P:]
     assert (got[real] - want[real]).norm() <= 1e-5 * want[real].norm()
     for p, gw in zip(params, want_g, strict=True):
         assert (p.grad - gw).norm() <= 1e-4 * gw.norm() + 1e-7  # fp32 sums in another order
@@ -79,7 +120,10 @@ def test_lora_and_prompt_match_formula(kind):
         assert (got - base(**b).logits)[real].abs().max() > 1e-3
 
 
-BIASED = ("bert", "roberta", "gpt2", "qwen2", "stablelm", "bart")
+BIASED = (
+    "bert", "roberta", "gpt2", "qwen2", "stablelm", "bart", "gpt_neox", "falcon", "opt", "gptj",
+    "distilbert", "deberta_v2", "modernbert",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", BIASED)

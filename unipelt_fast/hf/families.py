@@ -181,7 +181,7 @@ def _ffn_blocks(model: nn.Module, family: str) -> list[FFNBlock]:
             if hasattr(m, "fc1") and hasattr(m, "final_layer_norm") and hasattr(m, "self_attn"):
                 if config.do_layer_norm_before:  # the layer returns s = x + h
                     blk = FFNBlock((m, "fc2"), slots[id(m)], "sublayer", (m, "final_layer_norm"))
-                else:  # OPT-350m: final_layer_norm(x + h)
+                else:  # OPT-350m: final_layer_norm(x + h), on (B, L, d) again
                     blk = FFNBlock((m, "fc2"), (m, "final_layer_norm"), "post_ln_norm", (m, "fc1"))
                 blk.rows_from = slots[id(m)]
                 out.append(blk)

@@ -88,6 +88,14 @@ FAMILIES = {
     "qwen3_moe": "Qwen3-MoE",
     "gpt_oss": "gpt-oss",
     "phi3": "Phi-3",
+    "gpt_neox": "GPT-NeoX",
+    "falcon": "Falcon",
+    "opt": "OPT",
+    "cohere": "Cohere",
+    "gptj": "GPT-J",
+    "distilbert": "DistilBERT",
+    "deberta_v2": "DeBERTa-v2",
+    "modernbert": "ModernBERT",
     "bart": "BART",
     "t5": "T5",
 }
@@ -102,7 +110,7 @@ _LORA_MORE = "tests/test_hf_families.py::test_lora_and_prompt_match_formula"
 _BITFIT = "tests/test_hf_families.py::test_bitfit_matches_base_with_the_biases"
 _PROMPT_MORE = _LORA_MORE  # one model build for both
 
-_FUSED_QKV = Refused("fused qkv_proj (not located yet)", "found 0 attention")
+_ENCODER_PREFIX = "tests/test_attention_contract.py::test_encoder_prefix_equals_explicit_concat"
 _NO_BIAS = NotApplicable("no biases")
 _SANDWICH = "ffn_output and attn_and_ffn_output only (post-FFN norm)"
 
@@ -113,13 +121,13 @@ def _row(**cells) -> dict:
     return cells
 
 
-def _decoder(prefix, adapter, *, bitfit=_NO_BIAS) -> dict:
-    """A LLaMA-like decoder whose LoRA, prompt and gate cells come from
+def _decoder(prefix, adapter, *, bitfit=_NO_BIAS, lora_note: str = "") -> dict:
+    """A decoder (or encoder) whose LoRA, prompt and gate cells come from
     tests/test_hf_families.py."""
     return _row(
         prefix=prefix,
         adapter=adapter,
-        lora=Exact("formula", _LORA_MORE),
+        lora=Exact("formula", _LORA_MORE, note=lora_note),
         bitfit=bitfit,
         prompt=Exact("explicit embeddings", _PROMPT_MORE),
         gates=Exact("formula", _LORA_MORE),  # the LoRA and prompt gates
@@ -131,6 +139,9 @@ _BITFIT_EXACT = Exact("base + biases", _BITFIT)
 _GRANITE = "block_output and ffn_parallel need residual_multiplier 1"
 _ADAPTER_SANDWICH = Exact("formula", _PLACEMENT_MORE, note=_SANDWICH)
 _PREFIX_MORE = Exact("HF cache", _HF_CACHE_MORE)
+_FUSED = "q/v columns of the fused projection"
+_PARALLEL = "parallel attention/FFN block (placements: docs/hf.md)"
+_ADAPTER_PARALLEL = Exact("formula", _PLACEMENT_MORE, note=_PARALLEL)
 
 MATRIX: dict[str, dict] = {
     **{
@@ -173,7 +184,40 @@ MATRIX: dict[str, dict] = {
         _ADAPTER_MORE,
         bitfit=Untested("expert and router biases are not trained"),
     ),
-    "phi3": {m: _FUSED_QKV for m in METHODS},
+    "phi3": _decoder(_PREFIX_MORE, _ADAPTER_MORE, lora_note=_FUSED),
+    "gpt_neox": _decoder(
+        _PREFIX_MORE, _ADAPTER_PARALLEL, bitfit=_BITFIT_EXACT, lora_note=_FUSED + " (per head)"
+    ),
+    "falcon": _decoder(
+        Exact("HF cache", _HF_CACHE_MORE, note="refused with alibi=True"),
+        _ADAPTER_PARALLEL,
+        bitfit=_BITFIT_EXACT,
+        lora_note=_FUSED,
+    ),
+    "opt": _decoder(_PREFIX_MORE, _ADAPTER_MORE, bitfit=_BITFIT_EXACT),
+    "cohere": _decoder(_PREFIX_MORE, _ADAPTER_PARALLEL),
+    "gptj": _decoder(_PREFIX_MORE, _ADAPTER_PARALLEL, bitfit=_BITFIT_EXACT),
+    "distilbert": _decoder(
+        Exact("explicit concat + SDPA", _ENCODER_PREFIX), _ADAPTER_MORE, bitfit=_BITFIT_EXACT
+    ),
+    "deberta_v2": _decoder(
+        Refused(
+            "disentangled attention (computes its own scores)",
+            "disentangled attention computes its scores itself",
+        ),
+        _ADAPTER_MORE,
+        bitfit=_BITFIT_EXACT,
+    ),
+    "modernbert": _decoder(
+        Exact(
+            "explicit concat + SDPA",
+            _ENCODER_PREFIX,
+            note="local layers: sequences within the window (longer: refused)",
+        ),
+        _ADAPTER_MORE,
+        bitfit=_BITFIT_EXACT,
+        lora_note=_FUSED,
+    ),
     "bart": _row(
         prefix=Exact(
             "explicit concat + SDPA",

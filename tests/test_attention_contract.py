@@ -25,8 +25,12 @@ KNOWN = (
 # Families apply_unipelt accepts whose attention passes an argument that is on and not
 # implemented: the prefix is refused at the first forward, naming the feature.
 REFUSED = {"gemma2": "soft-capping", "gpt_oss": "sinks"}
-# Families whose prefix apply_unipelt itself refuses, and the reason it gives.
-NOT_ACCEPTED = {"deberta_v2": "disentangled attention computes its scores itself"}
+# Prefixes apply_unipelt itself refuses: (family, config overrides, the reason it gives).
+REFUSED_UP_FRONT = [
+    ("deberta_v2", {}, "disentangled attention computes its scores itself"),
+    ("falcon", {"alibi": True}, "ALiBi position bias through the attention mask"),
+]
+NOT_ACCEPTED = ("deberta_v2",)
 ACCEPTED = tuple(k for k in ALL if k not in NOT_ACCEPTED)
 PREFIX = up.UniPELTConfig(adapter=False, lora=False, bitfit=False, gate_mode="masked_mean")
 
@@ -91,10 +95,10 @@ def test_every_argument_is_implemented_refused_or_allowlisted(kind, monkeypatch)
     )
 
 
-@pytest.mark.parametrize("kind", NOT_ACCEPTED)
-def test_not_accepted_families_are_refused_up_front(kind):
-    model = tiny(kind)
-    with pytest.raises(NotImplementedError, match=NOT_ACCEPTED[kind]):
+@pytest.mark.parametrize("kind,config,reason", REFUSED_UP_FRONT)
+def test_not_accepted_families_are_refused_up_front(kind, config, reason):
+    model = tiny(kind, **config)
+    with pytest.raises(NotImplementedError, match=reason):
         up.apply_unipelt(model, PREFIX, backend="eager")
     assert not hasattr(model, "unipelt")
 
@@ -199,6 +203,32 @@ def test_prefix_equals_hf_cache_reference(kind):
         m.config._attn_implementation = "sdpa"
         plain = m(**b).logits
     assert (plain - got)[real].abs().max() > 1e-3
+
+
+# The decoders added with the fused and parallel layouts (tests/test_hf_models.py covers GPT-2,
+# LLaMA, Mistral, Qwen2).
+GENERATE = ("phi3", "gpt_neox", "falcon", "opt", "cohere", "gptj")
+
+
+@pytest.mark.parametrize("kind", GENERATE)
+def test_generate_kv_cache_matches_no_cache(kind):
+    """Greedy decoding with the KV cache (the prefix never in it) equals decoding without one,
+    with every method on (prefix gate off: with a cache it sees only the step's tokens)."""
+    cfg = up.UniPELTConfig(
+        lora=True, gate_mode="token", prefix=up.PrefixConfig(gate=False), bitfit=False,
+        adapter=up.AdapterConfig(bottleneck=8), prompt=False,
+    )  # fmt: skip
+    m = up.apply_unipelt(tiny(kind), cfg, backend="eager")
+    perturb(m)
+    b = tiny_batch(kind, n=2, length=5)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = m.generate(**b, use_cache=True, **kw)
+        plain = m.generate(**b, use_cache=False, **kw)
+        out = m(**b, use_cache=True)
+    assert cached.shape == (2, 9)
+    torch.testing.assert_close(cached, plain)
+    assert out.past_key_values.get_seq_length() == 5  # the prefix never enters the cache
 
 
 # Encoders that take no past key values: the prefix against explicit concatenation + SDPA.

@@ -83,7 +83,7 @@ def test_table_has_every_family_and_method():
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == list(sm.FAMILIES.values())
     assert all(r.count(" | ") == len(sm.METHODS) for r in rows)
     assert "| gpt-oss | refused: attention sinks |" in t
-    assert "| Phi-3 | refused: fused qkv_proj" in t
+    assert "| DeBERTa-v2 | refused: disentangled attention" in t
 
 
 def test_generator_writes_between_the_markers(tmp_path):

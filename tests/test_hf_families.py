@@ -120,6 +120,51 @@ def test_lora_and_prompt_match_formula(kind):
         assert (got - base(**b).logits)[real].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "kind,config",
+    [
+        ("gpt2", {}),
+        ("phi3", {}),
+        ("gpt_neox", {}),
+        ("falcon", {}),  # multi-query
+        ("falcon", {"multi_query": False}),  # interleaved per head
+        ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # per kv group
+        ("modernbert", {}),
+    ],
+)
+def test_fused_columns_are_the_models_own_split(kind, config):
+    """The layout's column ranges of a fused q/k/v projection, against the query, key and value
+    the model itself passes to its attention function (at position 0, where rotary
+    embeddings are the identity): the ranges, concatenated, give each role's heads in order."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    from unipelt_fast.hf.families import model_layout
+
+    model = tiny(kind, **config)
+    seen = {}
+
+    def record(module, query, key, value, *args, **kwargs):
+        seen[id(module)] = (query, key, value)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("record_test", record)
+    AttentionMaskInterface.register("record_test", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.config._attn_implementation = "record_test"
+    blk = model_layout(model).attention[0]
+    parent, attr, _ = blk.projections["query"]
+    fused = {}
+    getattr(parent, attr).register_forward_hook(lambda m, a, out: fused.update(y=out))
+    ids = torch.randint(3, 64, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids)
+    q, k, v = seen[id(blk.module)]
+    for role, t in zip(("query", "key", "value"), (q, k, v), strict=True):
+        cols = blk.projections[role][2]
+        got = torch.cat([fused["y"][0, 0, a:b] for a, b in cols])
+        torch.testing.assert_close(got, t[0, :, 0, :].reshape(-1))
+
+
 BIASED = (
     "bert", "roberta", "gpt2", "qwen2", "stablelm", "bart", "gpt_neox", "falcon", "opt", "gptj",
     "distilbert", "deberta_v2", "modernbert",

@@ -214,17 +214,13 @@ def test_unsupported_model_and_twice():
     m = pelt("bert")
     with pytest.raises(ValueError, match="already"):
         up.apply_unipelt(m)
-    opt = tf.OPTForCausalLM(  # OPT (out_proj, not o_proj) is not a supported family
-        tf.OPTConfig(
-            vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-            num_attention_heads=4, word_embed_proj_dim=32,
-        )
-    )  # fmt: skip
-    before = {n: p.requires_grad for n, p in opt.named_parameters()}
-    with pytest.raises(NotImplementedError):
-        up.apply_unipelt(opt)
-    assert {n: p.requires_grad for n, p in opt.named_parameters()} == before
-    assert not hasattr(opt, "unipelt")
+    # BLOOM (fused query_key_value with ALiBi, no family table) is not a supported family
+    bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    before = {n: p.requires_grad for n, p in bloom.named_parameters()}
+    with pytest.raises(NotImplementedError, match="found 0 attention"):
+        up.apply_unipelt(bloom)
+    assert {n: p.requires_grad for n, p in bloom.named_parameters()} == before
+    assert not hasattr(bloom, "unipelt")
 
 
 def _vis(B, Lq, Lk, kpm, causal):

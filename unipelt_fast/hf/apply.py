@@ -41,7 +41,8 @@ def apply_unipelt(
 ) -> nn.Module:
     """Freeze ``model`` and inject the methods of ``cfg``, in place; returns the model.
 
-    Supports BERT/RoBERTa, GPT-2, LLaMA-family (LLaMA, Mistral, Qwen2) and the
+    Supports the families of ``families.FAMILIES`` (BERT-like, DeBERTa-v2, DistilBERT,
+    ModernBERT, GPT-2, LLaMA-like, Phi-3, OPT, GPT-J, GPT-NeoX, Falcon; docs/hf.md) and the
     encoder-decoders BART, mBART, Marian, Pegasus, T5 and mT5, any head. On error the model
     is left as it was.
     """
@@ -106,8 +107,9 @@ def _check_fits(layout: ModelLayout, cfg: UniPELTConfig) -> None:
     if n_attn != dims["n_layers"] or (cfg.adapter is not None and n_found_ffn != n_ffn):
         raise NotImplementedError(
             f"apply_unipelt: found {n_attn} attention and {n_found_ffn} FFN blocks for "
-            f"{dims['n_layers']} layers in this {dims['model_type']} model; supported: BERT, "
-            "RoBERTa, GPT-2, LLaMA-family and BART-family models"
+            f"{dims['n_layers']} layers in this {dims['model_type']} model; supported: the "
+            "families in docs/hf.md (BERT-like, DistilBERT, DeBERTa-v2, ModernBERT, GPT-2, "
+            "LLaMA-like, Phi-3, OPT, GPT-J, GPT-NeoX, Falcon) and BART/T5-family models"
         )
     for name in ("adapter", "prefix", "lora"):
         sub = getattr(cfg, name)

@@ -192,6 +192,11 @@ def test_save_peft_names_what_peft_cannot_hold(tmp_path):
     um = up.apply_unipelt(tiny_model("llama"), cfg, backend="eager")
     with pytest.raises(up.InteropError, match="lora gate"):
         up.save_peft(um, str(tmp_path))
+    qkv = up.LoRAConfig(targets=("query", "key", "value"), gate=False, split_fused=True)
+    cfg = up.UniPELTConfig(bitfit=False, adapter=None, prefix=None, lora=qkv)
+    um = up.apply_unipelt(tiny_model("gpt2"), cfg, backend="eager")
+    with pytest.raises(up.InteropError, match="split_fused"):
+        up.save_peft(um, str(tmp_path))
     assert not os.path.exists(tmp_path / "adapter_config.json")
 
 

@@ -168,7 +168,9 @@ class LoRAConfig:
     ``targets`` names roles, not module names: "query", "key", "value" (GPT-2's fused c_attn
     gets the matching output slices). ``gate_replaces_scaling``: with a gate, drop alpha / r
     (``y = base(x) + g * B(A(x))``, the adapters library's convention). ``layers``: the layer
-    indices that get LoRA (None: every layer).
+    indices that get LoRA (None: every layer). ``split_fused``: on a fused projection (GPT-2's
+    c_attn), each role's slice gets its own A, B and gate (the adapters library's
+    LoRAMergedLinear) instead of one A, B and gate over all the roles' slices.
     """
 
     r: int = 8
@@ -180,6 +182,7 @@ class LoRAConfig:
     # encoder-decoder models: which attentions get LoRA ("self": encoder and decoder
     # self-attention; "cross": decoder cross-attention). Ignored by decoder/encoder-only models.
     attention_types: tuple[str, ...] = ("self", "cross")
+    split_fused: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -198,6 +201,7 @@ class LoRAConfig:
         self.attention_types = _check_names(o, "attention_types", self.attention_types, types)
         if not self.attention_types:
             raise ValueError(f"{o}.attention_types must name at least one of {types}")
+        _check_bool(o, "split_fused", self.split_fused)
 
 
 @dataclass

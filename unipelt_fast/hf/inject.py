@@ -101,7 +101,8 @@ def inject_bitfit(ctx: Injection) -> None:
 
 def inject_lora(ctx: Injection) -> None:
     """Gated LoRA on the chosen projections (``LoRAConfig.targets``) of the chosen layers'
-    attention; roles that share a fused projection share one wrapper (its column ranges)."""
+    attention; roles that share a fused projection share one wrapper (its column ranges), or
+    with ``split_fused`` get one wrapper each, nested."""
     lc = ctx.cfg.lora
     layers = ctx.chosen(lc)
     for i, blk in enumerate(ctx.layout.attention):
@@ -120,24 +121,29 @@ def inject_lora(ctx: Injection) -> None:
             if cols is not None:
                 targets[key][2].append(cols)
         for parent, attr, cols, stack in targets.values():
-            base = getattr(parent, attr)
-            d_in, d_out = _linear_dims(base)
-            w = GatedLoRA(
-                base,
-                d_in,
-                d_out,
-                r=lc.r,
-                alpha=lc.alpha,
-                n_tasks=ctx.n_tasks,
-                gate=lc.gate,
-                gate_mode=ctx.cfg.gate_mode,
-                out_slices=None if cols is None else sorted(cols),
-                gate_replaces_scaling=lc.gate_replaces_scaling,
-                backend=ctx.backend,
-            )
-            w.site = ctx.root.site(i, stack)
-            setattr(parent, attr, w)
-            ctx.new_modules.append(w.units)
+            d_in, d_out = _linear_dims(getattr(parent, attr))
+            # split_fused: one wrapper per role's slice, each around the previous one (their
+            # slices are disjoint, so each column gets exactly one update)
+            groups = [None] if cols is None else [sorted(cols)]
+            if cols is not None and lc.split_fused:
+                groups = [[c] for c in sorted(cols)]
+            for out_slices in groups:
+                w = GatedLoRA(
+                    getattr(parent, attr),
+                    d_in,
+                    d_out,
+                    r=lc.r,
+                    alpha=lc.alpha,
+                    n_tasks=ctx.n_tasks,
+                    gate=lc.gate,
+                    gate_mode=ctx.cfg.gate_mode,
+                    out_slices=out_slices,
+                    gate_replaces_scaling=lc.gate_replaces_scaling,
+                    backend=ctx.backend,
+                )
+                w.site = ctx.root.site(i, stack)
+                setattr(parent, attr, w)
+                ctx.new_modules.append(w.units)
 
 
 def inject_adapters(ctx: Injection) -> None:

@@ -251,6 +251,8 @@ def save_peft(model: nn.Module, path: str) -> None:
         if family == "gpt2" and set(lc.targets) != {"query", "key", "value"}:
             cannot(f"a GPT-2 LoRA on {list(lc.targets)} only (peft's c_attn LoRA covers all of it)")
         wrappers = {n: mod for n, mod in inner.named_modules() if isinstance(mod, GatedLoRA)}
+        if any(isinstance(w.base, GatedLoRA) for w in wrappers.values()):
+            cannot("a LoRA per role of a fused projection (LoRAConfig(split_fused=True))")
         names = set()
         for n, w in wrappers.items():
             A, B = lora_ab(w)

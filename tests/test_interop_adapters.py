@@ -123,11 +123,11 @@ def test_from_adapters_matches_adapters(kind, name, tmp_path):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("kind", ("bert", "llama"))
+@pytest.mark.parametrize("kind", ("bert", "gpt2", "llama"))
 def test_from_adapters_unipelt_triton(kind, tmp_path):
     pm = _peer(kind, "unipelt", tmp_path)
     um = up.from_adapters(tiny_model(kind), str(tmp_path), backend="triton").eval()
-    ids, am = _batch(kind, left=kind == "llama")
+    ids, am = _batch(kind, left=kind in DECODER)
     want = _run(pm, ids, am)[0]
     got = _run(um, ids, am)[0]
     assert _close(got, want, 2e-4)

@@ -151,6 +151,21 @@ def test_from_adapters_bad_input_leaves_model_untouched(tmp_path):
     assert [n for n, _ in m.named_modules()] == names and not hasattr(m, "unipelt")
 
 
+def test_from_adapters_gpt2_c_attn_blocks_must_fit(tmp_path):
+    """A merged c_attn tensor that is not n row blocks of one matrix's LoRA is refused, the
+    model untouched."""
+    _peer("gpt2", "lora_gated", tmp_path)
+    sd = torch.load(tmp_path / "pytorch_adapter.bin", weights_only=True)
+    key = next(k for k in sorted(sd) if k.endswith("c_attn.loras.x.lora_A"))
+    sd[key] = sd[key][:-1]
+    torch.save(sd, tmp_path / "pytorch_adapter.bin")
+    m = tiny_model("gpt2")
+    names = [n for n, _ in m.named_modules()]
+    with pytest.raises(up.InteropError, match="not 3 blocks"):
+        up.from_adapters(m, str(tmp_path))
+    assert [n for n, _ in m.named_modules()] == names and not hasattr(m, "unipelt")
+
+
 @pytest.mark.parametrize("kind", ("bert", "llama"))
 def test_bench_like_for_like_config_is_adapters_unipelt(kind):
     """The bench's as_adapters_unipelt rows run adapters' own UniPELTConfig() (the bench

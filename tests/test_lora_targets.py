@@ -56,10 +56,14 @@ def test_targets_are_the_modules_peft_picks(case):
     assert _wrapped(_named(kind, lc)) == want
 
 
+def _base(kind):
+    return tiny_bart(kind=kind) if kind in ("bart", "t5") else tiny_model(kind)
+
+
 def _merged_reference(kind, um):
     """The plain model with every LoRA folded into its weight: W + s * B @ A (Conv1D stores
     W transposed), and BitFit's biases copied in: the independent formulation."""
-    base = tiny_model(kind)
+    base = _base(kind)
     mods = dict(base.named_modules())
     with torch.no_grad():
         for n, w in um.named_modules():
@@ -75,25 +79,30 @@ def _merged_reference(kind, um):
     return base.eval()
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "bart", "t5"])
 def test_all_linear_equals_merged_weights(kind):
-    """BERT with BitFit: its intermediate dense keeps the activation outside the LoRA."""
+    """Every linear layer but the heads; BERT with BitFit: its intermediate dense keeps the
+    activation outside the LoRA. Encoder-decoders: both stacks and the cross-attention."""
     cfg = up.UniPELTConfig(
         bitfit=kind == "bert",
         adapter=None,
         prefix=None,
         lora=up.LoRAConfig(r=4, alpha=6.0, target_modules="all-linear", gate=False),
     )
-    um = up.apply_unipelt(tiny_model(kind), cfg, backend="eager")
+    um = up.apply_unipelt(_base(kind), cfg, backend="eager")
     perturb(um)
     um.eval()
     names = _wrapped(um)
-    assert any("mlp" in n or "intermediate" in n or "output.dense" in n for n in names)
+    assert any(
+        n.endswith(("mlp.c_fc", "down_proj", "intermediate.dense", "fc2", "wo")) for n in names
+    )
     ref = _merged_reference(kind, um)
-    b = batch(kind)
+    if kind in ("bart", "t5"):
+        b = {k: v for k, v in bart_batch().items() if k != "labels"}
+    else:
+        b = {k: v for k, v in batch(kind).items() if k != "labels"}
     with torch.no_grad():
-        got = um(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        want = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        got, want = um(**b).logits, ref(**b).logits
     assert close(got, want), (got - want).abs().max()
 
 

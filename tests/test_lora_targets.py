@@ -9,7 +9,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 import unipelt_fast as up
-from tests.hf_tiny import bart_batch, batch, perturb, tiny_bart, tiny_model
+from tests.hf_tiny import bart_batch, batch, formula_lora, perturb, tiny_bart, tiny_model
 from tests.interop_tiny import close
 from unipelt_fast.lora import GatedLoRA
 
@@ -104,6 +104,33 @@ def test_all_linear_equals_merged_weights(kind):
     with torch.no_grad():
         got, want = um(**b).logits, ref(**b).logits
     assert close(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize(
+    "kind, tm", [("llama", ["o_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])]
+)
+def test_gated_named_targets_match_formula(kind, tm):
+    """Gated LoRA (gate_mode "mean") on the attention output and the MLP, and on GPT-2's
+    fused c_attn named whole (one update over all its columns, unlike the role slices):
+    ``out + g * alpha/r * B(A(x))`` as hooks on the untouched base model."""
+    um = _named(kind, up.LoRAConfig(r=4, alpha=12.0, target_modules=tm))
+    perturb(um)
+    base = tiny_model(kind)
+    mods = dict(base.named_modules())
+    handles = []
+    for n, w in um.named_modules():
+        if isinstance(w, GatedLoRA):
+            assert w.out_slices is None
+
+            def hook(mod, args, out, u=w.units[0]):
+                return out + formula_lora(args[0], u, 12.0 / 4)
+
+            handles.append(mods[n].register_forward_hook(hook))
+    assert len(handles) == 4
+    b = batch(kind)
+    kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    with torch.no_grad():
+        assert close(um(**kw).logits, base(**kw).logits)
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ class Injection:
         self.snap.handles.append(h)
 
 
-def trained_heads(model: nn.Module, cfg: UniPELTConfig) -> tuple[str, ...]:
+def trained_heads(cfg: UniPELTConfig) -> tuple[str, ...]:
     """The names of the heads trained in full (``modules_to_save``, or the usual heads)."""
     return cfg.modules_to_save if cfg.modules_to_save is not None else DEFAULT_HEADS
 
@@ -79,7 +79,7 @@ def lora_slots(model: nn.Module, cfg: UniPELTConfig) -> list[tuple[str, nn.Modul
     (targets.py). Slots, not modules: BitFit replaces the leaf modules, not their parents."""
     mods = dict(model.named_modules())
     out = []
-    for name, _ in resolve_targets(model, cfg.lora, trained_heads(model, cfg)):
+    for name, _ in resolve_targets(model, cfg.lora, trained_heads(cfg)):
         parent, _, attr = name.rpartition(".")
         out.append((name, mods[parent], attr))
     return out
@@ -96,7 +96,7 @@ def inject_bitfit(ctx: Injection) -> None:
     """Freeze the model; BitFit's bias-only ops; task heads trained in full (kept as
     ordinary modules)."""
     model, cfg = ctx.model, ctx.cfg
-    heads = trained_heads(model, cfg)
+    heads = trained_heads(cfg)
     head_mods = [
         (parent, name, child)
         for parent in model.modules()
@@ -188,9 +188,7 @@ def _inject_lora_by_name(ctx: Injection) -> None:
                     parent, attr, _ = blk.projections[role]
                     stacks[id(getattr(parent, attr))] = "enc"
     for name, parent, attr in ctx.lora_slots:
-        stack = stacks.get(id(getattr(parent, attr)))
-        if stack is None and ctx.layout.encdec:
-            stack = stacks.get(id(parent))
+        stack = stacks.get(id(getattr(parent, attr)))  # None: the model's one mask
         _wrap_lora(ctx, parent, attr, None, layer_index(name) or 0, stack)
 
 

@@ -7,9 +7,10 @@ What maps, exactly (peft 0.17-0.21 formats):
   output when ``prefix_projection=True``; its layout (layer, key/value, head, dim) is the
   flat layout of :class:`~unipelt_fast.modules.PrefixEncoder`.
 * PROMPT_TUNING -> an ungated soft prompt (``prompt_embeddings`` (P, hidden)).
-* LORA -> ungated LoRA on query/key/value (BERT ``query``/``key``/``value``, LLaMA-family
-  ``q_proj``/``k_proj``/``v_proj``, GPT-2 ``c_attn`` = all three), ``lora_alpha / r`` (or
-  ``/ sqrt(r)`` with ``use_rslora``), ``layers_to_transform`` -> ``LoRAConfig.layers``.
+* LORA -> ungated LoRA on the modules ``target_modules`` names (a list, a regex or
+  "all-linear"; peft's matching rules, hf/targets.py), ``lora_alpha / r`` (or ``/ sqrt(r)``
+  with ``use_rslora``), ``layers_to_transform`` / ``layers_pattern`` -> ``LoRAConfig.layers``
+  / ``layers_pattern``. DoRA, per-module ranks and the other variants are refused.
 * Heads in ``modules_to_save`` load where their names are the model's own head parameters.
 """
 

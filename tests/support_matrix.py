@@ -109,6 +109,11 @@ _PLACEMENT_ENCDEC = "tests/test_hf_encdec.py::test_adapter_placement_matches_for
 _LORA_MORE = "tests/test_hf_families.py::test_lora_and_prompt_match_formula"
 _BITFIT = "tests/test_hf_families.py::test_bitfit_matches_base_with_the_biases"
 _PROMPT_MORE = _LORA_MORE  # one model build for both
+_LORA_MERGED = Exact(
+    "merged weights",
+    "tests/test_lora_targets.py::test_all_linear_equals_merged_weights",
+    note="LoRA by name, all-linear",
+)
 
 _ENCODER_PREFIX = "tests/test_attention_contract.py::test_encoder_prefix_equals_explicit_concat"
 _NO_BIAS = NotApplicable("no biases")
@@ -225,7 +230,7 @@ MATRIX: dict[str, dict] = {
             param=None,
         ),
         adapter=Exact("formula", _PLACEMENT_ENCDEC),
-        lora=Untested(),
+        lora=_LORA_MERGED,
         bitfit=_BITFIT_EXACT,
         prompt=Untested(),
         gates=Exact("formula", _PLACEMENT_ENCDEC),
@@ -237,7 +242,7 @@ MATRIX: dict[str, dict] = {
             param=None,
         ),
         adapter=Exact("formula", _PLACEMENT_ENCDEC),
-        lora=Untested(),
+        lora=_LORA_MERGED,
         bitfit=_NO_BIAS,
         prompt=Untested(),
         gates=Exact("formula", _PLACEMENT_ENCDEC),

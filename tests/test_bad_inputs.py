@@ -43,6 +43,9 @@ CONFIG_BAD = [
     (up.LoRAConfig, dict(targets=("q",)), ValueError, "LoRAConfig.targets"),
     (up.LoRAConfig, dict(targets=()), ValueError, "LoRAConfig.targets"),
     (up.LoRAConfig, dict(targets=("query", "query")), ValueError, "LoRAConfig.targets"),
+    (up.LoRAConfig, dict(target_modules=5), TypeError, "LoRAConfig.target_modules"),
+    (up.LoRAConfig, dict(target_modules=[""]), TypeError, "LoRAConfig.target_modules"),
+    (up.LoRAConfig, dict(target_modules="(q"), ValueError, "LoRAConfig.target_modules"),
     (up.PromptConfig, dict(length=1.5), TypeError, "PromptConfig.length"),
     (up.PromptConfig, dict(gate="on"), TypeError, "PromptConfig.gate"),
 ]

@@ -208,6 +208,38 @@ def test_gated_lora_scaling_convention(kind, replace):
     assert (got - want).norm() <= 1e-5 * want.norm()
 
 
+def test_gpt2_split_fused_lora_is_one_lora_per_role():
+    """split_fused: GPT-2's c_attn gets, per role, its own A, B and gate on that role's third
+    of the columns (the adapters library's LoRAMergedLinear); the key third stays the base's."""
+    cfg = up.UniPELTConfig(
+        bitfit=False,
+        adapter=False,
+        prefix=False,
+        gate_mode="mean",
+        lora=up.LoRAConfig(r=4, alpha=12.0, targets=("query", "value"), split_fused=True),
+    )
+    m = up.apply_unipelt(tiny_model("gpt2"), cfg, backend="eager")
+    loras = [mod for mod in m.modules() if isinstance(mod, up.GatedLoRA)]
+    assert len(loras) == 4  # 2 layers x (query, value)
+    perturb_params([p for lo in loras for p in lo.units.parameters()])
+    base = tiny_model("gpt2")
+    handles = []
+    for i, blk in enumerate(base.transformer.h):
+        c_attn = m.transformer.h[i].attn.c_attn
+        uq, uv = c_attn.base.units[0], c_attn.units[0]  # the inner wrapper is the query's
+
+        def hook(mod, args, out, uq=uq, uv=uv):
+            dq, dv = formula_lora(args[0], uq, 3.0), formula_lora(args[0], uv, 3.0)
+            return out + torch.cat([dq, torch.zeros_like(dq), dv], -1)
+
+        handles.append(blk.attn.c_attn.register_forward_hook(hook))
+    b = batch("gpt2")
+    with torch.no_grad():
+        want = _loss(base, b)[0]
+        got = _loss(m, b)[0]
+    assert (got - want).norm() <= 1e-5 * want.norm()
+
+
 def test_layers_out_of_range_and_prefix_layers():
     with pytest.raises(ValueError, match="layers"):
         up.apply_unipelt(

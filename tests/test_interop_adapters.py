@@ -77,49 +77,57 @@ def _peer(kind, name, tmp_path):
     ],
 )
 def test_from_adapters_matches_adapters(kind, name, tmp_path):
-    if kind == "gpt2" and name in ("unipelt", "lora_gated", "lora"):
-        pm = _peer(kind, name, tmp_path)
-        with pytest.raises(up.InteropError, match="GPT-2"):
-            up.from_adapters(tiny_model(kind), str(tmp_path))
-        return
     pm = _peer(kind, name, tmp_path)
     um = up.from_adapters(tiny_model(kind), str(tmp_path), backend="eager").eval()
-    # the tuned tensors, paired by value (independently of the converter's name mapping)
+    # the tuned tensors, paired by value (independently of the converter's name mapping);
+    # GPT-2's merged c_attn (LoRAMergedLinear) stacks its n matrices' LoRA and gate rows in
+    # one tensor each: each of its n row blocks is paired on its own
     heads = ("classifier", "score")
-    peer_params = [
-        p for n, p in pm.named_parameters() if p.requires_grad and not n.startswith(heads)
+    blocks = {}
+    for mod in pm.modules():
+        if type(mod).__name__ == "LoRAMergedLinear":
+            for lora in mod.loras.values():
+                blocks.update({id(p): sum(lora.enable_lora) for p in lora.parameters()})
+    peer_blocks = [
+        (p, j, blocks.get(id(p), 1))
+        for n, p in pm.named_parameters()
+        if p.requires_grad and not n.startswith(heads)
+        for j in range(blocks.get(id(p), 1))
     ]
+
+    def block(t, j, nb):
+        return t.chunk(nb, 0)[j]
+
     pairs = []
     peer_named = dict(pm.named_parameters())
     for n, p in um.named_parameters():
         if p.requires_grad and n.startswith(heads):  # the head file loaded onto the same head
             assert torch.equal(peer_named[n], p), n
-            pairs.append((peer_named[n], p))
-    for n, p in um.named_parameters():
-        if p.requires_grad and not n.startswith(heads):
-            match = [
-                q
-                for q in peer_params
-                if q.numel() == p.numel() and torch.equal(q.reshape(p.shape), p)
-            ]
-            assert len(match) == 1, n
-            pairs.append((match[0], p))
-    assert len(
-        [p for n, p in um.named_parameters() if p.requires_grad and not n.startswith(heads)]
-    ) == len(peer_params)
+            pairs.append((peer_named[n], 0, 1, p))
+    ours = [(n, p) for n, p in um.named_parameters() if p.requires_grad and not n.startswith(heads)]
+    for n, p in ours:
+        match = [
+            (q, j, nb)
+            for q, j, nb in peer_blocks
+            if block(q, j, nb).numel() == p.numel()
+            and torch.equal(block(q, j, nb).reshape(p.shape), p)
+        ]
+        assert len(match) == 1, n
+        pairs.append((*match[0], p))
+    assert len(ours) == len(peer_blocks)
     for left in (False, True) if kind in DECODER else (False,):
         want, got = run_both(pm, um, *_batch(kind, left), _run)
         assert _close(got, want), (left, (got - want).abs().max())
-        for q, p in pairs:  # fp32 gradients of gate biases nearly cancel: 1e-4
-            assert _close(p.grad, q.grad, 1e-4), p.shape
+        for q, j, nb, p in pairs:  # fp32 gradients of gate biases nearly cancel: 1e-4
+            assert _close(p.grad, block(q.grad, j, nb), 1e-4), p.shape
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("kind", ("bert", "llama"))
+@pytest.mark.parametrize("kind", ("bert", "gpt2", "llama"))
 def test_from_adapters_unipelt_triton(kind, tmp_path):
     pm = _peer(kind, "unipelt", tmp_path)
     um = up.from_adapters(tiny_model(kind), str(tmp_path), backend="triton").eval()
-    ids, am = _batch(kind, left=kind == "llama")
+    ids, am = _batch(kind, left=kind in DECODER)
     want = _run(pm, ids, am)[0]
     got = _run(um, ids, am)[0]
     assert _close(got, want, 2e-4)
@@ -139,6 +147,21 @@ def test_from_adapters_bad_input_leaves_model_untouched(tmp_path):
     m = tiny_model("llama")
     names = [n for n, _ in m.named_modules()]
     with pytest.raises(up.InteropError, match="missing"):
+        up.from_adapters(m, str(tmp_path))
+    assert [n for n, _ in m.named_modules()] == names and not hasattr(m, "unipelt")
+
+
+def test_from_adapters_gpt2_c_attn_blocks_must_fit(tmp_path):
+    """A merged c_attn tensor that is not n row blocks of one matrix's LoRA is refused, the
+    model untouched."""
+    _peer("gpt2", "lora_gated", tmp_path)
+    sd = torch.load(tmp_path / "pytorch_adapter.bin", weights_only=True)
+    key = next(k for k in sorted(sd) if k.endswith("c_attn.loras.x.lora_A"))
+    sd[key] = sd[key][:-1]
+    torch.save(sd, tmp_path / "pytorch_adapter.bin")
+    m = tiny_model("gpt2")
+    names = [n for n, _ in m.named_modules()]
+    with pytest.raises(up.InteropError, match="not 3 blocks"):
         up.from_adapters(m, str(tmp_path))
     assert [n for n, _ in m.named_modules()] == names and not hasattr(m, "unipelt")
 

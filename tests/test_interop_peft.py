@@ -36,16 +36,16 @@ def _skip_peft_prefix_on_encoders(kind, method):
 
 def _peft_cfg(kind, method):
     task = "CAUSAL_LM" if kind in DECODER else "SEQ_CLS"
-    if method == "lora":
+    if method in ("lora", "lora_all"):  # lora_all: every linear layer but the heads
         tm = {"bert": ["query", "value"], "roberta": ["query", "key", "value"]}
         tm.update(gpt2=["c_attn"], llama=["q_proj", "v_proj"])
         return peft.LoraConfig(
             task_type=task,
             r=4,
             lora_alpha=12,
-            target_modules=tm[kind],
+            target_modules="all-linear" if method == "lora_all" else tm[kind],
             fan_in_fan_out=kind == "gpt2",
-            layers_to_transform=[1] if kind == "llama" else None,
+            layers_to_transform=[1] if kind == "llama" and method == "lora" else None,
             use_rslora=kind == "bert",
         )
     if method == "prompt":
@@ -92,7 +92,7 @@ def _tuned_pairs(pm, um, method):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ("prefix", "prefix_mlp", "prompt", "lora"))
+@pytest.mark.parametrize("method", ("prefix", "prefix_mlp", "prompt", "lora", "lora_all"))
 def test_from_peft_matches_peft(kind, method, tmp_path):
     _skip_peft_prefix_on_encoders(kind, method)
     pm = peft.get_peft_model(tiny_model(kind), _peft_cfg(kind, method))
@@ -157,7 +157,7 @@ def test_generate_matches_peft_prefix(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ("prefix", "prompt", "lora"))
+@pytest.mark.parametrize("method", ("prefix", "prompt", "lora", "lora_all"))
 def test_save_peft_loads_in_peft(kind, method, tmp_path):
     _skip_peft_prefix_on_encoders(kind, method)
     sub = {"prefix": None, "prompt": None, "lora": None}
@@ -165,6 +165,8 @@ def test_save_peft_loads_in_peft(kind, method, tmp_path):
         sub["prefix"] = up.PrefixConfig(length=P, gate=False, positions="after_prefix")
     elif method == "prompt":
         sub["prompt"] = up.PromptConfig(length=P, gate=False)
+    elif method == "lora_all":
+        sub["lora"] = up.LoRAConfig(r=4, alpha=8.0, target_modules="all-linear", gate=False)
     else:
         targets = ("query", "key", "value") if kind == "gpt2" else ("query", "value")
         sub["lora"] = up.LoRAConfig(r=4, alpha=8.0, targets=targets, gate=False)
@@ -180,6 +182,54 @@ def test_save_peft_loads_in_peft(kind, method, tmp_path):
         assert _close(_run(um, ids, am)[0], _run(pm, ids, am)[0])
 
 
+@pytest.mark.parametrize(
+    "kind, lora, written",
+    [  # the short names when peft's matching picks exactly our modules with them
+        (
+            "llama",
+            dict(target_modules=["o_proj", "down_proj"], layers=[1]),
+            ["down_proj", "o_proj"],
+        ),
+        # "c_proj" would also pick the MLP's c_proj: the full names
+        (
+            "gpt2",
+            dict(target_modules=r".*\.attn\.c_proj"),
+            [f"transformer.h.{i}.attn.c_proj" for i in (0, 1)],
+        ),
+        # a role LoRA of some layers: short names and layers_to_transform
+        ("bert", dict(targets=("value",), layers=[0]), ["value"]),
+    ],
+)
+def test_save_peft_writes_targets_peft_matches_exactly(kind, lora, written, tmp_path):
+    lc = up.LoRAConfig(r=2, alpha=4.0, gate=False, **lora)
+    um = up.apply_unipelt(
+        tiny_model(kind),
+        up.UniPELTConfig(bitfit=False, adapter=None, prefix=None, lora=lc),
+        backend="eager",
+    )
+    perturb(um)
+    um.eval()
+    up.save_peft(um, str(tmp_path))
+    meta = json.load(open(tmp_path / "adapter_config.json"))
+    assert meta["target_modules"] == written
+    pm = peft.PeftModel.from_pretrained(tiny_model(kind), str(tmp_path)).eval()
+    ours = {n for n, m in um.named_modules() if isinstance(m, up.GatedLoRA)}
+    theirs = {
+        n.removeprefix("base_model.model.").removesuffix(".lora_A")
+        for n, _ in pm.named_modules()
+        if n.endswith(".lora_A")
+    }
+    assert ours == theirs
+    ids, am = _batch(kind, left=kind in DECODER)
+    with torch.no_grad():
+        assert _close(_run(um, ids, am)[0], _run(pm, ids, am)[0])
+    # and back: from_peft gives the same modules and logits
+    back = up.from_peft(tiny_model(kind), str(tmp_path), backend="eager").eval()
+    assert {n for n, m in back.named_modules() if isinstance(m, up.GatedLoRA)} == ours
+    with torch.no_grad():
+        assert _close(_run(back, ids, am)[0], _run(pm, ids, am)[0])
+
+
 def test_save_peft_names_what_peft_cannot_hold(tmp_path):
     um = up.apply_unipelt(tiny_model("bert"), up.UniPELTConfig(), backend="eager")
     with pytest.raises(up.InteropError, match="BitFit"):
@@ -191,6 +241,17 @@ def test_save_peft_names_what_peft_cannot_hold(tmp_path):
     cfg = up.UniPELTConfig(bitfit=False, adapter=None, prefix=None, lora=True)
     um = up.apply_unipelt(tiny_model("llama"), cfg, backend="eager")
     with pytest.raises(up.InteropError, match="lora gate"):
+        up.save_peft(um, str(tmp_path))
+    lc = up.LoRAConfig(targets=("query", "value"), gate=False)  # GPT-2: slices of c_attn
+    um = up.apply_unipelt(
+        tiny_model("gpt2"), up.UniPELTConfig(bitfit=False, adapter=None, prefix=None, lora=lc)
+    )
+    with pytest.raises(up.InteropError, match="output slices"):
+        up.save_peft(um, str(tmp_path))
+    qkv = up.LoRAConfig(targets=("query", "key", "value"), gate=False, split_fused=True)
+    cfg = up.UniPELTConfig(bitfit=False, adapter=None, prefix=None, lora=qkv)
+    um = up.apply_unipelt(tiny_model("gpt2"), cfg, backend="eager")
+    with pytest.raises(up.InteropError, match="split_fused"):
         up.save_peft(um, str(tmp_path))
     assert not os.path.exists(tmp_path / "adapter_config.json")
 
@@ -206,6 +267,15 @@ def test_from_peft_bad_input_leaves_model_untouched(tmp_path):
     assert [n for n, _ in base.named_modules()] == names
     assert not hasattr(base, "unipelt")
     assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())
+    # what has no equivalent here: DoRA, per-module ranks, excluded modules
+    good = json.load(open(tmp_path / "adapter_config.json"))
+    for key, v in (("use_dora", True), ("rank_pattern", {"q_proj": 2}), ("exclude_modules", ["x"])):
+        json.dump({**good, key: v}, open(tmp_path / "adapter_config.json", "w"))
+        m = tiny_model("llama")
+        with pytest.raises(up.InteropError, match=key):
+            up.from_peft(m, str(tmp_path))
+        assert not hasattr(m, "unipelt")
+    json.dump(good, open(tmp_path / "adapter_config.json", "w"))
     # a corrupt weights file
     with open(tmp_path / "adapter_model.safetensors", "wb") as f:
         f.write(b"not a safetensors file")

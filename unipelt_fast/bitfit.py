@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 
 import torch
 import torch.nn as nn
@@ -51,12 +52,14 @@ def _activation_name(fn: object) -> str | None:
     return None
 
 
-def _fuse_intermediate_activations(model: nn.Module) -> None:
+def _fuse_intermediate_activations(model: nn.Module, skip: Collection[int] = ()) -> None:
     """Move BERT-style ``intermediate_act_fn`` into the preceding BiasOnlyLinear.
 
     Only modules whose forward is BERT's ``dense -> intermediate_act_fn`` (the same code as
     BertIntermediate.forward: inherited, or "copied from" with identical bytecode), so the
     result is the same function; the activation then runs in the linear's fused passes.
+    ``skip``: ids of intermediates left unfused (their dense gets LoRA, added before the
+    activation).
     """
     try:
         from transformers.models.bert.modeling_bert import BertIntermediate
@@ -66,6 +69,8 @@ def _fuse_intermediate_activations(model: nn.Module) -> None:
     for m in model.modules():
         code = getattr(getattr(type(m), "forward", None), "__code__", None)
         if code is None or (code.co_code, code.co_names) != (ref.co_code, ref.co_names):
+            continue
+        if id(m) in skip:
             continue
         dense = getattr(m, "dense", None)
         if not isinstance(dense, BiasOnlyLinear) or dense.activation not in (None, "identity"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ from ._validation import ACTIVATIONS
 from .modules import GATE_MODES
 
 LORA_TARGETS = ("query", "key", "value")
+DEFAULT_LORA_TARGETS = ("query", "value")
+ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND (compared lower-cased)
 
 
 # --- field checks: every config field is type- and range-checked here, in one place -------
@@ -163,23 +166,41 @@ class PrefixConfig:
 
 @dataclass
 class LoRAConfig:
-    """Gated LoRA: ``y = base(x) + g * (alpha / r) * B(A(x))`` on the listed projections.
+    """Gated LoRA: ``y = base(x) + g * (alpha / r) * B(A(x))`` on the chosen projections.
 
-    ``targets`` names roles, not module names: "query", "key", "value" (GPT-2's fused c_attn
-    gets the matching output slices). ``gate_replaces_scaling``: with a gate, drop alpha / r
-    (``y = base(x) + g * B(A(x))``, the adapters library's convention). ``layers``: the layer
-    indices that get LoRA (None: every layer).
+    The projections are chosen one of two ways:
+
+    * ``targets`` names roles: "query", "key", "value" of each attention (GPT-2's fused
+      c_attn gets the matching output slices). The default, ("query", "value").
+    * ``target_modules`` names modules as peft's ``LoraConfig.target_modules`` does (see
+      :mod:`unipelt_fast.hf.targets`): a list of names, each matching a module whose full
+      name is it or ends in ``"." + name``; a string is a regex the full name must match
+      entirely; ``"all-linear"`` is every ``nn.Linear`` / HF ``Conv1D`` except the output
+      embeddings (lm_head) and the trained heads. Any linear layer can be a target (the
+      attention output, the MLP's gate/up/down, a fused projection: one LoRA over its whole
+      output). With a list, ``layers`` keeps the modules whose layer index (peft's: the
+      first numbered part of the name, or the number after a ``layers_pattern`` name) is
+      listed; a string takes no ``layers``.
+
+    ``gate_replaces_scaling``: with a gate, drop alpha / r (``y = base(x) + g * B(A(x))``,
+    the adapters library's convention). ``layers``: with ``targets``, the attention layers
+    that get LoRA (None: every layer). ``split_fused`` (with ``targets``): on a fused
+    projection (GPT-2's c_attn), each role's slice gets its own A, B and gate (the adapters
+    library's LoRAMergedLinear) instead of one A, B and gate over all the roles' slices.
     """
 
     r: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] | None = None  # None: ("query", "value") unless target_modules
     gate: bool = True
     gate_replaces_scaling: bool = False
     layers: tuple[int, ...] | None = None
     # encoder-decoder models: which attentions get LoRA ("self": encoder and decoder
     # self-attention; "cross": decoder cross-attention). Ignored by decoder/encoder-only models.
     attention_types: tuple[str, ...] = ("self", "cross")
+    target_modules: tuple[str, ...] | str | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    split_fused: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -188,9 +209,16 @@ class LoRAConfig:
         o = "LoRAConfig"
         _check_int(o, "r", self.r, 1)
         _check_float(o, "alpha", self.alpha)
-        self.targets = _check_names(o, "targets", self.targets, LORA_TARGETS)
-        if not self.targets:
-            raise ValueError(f"{o}.targets must name at least one of {LORA_TARGETS}")
+        if self.target_modules is None:
+            if self.targets is None:
+                self.targets = DEFAULT_LORA_TARGETS
+            self.targets = _check_names(o, "targets", self.targets, LORA_TARGETS)
+            if not self.targets:
+                raise ValueError(f"{o}.targets must name at least one of {LORA_TARGETS}")
+            if self.layers_pattern is not None:
+                raise ValueError(f"{o}.layers_pattern goes with target_modules, not targets")
+        else:
+            self._validate_target_modules(o)
         _check_bool(o, "gate", self.gate)
         _check_bool(o, "gate_replaces_scaling", self.gate_replaces_scaling)
         self.layers = _check_layers(o, self.layers)
@@ -198,6 +226,46 @@ class LoRAConfig:
         self.attention_types = _check_names(o, "attention_types", self.attention_types, types)
         if not self.attention_types:
             raise ValueError(f"{o}.attention_types must name at least one of {types}")
+        _check_bool(o, "split_fused", self.split_fused)
+        if self.split_fused and self.target_modules is not None:
+            raise ValueError(
+                f"{o}.split_fused splits a fused projection by role; it goes with targets, "
+                "not target_modules (a named module gets one LoRA over its whole output)"
+            )
+        if self.target_modules is not None and self.attention_types != types:
+            raise ValueError(
+                f"{o}.attention_types chooses among role targets; with target_modules, name "
+                "the modules (e.g. a regex over the cross-attention's names)"
+            )
+        if isinstance(self.target_modules, str) and self.layers is not None:
+            raise ValueError(
+                f"{o}.layers goes with a list of target_modules (peft ignores "
+                "layers_to_transform for a regex or 'all-linear'); put the layers in the regex"
+            )
+
+    def _validate_target_modules(self, o: str) -> None:
+        if self.targets is not None:
+            raise ValueError(
+                f"{o}: give targets (roles) or target_modules (module names), not both; "
+                f"got targets={self.targets!r}, target_modules={self.target_modules!r}"
+            )
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if not tm:
+                raise ValueError(f"{o}.target_modules must not be empty")
+            if tm.lower() != ALL_LINEAR:
+                try:
+                    re.compile(tm)
+                except re.error as e:
+                    raise ValueError(f"{o}.target_modules {tm!r} is not a valid regex ({e})") from e
+        else:
+            self.target_modules = _check_names(o, "target_modules", tm)
+            if not self.target_modules:
+                raise ValueError(f"{o}.target_modules must name at least one module")
+        if self.layers_pattern is not None:
+            self.layers_pattern = _check_names(o, "layers_pattern", self.layers_pattern)
+            if not self.layers_pattern or self.layers is None:
+                raise ValueError(f"{o}.layers_pattern needs layers (and at least one name)")
 
 
 @dataclass
@@ -286,7 +354,9 @@ class UniPELTConfig:
         for k in ("tasks", "modules_to_save"):
             d[k] = None if d[k] is None else list(d[k])
         if d["lora"] is not None:
-            d["lora"]["targets"] = list(d["lora"]["targets"])
+            for k in ("targets", "layers_pattern", "target_modules"):
+                if isinstance(d["lora"][k], tuple):
+                    d["lora"][k] = list(d["lora"][k])
         for name in ("adapter", "prefix", "lora"):
             if d[name] is not None and d[name].get("layers") is not None:
                 d[name]["layers"] = list(d[name]["layers"])

@@ -135,7 +135,9 @@ def gate_report(model: nn.Module, **batch) -> GateReport:
         if isinstance(m, ADAPTER_HOSTS) and m.adapters[0].gate is not None:
             owners[id(m.adapters)] = ("adapter", _layer_of(name))
         elif isinstance(m, GatedLoRA) and m.units[0].gate is not None:
-            owners[id(m.units)] = ("lora", _layer_of(name))
+            # a LoRA outside the layers (a named target such as BERT's pooler): layer None
+            has_layer = any(part.isdigit() for part in name.split("."))
+            owners[id(m.units)] = ("lora", _layer_of(name) if has_layer else None)
 
     def probe(owner, x, task_ids, default_task, mask) -> None:
         what = owners.get(id(owner))

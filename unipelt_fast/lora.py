@@ -3,8 +3,11 @@
 The update is a standard LoRA (Hu et al., 2021); the gate ``g = sigmoid(Linear(x))`` is
 UniPELT's G_L (a :class:`~unipelt_fast.modules.Gate`). It runs on the fused ``gated_adapter``
 op: residual = the base output, activation "identity", w_down = A, w_up = B, so a mixed-task
-batch is one call with ``adapter_index``. For GPT-2's fused ``c_attn`` the update only covers
-the chosen output slices (query and value by default): the op runs on those slices only.
+batch is one call with ``adapter_index``. For GPT-2's fused ``c_attn`` targeted by role the
+update only covers the chosen output slices (query and value by default): the op runs on
+those slices only; a projection targeted by name (``LoRAConfig.target_modules``) gets one
+update over its whole output. A 2-D input ``(rows, d)`` (BERT's pooler) is rows of one
+position each: a "mean" gate is then per row.
 """
 
 from __future__ import annotations
@@ -105,6 +108,11 @@ class GatedLoRA(nn.Module):
         root = None if self.site is None else self.site.root
         task_ids = None if root is None else root.task_ids_for(x.shape[0])
         mask = None if root is None else root.mask_for(x, self.site.stack)
+        if x.dim() == 2:  # (rows, d), e.g. BERT's pooler: rows of one position each
+            return self._update(x[:, None], y[:, None], task_ids, None, root)[:, 0]
+        return self._update(x, y, task_ids, mask, root)
+
+    def _update(self, x, y, task_ids, mask, root) -> torch.Tensor:
         mixed = _tasks.per_task(len(self.units), task_ids)
         t = (0 if root is None else root.default_task) if task_ids is None else 0
 

@@ -23,6 +23,7 @@ from .inject import (
     inject_lora,
     inject_prefix,
     inject_prompt,
+    lora_slots,
 )
 from .layout import ModelLayout
 from .root import UniPELTRoot
@@ -113,6 +114,8 @@ def _check_fits(layout: ModelLayout, cfg: UniPELTConfig) -> None:
         )
     for name in ("adapter", "prefix", "lora"):
         sub = getattr(cfg, name)
+        if name == "lora" and sub is not None and sub.target_modules is not None:
+            continue  # layers of named targets: peft's index in the module name (targets.py)
         if sub is not None and sub.layers is not None and layout.encdec:
             raise NotImplementedError(
                 f"apply_unipelt: {type(sub).__name__}.layers is not supported on "
@@ -136,6 +139,8 @@ def _apply(model: nn.Module, cfg: UniPELTConfig, backend: str, snap: Snapshot) -
     dtype, device = _model_dtype_device(model)
     root = UniPELTRoot(cfg, layout.dims, backend)
     ctx = Injection(model, layout, cfg, root, snap, backend, new_modules=[root])
+    if cfg.lora is not None and cfg.lora.target_modules is not None:
+        ctx.lora_slots = lora_slots(model, cfg)  # by name, before BitFit swaps modules
     inject_bitfit(ctx)  # freezes the model first; the heads stay trainable
     if cfg.lora is not None:
         inject_lora(ctx)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..bitfit import bitfit
+from ..bitfit import _fuse_intermediate_activations, bitfit
 from ..config import UniPELTConfig
 from ..lora import GatedLoRA
 from ..modules import GatedAdapter
@@ -31,6 +31,8 @@ from .placements import (
 )
 from .root import SITE_ATTR, Site, UniPELTRoot
 from .snapshot import Snapshot
+from .targets import layer_index
+from .targets import resolve as resolve_targets
 from .wrappers import AdapterWrapper
 
 
@@ -46,6 +48,9 @@ class Injection:
     snap: Snapshot
     backend: str
     new_modules: list[nn.Module] = field(default_factory=list)
+    # LoRA targets by name (LoRAConfig.target_modules): (full name, parent, attribute),
+    # resolved on the plain model before BitFit swaps modules (see lora_slots)
+    lora_slots: list[tuple[str, nn.Module, str]] | None = None
 
     @property
     def n_tasks(self) -> int:
@@ -65,6 +70,22 @@ class Injection:
         self.snap.handles.append(h)
 
 
+def trained_heads(cfg: UniPELTConfig) -> tuple[str, ...]:
+    """The names of the heads trained in full (``modules_to_save``, or the usual heads)."""
+    return cfg.modules_to_save if cfg.modules_to_save is not None else DEFAULT_HEADS
+
+
+def lora_slots(model: nn.Module, cfg: UniPELTConfig) -> list[tuple[str, nn.Module, str]]:
+    """(full name, parent, attribute) of each module ``LoRAConfig.target_modules`` names
+    (targets.py). Slots, not modules: BitFit replaces the leaf modules, not their parents."""
+    mods = dict(model.named_modules())
+    out = []
+    for name, _ in resolve_targets(model, cfg.lora, trained_heads(cfg)):
+        parent, _, attr = name.rpartition(".")
+        out.append((name, mods[parent], attr))
+    return out
+
+
 def _linear_dims(mod: nn.Module) -> tuple[int, int]:
     if hasattr(mod, "in_features"):
         return mod.in_features, mod.out_features
@@ -76,7 +97,7 @@ def inject_bitfit(ctx: Injection) -> None:
     """Freeze the model; BitFit's bias-only ops; task heads trained in full (kept as
     ordinary modules)."""
     model, cfg = ctx.model, ctx.cfg
-    heads = cfg.modules_to_save if cfg.modules_to_save is not None else DEFAULT_HEADS
+    heads = trained_heads(cfg)
     head_mods = [
         (parent, name, child)
         for parent in model.modules()
@@ -92,7 +113,11 @@ def inject_bitfit(ctx: Injection) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.bitfit:
-        bitfit(model, backend=ctx.backend)
+        # an intermediate dense that gets LoRA keeps its activation outside (LoRA adds to
+        # the dense's output, before the activation)
+        bitfit(model, backend=ctx.backend, fuse_activations=False)
+        keep = {id(parent) for _, parent, _ in ctx.lora_slots or ()}
+        _fuse_intermediate_activations(model, skip=keep)
     for parent, name, child in [*head_mods, *head_tree]:
         setattr(parent, name, child)
     for _, _, head in head_mods:
@@ -102,13 +127,17 @@ def inject_bitfit(ctx: Injection) -> None:
 
 def inject_lora(ctx: Injection) -> None:
     """Gated LoRA on the chosen projections (``LoRAConfig.targets``) of the chosen layers'
-    attention; roles that share a fused projection share one wrapper (its column ranges)."""
+    attention; roles that share a fused projection share one wrapper (its column ranges), or
+    with ``split_fused`` get one wrapper each, nested."""
     lc = ctx.cfg.lora
+    if lc.target_modules is not None:
+        _inject_lora_by_name(ctx)
+        return
     layers = ctx.chosen(lc)
     for i, blk in enumerate(ctx.layout.attention):
         if i not in layers or (ctx.layout.encdec and blk.kind not in lc.attention_types):
             continue
-        # (parent, attribute) -> the roles' column ranges (None: the whole projection), and
+        # (parent, attribute) -> each role's column ranges (None: the whole projection), and
         # the stack whose mask its masked_mean gate reads: the query's input is this
         # stack's, a cross-attention's key/value input is the encoder's
         targets: dict[tuple[int, str], tuple[nn.Module, str, list | None, str | None]] = {}
@@ -119,26 +148,59 @@ def inject_lora(ctx: Injection) -> None:
                 stack = "enc" if blk.kind == "cross" and role != "query" else blk.stack
                 targets[key] = (parent, attr, None if cols is None else [], stack)
             if cols is not None:
-                targets[key][2].extend(cols)
-        for parent, attr, cols, stack in targets.values():
-            base = getattr(parent, attr)
-            d_in, d_out = _linear_dims(base)
-            w = GatedLoRA(
-                base,
-                d_in,
-                d_out,
-                r=lc.r,
-                alpha=lc.alpha,
-                n_tasks=ctx.n_tasks,
-                gate=lc.gate,
-                gate_mode=ctx.cfg.gate_mode,
-                out_slices=None if cols is None else sorted(cols),
-                gate_replaces_scaling=lc.gate_replaces_scaling,
-                backend=ctx.backend,
-            )
-            w.site = ctx.root.site(i, stack)
-            setattr(parent, attr, w)
-            ctx.new_modules.append(w.units)
+                targets[key][2].append(cols)  # this role's ranges (one per head if interleaved)
+        for parent, attr, roles, stack in targets.values():
+            # one wrapper over all the roles' ranges; split_fused: one per role, each around
+            # the previous one (the roles' columns are disjoint: one update per column)
+            if roles is None:
+                groups = [None]
+            elif lc.split_fused:
+                groups = [sorted(r) for r in sorted(roles)]
+            else:
+                groups = [sorted(c for r in roles for c in r)]
+            for out_slices in groups:
+                _wrap_lora(ctx, parent, attr, out_slices, i, stack)
+
+
+def _wrap_lora(ctx: Injection, parent, attr, cols, index: int, stack: str | None) -> None:
+    lc = ctx.cfg.lora
+    base = getattr(parent, attr)
+    d_in, d_out = _linear_dims(base)
+    w = GatedLoRA(
+        base,
+        d_in,
+        d_out,
+        r=lc.r,
+        alpha=lc.alpha,
+        n_tasks=ctx.n_tasks,
+        gate=lc.gate,
+        gate_mode=ctx.cfg.gate_mode,
+        out_slices=cols,
+        gate_replaces_scaling=lc.gate_replaces_scaling,
+        backend=ctx.backend,
+    )
+    w.site = ctx.root.site(index, stack)
+    setattr(parent, attr, w)
+    ctx.new_modules.append(w.units)
+
+
+def _inject_lora_by_name(ctx: Injection) -> None:
+    """LoRA over the whole output of each module ``target_modules`` names (resolved before
+    BitFit: ``ctx.lora_slots``). In an encoder-decoder each reads its stack's mask for a
+    masked_mean gate; a cross-attention's key/value projection reads the encoder's."""
+    stacks: dict[int, str] = {}
+    if ctx.layout.encdec:
+        model = ctx.model
+        for stack, part in (("enc", model.get_encoder()), ("dec", model.get_decoder())):
+            stacks.update({id(m): stack for m in part.modules()})
+        for blk in ctx.layout.attention:
+            if blk.kind == "cross":
+                for role in ("key", "value"):
+                    parent, attr, _ = blk.projections[role]
+                    stacks[id(getattr(parent, attr))] = "enc"
+    for name, parent, attr in ctx.lora_slots:
+        stack = stacks.get(id(getattr(parent, attr)))  # None: the model's one mask
+        _wrap_lora(ctx, parent, attr, None, layer_index(name) or 0, stack)
 
 
 def inject_adapters(ctx: Injection) -> None:

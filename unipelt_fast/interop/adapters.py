@@ -5,9 +5,10 @@
 What maps, exactly (adapters 1.x): UniPELT (a "union" of the three below), prefix tuning
 (with its MLP, or flat / ejected; shared gate), bottleneck adapters SeqBn (either
 ``original_ln_before``), DoubleSeqBn and ParBn with a float scaling, LoRA on the self-attention
-q/k/v (BERT-like and LLaMA-family; gated LoRA drops alpha/r, as adapters does), each gated or
-not, and ``leave_out`` as the per-layer selection. Gates average over the whole sequence
-(gate_mode "mean"), as adapters does. Tokens keep positions 0..L-1 (adapters inserts the
+q/k/v (BERT-like and LLaMA-family, and GPT-2's merged c_attn with one LoRA and gate per matrix;
+gated LoRA drops alpha/r, as adapters does), each gated or not, and ``leave_out`` as the
+per-layer selection. Gates average over the whole sequence (gate_mode "mean"), as adapters
+does. Tokens keep positions 0..L-1 (adapters inserts the
 prefix inside attention, like the UniPELT reference).
 """
 
@@ -116,7 +117,6 @@ def _prefix_config(c: dict, dims: dict, who: str) -> PrefixConfig:
 
 
 def _lora_config(c: dict, dims: dict, family: str, who: str) -> LoRAConfig:
-    need(family != "gpt2", who, "GPT-2's merged c_attn LoRA (per-matrix A and gates) does not map")
     for key, ok in (
         ("intermediate_lora", False),
         ("output_lora", False),
@@ -136,6 +136,8 @@ def _lora_config(c: dict, dims: dict, family: str, who: str) -> LoRAConfig:
         gate=bool(c.get("use_gating")),
         gate_replaces_scaling=True,
         layers=_layers(dims["n_layers"], c.get("leave_out")),
+        # a merged projection (GPT-2's c_attn, LoRAMergedLinear) holds a LoRA per matrix
+        split_fused=True,
     )
 
 
@@ -246,6 +248,18 @@ def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.M
             pairs.append((dst, src if reshape is None else src.reshape(reshape)))
             used.add(key)
 
+        def take_rows(key: str, dst: torch.Tensor, j: int, n: int) -> None:
+            """Rows j*k:(j+1)*k of a tensor that stacks n blocks of dst's k rows."""
+            need(key in tensors, who, f"missing tensor {key}")
+            src, k = tensors[key], dst.shape[0]
+            need(
+                src.dim() == dst.dim() and src.shape[0] == n * k,
+                who,
+                f"{key} of shape {tuple(src.shape)} is not {n} blocks of {tuple(dst.shape)}",
+            )
+            pairs.append((dst, src[j * k : (j + 1) * k]))
+            used.add(key)
+
         root = root_of(m)
         if cfg.prefix is not None:
             enc = root.prefix
@@ -294,15 +308,27 @@ def from_adapters(model: nn.Module, path: str, *, backend: str = "auto") -> nn.M
                     take(pre.get("gate.weight", "?"), mod.gate.weight)
                     take(pre.get("gate.bias", "?"), mod.gate.bias)
         if cfg.lora is not None:
+            # name -> its wrappers; a merged projection's (split_fused) are nested, one per
+            # matrix: "c_attn", "c_attn.base", ...
+            projections: dict[str, list[GatedLoRA]] = {}
             for n, w in m.named_modules():
                 if isinstance(w, GatedLoRA):
+                    projections.setdefault(re.sub(r"(\.base)+$", "", n), []).append(w)
+            for n, ws in projections.items():
+                # LoRAMergedLinear: matrix j (of the chosen q/k/v, in that order) holds
+                # rows j*r:(j+1)*r of lora_A, its slice's rows of lora_B, row j of the gate
+                ws = sorted(ws, key=lambda w: (w.out_slices or [(0, 0)])[0][0])
+                for j, w in enumerate(ws):
                     A, B = lora_ab(w)
-                    take(f"{n}.loras{tag}lora_A", A)
-                    take(f"{n}.loras{tag}lora_B", B)
-                    u = w.units[0]
-                    if u.gate is not None:
-                        take(f"{n}.loras{tag}gate.weight", u.gate.proj.weight)
-                        take(f"{n}.loras{tag}gate.bias", u.gate.proj.bias)
+                    g = w.units[0].gate
+                    got = [("lora_A", A), ("lora_B", B)]
+                    if g is not None:
+                        got += [("gate.weight", g.proj.weight), ("gate.bias", g.proj.bias)]
+                    for key, dst in got:
+                        if len(ws) == 1:
+                            take(f"{n}.loras{tag}{key}", dst)
+                        else:
+                            take_rows(f"{n}.loras{tag}{key}", dst, j, len(ws))
         extra = sorted(set(tensors) - used)
         need(not extra, who, f"tensors that map nowhere here: {extra[:5]}")
         return pairs + head_pairs(m, heads, who)

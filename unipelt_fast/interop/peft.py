@@ -7,9 +7,10 @@ What maps, exactly (peft 0.17-0.21 formats):
   output when ``prefix_projection=True``; its layout (layer, key/value, head, dim) is the
   flat layout of :class:`~unipelt_fast.modules.PrefixEncoder`.
 * PROMPT_TUNING -> an ungated soft prompt (``prompt_embeddings`` (P, hidden)).
-* LORA -> ungated LoRA on query/key/value (BERT ``query``/``key``/``value``, LLaMA-family
-  ``q_proj``/``k_proj``/``v_proj``, GPT-2 ``c_attn`` = all three), ``lora_alpha / r`` (or
-  ``/ sqrt(r)`` with ``use_rslora``), ``layers_to_transform`` -> ``LoRAConfig.layers``.
+* LORA -> ungated LoRA on the modules ``target_modules`` names (a list, a regex or
+  "all-linear"; peft's matching rules, hf/targets.py), ``lora_alpha / r`` (or ``/ sqrt(r)``
+  with ``use_rslora``), ``layers_to_transform`` / ``layers_pattern`` -> ``LoRAConfig.layers``
+  / ``layers_pattern``. DoRA, per-module ranks and the other variants are refused.
 * Heads in ``modules_to_save`` load where their names are the model's own head parameters.
 """
 
@@ -26,15 +27,12 @@ import torch.nn as nn
 from .. import _atomic, distributed
 from ..config import LoRAConfig, PrefixConfig, PromptConfig, UniPELTConfig
 from ..hf import model_dims, root_of
-from ..hf.families import model_family
+from ..hf.targets import _conv1d_type, in_heads, name_matches
+from ..hf.targets import resolve as resolve_targets
 from ..lora import GatedLoRA
 from ._common import InteropError, apply_and_copy, head_pairs, lora_ab, need, read_json
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model"
-_ROLE_NAMES = {
-    "bert": {"query": "query", "key": "key", "value": "value"},
-    "llama": {"q_proj": "query", "k_proj": "key", "v_proj": "value"},
-}
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
 
@@ -69,7 +67,6 @@ def from_peft(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Modul
     config = getattr(inner, "config", None)
     need(config is not None and hasattr(config, "model_type"), who, "expects an HF model")
     dims = model_dims(config)
-    family = model_family(dims["model_type"])
     ptype = pc.get("peft_type")
     # peft lists the usual heads for a task type (e.g. classifier and score) and wraps the
     # ones that exist; so do we
@@ -129,14 +126,18 @@ def from_peft(model: nn.Module, path: str, *, backend: str = "auto") -> nn.Modul
 
         return apply_and_copy(model, cfg, backend, targets, who)
     if ptype == "LORA":
-        cfg, targets = _lora_plan(pc, tensors, dims, family, heads_to_save, who)
+        cfg, targets = _lora_plan(pc, tensors, heads_to_save, who)
+        try:  # the names must fit this model before anything changes
+            resolve_targets(inner, cfg.lora, heads_to_save)
+        except (ValueError, NotImplementedError) as e:
+            raise InteropError(f"{who}: the checkpoint's LoRA targets do not fit: {e}") from e
         return apply_and_copy(model, cfg, backend, targets, who)
     raise InteropError(
         f"{who}: peft_type {ptype!r} is not supported (PREFIX_TUNING, PROMPT_TUNING, LORA)"
     )
 
 
-def _lora_plan(pc, tensors, dims, family, heads_to_save, who):
+def _lora_plan(pc, tensors, heads_to_save, who):
     for key, ok in (
         ("use_dora", False),
         ("lora_bias", False),
@@ -147,27 +148,38 @@ def _lora_plan(pc, tensors, dims, family, heads_to_save, who):
         ("target_parameters", None),
         ("trainable_token_indices", None),
         ("alora_invocation_tokens", None),
+        ("exclude_modules", None),
+        ("use_qalora", False),
+        ("use_bdlora", None),
+        ("arrow_config", None),
+        ("monteclora_config", None),
+        ("kasa_config", None),
+        ("velora_config", None),
     ):
         v = pc.get(key, ok)
-        need(v == ok or (ok == {} and not v), who, f"{key}={v!r} has no equivalent here")
+        need(v == ok or not v, who, f"{key}={v!r} has no equivalent here")
     r, alpha = pc.get("r"), pc.get("lora_alpha")
     need(isinstance(r, int) and r >= 1, who, f"bad r {r!r}")
     need(isinstance(alpha, (int, float)), who, f"bad lora_alpha {alpha!r}")
     if pc.get("use_rslora"):
         alpha = alpha * math.sqrt(r)  # alpha / sqrt(r) == (alpha * sqrt(r)) / r
     tm = pc.get("target_modules")
-    need(isinstance(tm, list) and tm, who, f"target_modules must be a list of names, got {tm!r}")
-    if family == "gpt2":
-        need(set(tm) == {"c_attn"}, who, f"GPT-2 LoRA targets {tm}: only c_attn maps here")
-        roles = ("query", "key", "value")
-    else:
-        names = _ROLE_NAMES[family]
-        bad = sorted(set(tm) - set(names))
-        need(not bad, who, f"LoRA targets {bad} have no equivalent (supported: {list(names)})")
-        roles = tuple(r_ for n, r_ in names.items() if n in tm)
-    layers = pc.get("layers_to_transform")
+    need(
+        (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm))
+        or (isinstance(tm, str) and tm),
+        who,
+        f"target_modules must be a list of names or a regex string, got {tm!r}",
+    )
+    tm = tuple(dict.fromkeys(tm)) if isinstance(tm, list) else tm
+    # peft's check_target_module_exists filters by layer only the suffix matches of a list
+    layers, pattern = pc.get("layers_to_transform"), pc.get("layers_pattern")
     if isinstance(layers, int):
         layers = [layers]
+    if isinstance(tm, str) or not layers:
+        layers = pattern = None
+    if isinstance(pattern, str):
+        pattern = [pattern]
+    pattern = pattern or None  # peft: an empty pattern means the default one
     lora_t = {k: v for k, v in tensors.items() if ".lora_" in k}
     heads = _split_heads({k: v for k, v in tensors.items() if k not in lora_t}, "base_model.model.")
     extra = set(tensors) - set(lora_t) - {"base_model.model." + k for k in heads}
@@ -181,17 +193,26 @@ def _lora_plan(pc, tensors, dims, family, heads_to_save, who):
         bitfit=False,
         adapter=None,
         prefix=None,
-        lora=LoRAConfig(r=r, alpha=float(alpha), targets=roles, gate=False, layers=layers),
+        lora=LoRAConfig(
+            r=r,
+            alpha=float(alpha),
+            target_modules=tm,
+            gate=False,
+            layers=layers,
+            layers_pattern=pattern,
+        ),
         modules_to_save=heads_to_save,
     )
 
     def targets(model: nn.Module) -> list:
         wrappers = {n: mod for n, mod in model.named_modules() if isinstance(mod, GatedLoRA)}
+        only_ckpt, only_here = sorted(set(ab) - set(wrappers)), sorted(set(wrappers) - set(ab))
         need(
-            set(wrappers) == set(ab),
+            not only_ckpt and not only_here,
             who,
-            f"the checkpoint's LoRA modules {sorted(ab)[:4]}... are not this model's "
-            f"{sorted(wrappers)[:4]}...",
+            f"the LoRA targets of target_modules={tm!r} differ from the checkpoint's LoRA "
+            f"tensors: only in the checkpoint {only_ckpt[:4]}, only in this model "
+            f"{only_here[:4]}",
         )
         out = []
         for n, w in wrappers.items():
@@ -233,7 +254,6 @@ def save_peft(model: nn.Module, path: str) -> None:
         if getattr(cfg, n).gate:
             cannot(f"the {n} gate")
     state: dict[str, torch.Tensor] = {}
-    family = model_family(dims["model_type"])
     task = _task_type(inner)
     common = {"task_type": task, "inference_mode": True, "base_model_name_or_path": None}
     trained = {n: p for n, p in inner.named_parameters() if p.requires_grad}
@@ -248,25 +268,32 @@ def save_peft(model: nn.Module, path: str) -> None:
 
     if methods == ["lora"]:
         lc = cfg.lora
-        if family == "gpt2" and set(lc.targets) != {"query", "key", "value"}:
-            cannot(f"a GPT-2 LoRA on {list(lc.targets)} only (peft's c_attn LoRA covers all of it)")
         wrappers = {n: mod for n, mod in inner.named_modules() if isinstance(mod, GatedLoRA)}
-        names = set()
+        if any(isinstance(w.base, GatedLoRA) for w in wrappers.values()):
+            cannot("a LoRA per role of a fused projection (LoRAConfig(split_fused=True))")
         for n, w in wrappers.items():
+            if w.out_slices is not None and sum(b - a for a, b in w.out_slices) != w.d_out:
+                cannot(
+                    f"LoRA on some output slices of {n} only (targets {list(lc.targets)}; "
+                    "peft's LoRA covers the whole projection)"
+                )
             A, B = lora_ab(w)
             key = f"base_model.model.{distributed.canonical_name(n)}"
             state[f"{key}.lora_A.weight"] = value(A)
             state[f"{key}.lora_B.weight"] = value(B)
-            names.add(n.rsplit(".", 1)[-1])
         lora_params = {id(p) for w in wrappers.values() for p in w.units.parameters()}
         head_prefix = "base_model.model."
+        heads = {n: p for n, p in trained.items() if id(p) not in lora_params}
+        tm, layers, pattern = _peft_targets(inner, wrappers, heads, lc)
+        conv1d = _conv1d_type() or ()  # GPT-2's layers: peft needs fan_in_fan_out
         meta = {
             "peft_type": "LORA",
             "r": lc.r,
             "lora_alpha": lc.alpha,
-            "target_modules": sorted(names),
-            "layers_to_transform": None if lc.layers is None else list(lc.layers),
-            "fan_in_fan_out": family == "gpt2",
+            "target_modules": tm,
+            "layers_to_transform": layers,
+            "layers_pattern": pattern,
+            "fan_in_fan_out": any(isinstance(w.base, conv1d) for w in wrappers.values()),
             "bias": "none",
             "lora_dropout": 0.0,
             "use_rslora": False,
@@ -313,6 +340,27 @@ def save_peft(model: nn.Module, path: str) -> None:
             state[head_prefix + distributed.canonical_name(n)] = value(p)
     meta.update(common)
     distributed.write_on_rank0(inner, lambda: _write_peft(state, meta, path))
+
+
+def _peft_targets(inner: nn.Module, wrappers: dict, heads: dict, lc: LoRAConfig):
+    """(target_modules, layers_to_transform, layers_pattern) under which peft's matching
+    (targets.py) picks exactly the modules that hold LoRA here: the short names with this
+    config's layers when they pick exactly those, else the full names (exact matches)."""
+    canon = distributed.canonical_name
+    want = {canon(n) for n in wrappers}
+    inside = tuple(n + "." for n in wrappers) + ("unipelt.",)
+    plain = [canon(n) for n, _ in inner.named_modules() if n and not n.startswith(inside)]
+    plain = [n for n in plain if n != "unipelt"]
+    head_names = sorted({n.split(".")[0] for n in heads})
+    short = sorted({n.rsplit(".", 1)[-1] for n in want})
+    layers = None if lc.layers is None or isinstance(lc.target_modules, str) else list(lc.layers)
+    pattern = None if lc.layers_pattern is None or layers is None else list(lc.layers_pattern)
+    picked = {
+        n for n in plain if not in_heads(n, head_names) and name_matches(short, n, layers, pattern)
+    }
+    if picked == want:
+        return short, layers, pattern
+    return sorted(want), None, None
 
 
 def _write_peft(state: dict[str, torch.Tensor], meta: dict, path: str) -> None:

@@ -194,7 +194,6 @@ CASES = [
     # the encoders
     ("phi3", "block_output"),
     ("gpt_neox", "block_output"),
-    ("gpt_neox", "ffn_parallel"),
     ("falcon", "attn_and_ffn_output"),
     ("falcon", "ffn_parallel"),
     ("falcon_sequential", "ffn_parallel"),
@@ -206,8 +205,6 @@ CASES = [
     ("opt_post_ln", "block_output"),
     ("opt_post_ln", "ffn_parallel"),
     ("distilbert", "block_output"),
-    ("distilbert", "ffn_parallel"),
-    ("deberta_v2", "block_output"),
     ("deberta_v2", "attn_and_ffn_output"),
     ("modernbert", "ffn_parallel"),
 ]

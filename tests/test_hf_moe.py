@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 import unipelt_fast as up
 from tests.hf_families import tiny, tiny_batch
+from tests.hf_tiny import checkpointing_grads, reference_run
 from tests.hf_tiny import formula_adapter as _adapter
 from tests.hf_tiny import perturb_params as _perturb
-from tests.hf_tiny import reference_run
 from unipelt_fast.hf.wrappers import AdapterWrapper
 
 
@@ -283,3 +283,31 @@ def test_placements_refused_where_the_block_changes_the_ffn_output(kind, config,
     assert not hasattr(model, "unipelt")
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_opt_checkpointing_token_rows_and_reentrant_refusal():
+    """OPT with gradient checkpointing: the FFN-output adapter on its (B*L, d) rows gives the
+    same gradients (TokenRows takes B from the model's entry, not from a hook the recompute
+    skips); "ffn_parallel", whose x is recorded inside the layer and read by a hook outside
+    it, is refused under reentrant checkpointing (whose first forward runs without
+    gradients) instead of losing x's gradient."""
+    b = tiny_batch("opt")
+    b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+
+    def make(placement):
+        cfg = up.UniPELTConfig(
+            lora=True, prefix=False, adapter=up.AdapterConfig(bottleneck=8, placement=placement)
+        )
+        m = up.apply_unipelt(tiny("opt"), cfg, backend="eager")
+        _perturb([p for p in m.parameters() if p.requires_grad])
+        return m
+
+    plain, ckpt = checkpointing_grads(lambda: make("ffn_output"), b, reentrant=True)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+    m = make("ffn_parallel")
+    m.train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(NotImplementedError, match="use_reentrant': False"):
+        m(**b).loss.backward()

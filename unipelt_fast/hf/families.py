@@ -183,7 +183,7 @@ def _ffn_blocks(model: nn.Module, family: str) -> list[FFNBlock]:
                     blk = FFNBlock((m, "fc2"), slots[id(m)], "sublayer", (m, "final_layer_norm"))
                 else:  # OPT-350m: final_layer_norm(x + h), on (B, L, d) again
                     blk = FFNBlock((m, "fc2"), (m, "final_layer_norm"), "post_ln_norm", (m, "fc1"))
-                blk.rows_from = slots[id(m)]
+                blk.flat_rows = True
                 out.append(blk)
         elif hasattr(m, "mlp") and any(hasattr(m, a) for a in _ATTN_NAMES):
             if parallel:  # the block returns s = x + attn(x) + h: hook it, x is its input

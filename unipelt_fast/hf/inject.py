@@ -222,7 +222,7 @@ def inject_adapters(ctx: Injection) -> None:
             w = _wrap(ctx, blk.output, AdapterWrapper, stack=blk.stack)
         else:
             w = _residual_placement(ctx, blk)
-        if blk.rows_from is not None and on_output:  # OPT: fc2 sees (B*L, d) rows
+        if blk.flat_rows and on_output:  # OPT: fc2 sees (B*L, d) rows
             _token_rows(ctx, blk, w)
     if ac.placement == "attn_and_ffn_output":
         for i, blk in enumerate(layout.attention):
@@ -264,13 +264,11 @@ def _wrap(ctx: Injection, slot, cls, *extra, stack: str | None = None) -> nn.Mod
 
 
 def _token_rows(ctx: Injection, blk: FFNBlock, w: nn.Module) -> None:
-    """Where the FFN sees its tokens as (B*L, d) rows (``blk.rows_from``, OPT), wrap the
+    """Where the FFN sees its tokens as (B*L, d) rows (``blk.flat_rows``, OPT), wrap the
     FFN output's adapter wrapper ``w`` so that it runs on (B, L, d). (The residual
     placements see (B, L, d): the layer's output, or its post-FFN norm's input.)"""
-    site = ctx.root.site(len(ctx.root.sites), blk.stack)
     parent, attr = blk.output
-    setattr(parent, attr, TokenRows(w, site))
-    ctx.hook_before(blk.rows_from, residual_pre_hook, site)
+    setattr(parent, attr, TokenRows(w))
 
 
 def _residual_placement(ctx: Injection, blk: FFNBlock) -> nn.Module | None:

@@ -50,15 +50,15 @@ FFN_STYLES = ("post_ln_output", "pre_ln_mlp", "post_ln_norm", "sublayer")
 class FFNBlock:
     """One FFN: ``output`` is its output projection (or the module returning h: "ffn_output"
     wraps it); ``block``, ``style`` and ``x_from`` say where the residual placements go.
-    ``rows_from``: where the FFN sees its tokens flattened to (B*L, d) rows (OPT), a module
-    whose input is them as (B, L, d); the wrappers run the adapters on that shape."""
+    ``flat_rows``: the FFN sees its tokens flattened to (B*L, d) rows (OPT); the "ffn_output"
+    adapter runs on them as (B, L, d) (``placements.TokenRows``)."""
 
     output: Slot
     block: Slot
     style: str
     x_from: Slot | None = None
     stack: str | None = None
-    rows_from: Slot | None = None
+    flat_rows: bool = False
 
 
 @dataclass(eq=False)

@@ -39,24 +39,25 @@ def _recorded_residual(wrapper: nn.Module, like: torch.Tensor) -> torch.Tensor:
 class TokenRows(nn.Module):
     """Runs ``inner`` (an adapter wrapper) on (B, L, d) tokens where the model passes them as
     (B*L, d) rows (OPT's FFN), so that the gates average over each example's tokens and the
-    task routing sees B examples. (B, L) is the FFN block's input shape, recorded by a
-    pre-hook on the decoder layer (``FFNBlock.rows_from``)."""
+    task routing sees B examples. B is the batch of the model's input (recorded by the model
+    pre-hook, so a gradient-checkpointed recompute of the layer sees it too)."""
 
-    def __init__(self, inner: nn.Module, site: Site) -> None:
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        self.inner, self.site = inner, site
+        self.inner = inner
 
     def forward(self, rows: torch.Tensor, *args, **kwargs):
-        site = self.site
-        ref = site.root.residual_slots.pop(site.index, None)
         if rows.dim() != 2:  # already (B, L, d)
             return self.inner(rows, *args, **kwargs)
-        if ref is None or ref.dim() != 3 or ref.shape[0] * ref.shape[1] != rows.shape[0]:
+        site = self.inner.site
+        ref = None if site is None else site.root.entry_ref
+        B = None if ref is None else ref.shape[0]
+        if not B or rows.shape[0] % B:
             raise RuntimeError(
-                "unipelt: the adapter on a flattened FFN did not see its block's (B, L) shape "
-                "(the hook before the decoder layer did not run in this forward)"
+                "unipelt: the adapter on a flattened FFN does not know the batch of its "
+                f"{rows.shape[0]} rows (call the model itself, whose pre-hook records it)"
             )
-        out = self.inner(rows.view(*ref.shape[:2], rows.shape[-1]), *args, **kwargs)
+        out = self.inner(rows.view(B, rows.shape[0] // B, rows.shape[-1]), *args, **kwargs)
         return out.reshape(rows.shape[0], out.shape[-1])
 
 
@@ -137,6 +138,16 @@ class SublayerOutputAdapters(nn.Module):
             a_in = kwargs.get("hidden_states", args[0] if args else None)
         else:
             a_in = _recorded_residual(self, s)
+            if torch.is_grad_enabled() and s.requires_grad and not a_in.requires_grad:
+                # x was recorded inside the module's forward under no_grad: reentrant
+                # gradient checkpointing, which runs this hook outside the checkpoint
+                raise NotImplementedError(
+                    "unipelt: adapter placement 'ffn_parallel' on "
+                    f"{type(module).__name__} reads x from inside the layer, which reentrant "
+                    "gradient checkpointing runs without gradients (its gradient would be "
+                    "lost); use gradient_checkpointing_kwargs={'use_reentrant': False}, or "
+                    "another placement"
+                )
         new = run_adapters(self, a_in, s)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 

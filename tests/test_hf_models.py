@@ -12,6 +12,8 @@ from tests.hf_tiny import (
     B,
     batch,
     checkpointing_grads,
+    generate_logits,
+    greedy,
     hf_cache_reference,
     pelt,
     tiny_model,
@@ -206,30 +208,6 @@ def test_generate_kv_cache_matches_no_cache(kind):
     assert out.past_key_values.get_seq_length() == ids.shape[1]
 
 
-def _greedy(step_logits, ids, am, n: int = 4):
-    """Greedy decoding without a cache: ``step_logits(seq, mask)`` gives the last position's
-    logits. Returns the sequences and the (B, n, V) step logits."""
-    seq, mask, steps = ids, am, []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = step_logits(seq, mask)
-            steps.append(logits)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-    return seq, torch.stack(steps, 1)
-
-
-def _generate_logits(m, ids, am, n: int = 4, **kw):
-    """generate() (greedy, KV cache): the sequences and the (B, n, V) raw step logits."""
-    with torch.no_grad():
-        out = m.generate(
-            input_ids=ids, attention_mask=am, max_new_tokens=n, eos_token_id=None,
-            do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-            **kw,
-        )  # fmt: skip
-    return out.sequences, torch.stack(out.logits, 1)
-
-
 def _left_padded():
     ids = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(3))
     am = torch.ones_like(ids)
@@ -259,11 +237,11 @@ def test_generate_with_soft_prompt_equals_the_prompted_base_model(kind):
         full = torch.cat([mask.new_ones(mask.shape[0], 3), mask], 1)
         return base(inputs_embeds=x, attention_mask=full).logits[:, -1]
 
-    want_seq, want = _greedy(prompted, ids, am)
-    got_seq, got = _generate_logits(m, ids, am)
+    want_seq, want = greedy(prompted, ids, am)
+    got_seq, got = generate_logits(m, ids, am)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_seq, want_seq)
-    no_cache, _ = _generate_logits(m, ids, am, use_cache=False)
+    no_cache, _ = generate_logits(m, ids, am, use_cache=False)
     assert torch.equal(no_cache, want_seq)
 
 
@@ -286,12 +264,12 @@ def test_generate_with_prefix_prompt_and_adapters_equals_the_forward():
 
     h = m.unipelt.prompt.register_forward_hook(hold)
     try:
-        want_seq, want = _greedy(
+        want_seq, want = greedy(
             lambda s, k: m(input_ids=s, attention_mask=k).logits[:, -1], ids, am
         )
     finally:
         h.remove()
-    got_seq, got = _generate_logits(m, ids, am)
+    got_seq, got = generate_logits(m, ids, am)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_seq, want_seq)
     assert (first["p"] - m.unipelt.prompt.embeddings[0]).abs().max() > 1e-3  # the gate acted

@@ -170,7 +170,10 @@ def _soft_prompt_entry(model, root, kwargs, task_ids, mask):
     * an encoder-decoder given ``encoder_outputs`` (generate()'s decoder steps; the encoder
       pre-hook prepended the prompt there) gets the prompt's ones in its encoder mask."""
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-        raise NotImplementedError("unipelt: the soft prompt takes a 2-D attention_mask")
+        raise NotImplementedError(
+            "unipelt: the soft prompt takes a 2-D attention_mask (generate() with a static "
+            "cache passes a 4-D one; use the default dynamic cache)"
+        )
     P = root.prompt.length
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     if getattr(model.config, "is_encoder_decoder", False):

@@ -381,6 +381,17 @@ def test_soft_prompt_on_the_encoder_input(kind):
     assert out.logits.shape == (B, LT, VOCAB)
     out.loss.backward()
     assert m.unipelt.prompt.embeddings.grad.abs().sum() > 0
+    # the encoder called alone prepends the prompt too; its outputs then go with the
+    # caller's source mask (the prompt's ones are added), as in generate()'s decoder steps
+    am = b["attention_mask"]
+    dec = {k: b[k] for k in ("decoder_input_ids", "decoder_attention_mask")}
+    with torch.no_grad():
+        enc = m.get_encoder()(input_ids=b["input_ids"], attention_mask=am)
+        assert enc.last_hidden_state.shape[1] == LS + m.unipelt.prompt.length
+        again = m(encoder_outputs=enc, attention_mask=am, **dec).logits
+        torch.testing.assert_close(again, out.logits.detach(), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="encoder outputs"):
+            m(encoder_outputs=enc, attention_mask=am[:, 1:], **dec)
 
 
 def _greedy(step_logits, n: int = 4):

@@ -148,6 +148,31 @@ def hf_cache_reference(model, batch: dict, position_offset: int = 0, **kw) -> to
             h.remove()
 
 
+def greedy(step_logits, ids, am, n: int = 4):
+    """Greedy decoding without a cache: ``step_logits(seq, mask)`` gives the last position's
+    logits. Returns the sequences and the (B, n, V) step logits."""
+    seq, mask, steps = ids, am, []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = step_logits(seq, mask)
+            steps.append(logits)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    return seq, torch.stack(steps, 1)
+
+
+def generate_logits(m, ids, am, n: int = 4, **kw):
+    """generate() (greedy, KV cache; EOS off so that every example runs n steps): the
+    sequences and the (B, n, V) raw step logits."""
+    with torch.no_grad():
+        out = m.generate(
+            input_ids=ids, attention_mask=am, max_new_tokens=n, eos_token_id=None,
+            do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+            **kw,
+        )  # fmt: skip
+    return out.sequences, torch.stack(out.logits, 1)
+
+
 def checkpointing_grads(make, b: dict, reentrant: bool) -> list[dict[str, torch.Tensor]]:
     """Trainable grads of ``make()`` in train mode on ``b``, without and with gradient
     checkpointing."""

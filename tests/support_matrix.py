@@ -98,14 +98,10 @@ _HF_CACHE_MORE = "tests/test_attention_contract.py::test_prefix_equals_hf_cache_
 _PLACEMENT = "tests/test_hf_placements.py::test_placement_matches_formula"
 _PLACEMENT_MORE = "tests/test_hf_moe.py::test_adapter_on_block_matches_formula"
 _PLACEMENT_ENCDEC = "tests/test_hf_encdec.py::test_adapter_placement_matches_formula"
+_PEFT_ENCDEC = "tests/test_hf_encdec.py::test_lora_and_prompt_match_peft"
 _LORA_MORE = "tests/test_hf_families.py::test_lora_and_prompt_match_formula"
 _BITFIT = "tests/test_hf_families.py::test_bitfit_matches_base_with_the_biases"
 _PROMPT_MORE = _LORA_MORE  # one model build for both
-_LORA_MERGED = Exact(
-    "merged weights",
-    "tests/test_lora_targets.py::test_all_linear_equals_merged_weights",
-    note="LoRA by name, all-linear",
-)
 
 _FUSED_QKV = Refused("fused qkv_proj (not located yet)", "found 0 attention")
 _NO_BIAS = NotApplicable("no biases")
@@ -186,9 +182,9 @@ MATRIX: dict[str, dict] = {
             param=None,
         ),
         adapter=Exact("formula", _PLACEMENT_ENCDEC),
-        lora=_LORA_MERGED,
+        lora=Exact("peft", _PEFT_ENCDEC, method_param="method"),
         bitfit=_BITFIT_EXACT,
-        prompt=Untested(),
+        prompt=Exact("peft", _PEFT_ENCDEC, method_param="method"),
         gates=Exact("formula", _PLACEMENT_ENCDEC),
     ),
     "t5": _row(
@@ -198,9 +194,9 @@ MATRIX: dict[str, dict] = {
             param=None,
         ),
         adapter=Exact("formula", _PLACEMENT_ENCDEC),
-        lora=_LORA_MERGED,
+        lora=Exact("peft", _PEFT_ENCDEC, method_param="method"),
         bitfit=_NO_BIAS,
-        prompt=Untested(),
+        prompt=Exact("peft", _PEFT_ENCDEC, method_param="method"),
         gates=Exact("formula", _PLACEMENT_ENCDEC),
     ),
 }

@@ -221,7 +221,7 @@ def validate_prefix_attention(
         if isinstance(window, bool) or not isinstance(window, int):
             raise TypeError(f"{op}: window must be an int or None, got {type(window).__name__}")
         if window < 1:
-            raise ValueError(f"{op}: window must be >= 1 (a query sees window token keys), got {window}")
+            raise ValueError(f"{op}: window must be >= 1 (query sees window token keys), got {window}")
     # The kernels read the (B,) index as dense: a strided view (ids[r::world]) would silently
     # pick other examples' tasks. B elements: the copy costs nothing, and syncs nothing.
     prefix_index = None if prefix_index is None else prefix_index.contiguous()

@@ -197,8 +197,19 @@ def _kernel_case(cfg):
     return _with(prefix_attention_case(**cfg), **flags)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", KERNEL_GRID, ids=["softcap", "sinks", "window", "all"])
+_IDS = ["softcap", "sinks", "window", "all"]
+_SLOW = pytest.mark.slow  # CI time: fp16 of every flag alone is opt-in, all three together run
+
+
+@pytest.mark.parametrize(
+    "cfg, dtype",
+    [pytest.param(c, torch.float32, id=f"{i}-fp32") for c, i in zip(KERNEL_GRID, _IDS, strict=True)]
+    + [pytest.param(KERNEL_GRID[3], torch.float16, id="all-fp16")]
+    + [
+        pytest.param(c, torch.float16, id=f"{i}-fp16", marks=_SLOW)
+        for c, i in zip(KERNEL_GRID[:3], _IDS[:3], strict=True)
+    ],
+)
 def test_triton_matches_reference(cfg, dtype, monkeypatch):
     monkeypatch.setenv("UNIPELT_GPU_CONFIGS", "1")  # the GPU's tiles (partial blocks)
     check_parity(uf.prefix_attention, _kernel_case(cfg), dtype, "triton")
@@ -207,7 +218,7 @@ def test_triton_matches_reference(cfg, dtype, monkeypatch):
 @pytest.mark.parametrize(
     "cfg",
     [
-        {**KERNEL_GRID[2], "Lq": 40, "Lk": 45},
+        pytest.param({**KERNEL_GRID[2], "Lq": 40, "Lk": 45}, marks=_SLOW),
         dict(window=20, mask=True, Lq=40, Lk=48, P=3, softcap=4.0),  # no causal bound
     ],
     ids=["causal", "noncausal"],

@@ -189,12 +189,12 @@ KERNEL_GRID = [
 ]
 
 
-def _kernel_case(cfg):
+def _kernel_case(cfg, device="cpu"):
     cfg = dict(cfg)
     flags = {n: cfg.pop(n) for n in ("softcap", "window") if n in cfg}
     if cfg.pop("sinks", False):
-        flags["sinks"] = _sinks(cfg.get("H", 4))
-    return _with(prefix_attention_case(**cfg), **flags)
+        flags["sinks"] = _sinks(cfg.get("H", 4)).to(device)
+    return _with(prefix_attention_case(**cfg, device=device), **flags)
 
 
 _IDS = ["softcap", "sinks", "window", "all"]
@@ -231,6 +231,25 @@ def test_triton_small_tiles(cfg):
 @pytest.mark.parametrize("cfg", [KERNEL_GRID[0], KERNEL_GRID[3]], ids=["softcap", "all"])
 def test_torch_matches_reference(cfg):
     check_parity(uf.prefix_attention, _kernel_case(cfg), torch.float32, "torch")
+
+
+GPU_LARGE = [
+    dict(softcap=30.0, causal=True, gate="b2", Lq=700, Lk=700, P=32, D=128),
+    dict(sinks=True, causal=True, mask=True, H=8, Hkv=2, Lq=257, Lk=1000, P=20, D=64),
+    dict(window=128, causal=True, mask=True, Lq=1024, Lk=1024, P=16, D=64),
+    dict(softcap=20.0, sinks=True, window=100, causal=True, noncontiguous=True, Lq=600, Lk=600,
+         P=24, D=80),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+@pytest.mark.parametrize("cfg", GPU_LARGE, ids=_IDS)
+def test_triton_matches_reference_gpu(cfg, dtype):
+    """The GPU's compiled kernels (bf16, autotuned tiles, long rows: the window skips blocks)."""
+    check_parity(uf.prefix_attention, _kernel_case(cfg, "cuda"), dtype, "triton")
 
 
 def test_torch_window_uses_sdpa():

@@ -20,6 +20,16 @@ kernel, from a seed that torch's generator drew on the device (read through a po
 host sync). The saved lse is that of the un-dropped softmax. ``dropout_keep_mask`` returns the mask of a
 call, so the eager reference can reproduce it exactly.
 
+Three more constexpr flags, each compiled out when off (so a call without them runs the
+kernels it did before they existed): SOFTCAP caps every scaled logit, cap * tanh(s / cap)
+(in base-2 units the cap is cap * log2 e), before the bias, and backward multiplies dS by
+1 - tanh^2; HAS_SINKS starts each row's online softmax with its head's sink logit as the
+first term (m = sink, l = 1), so lse includes it and out = acc / l, and the dQ kernel writes
+per-query-block partials of d sink = -sum p_sink * delta (summed in a fixed order after);
+WINDOW (query i sees token key j iff i + LK - LQ - j < W) starts the token loop at the first
+key block any row of the query block can see, masks per element only the blocks on the
+window's edge, and in dK/dV stops at the last query row that sees the key block.
+
 Backward, three launches; dO and O are read through their own strides (no copies):
 1. dQ per query block, which also computes delta = rowsum(dO * O) for step 2 and, from the
    prefix's p and dS it has anyway, this block's fp32 partials of d prefix_k, d prefix_v

@@ -105,8 +105,11 @@ def reference_run(loss_of, base, handles, params):
     return want, want_g
 
 
-def hf_cache_reference(model, batch: dict, position_offset: int = 0, **kw) -> torch.Tensor:
-    """The prefix path's independent formulation: ``model`` on HF's own sdpa attention with
+def hf_cache_reference(
+    model, batch: dict, position_offset: int = 0, attn: str = "sdpa", **kw
+) -> torch.Tensor:
+    """The prefix path's independent formulation: ``model`` on HF's own ``attn`` attention
+    (sdpa; "eager" where sdpa lacks a feature: Gemma 2's soft cap, gpt-oss's sinks) with
     the gated prefix fed as past key values (peft's way of doing prefix tuning), positions
     given explicitly (from ``position_offset``) so that the prefix takes none. Returns the
     logits; ``kw`` goes to the forward."""
@@ -133,7 +136,7 @@ def hf_cache_reference(model, batch: dict, position_offset: int = 0, **kw) -> to
         a.register_forward_pre_hook(gate_hook(i), with_kwargs=True, prepend=True)
         for i, a in enumerate(attns)
     ]
-    model.config._attn_implementation = "sdpa"
+    model.config._attn_implementation = attn
     try:
         return model(
             input_ids=batch["input_ids"],

@@ -157,10 +157,7 @@ MATRIX: dict[str, dict] = {
     "qwen2": _decoder(Exact("HF cache", _HF_CACHE), _ADAPTER_MORE, bitfit=_BITFIT_EXACT),
     "qwen3": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "gemma": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
-    "gemma2": _decoder(
-        Refused("attention logit soft-capping (exact with it off)", "soft-capping"),
-        _ADAPTER_SANDWICH,
-    ),
+    "gemma2": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),  # soft-capping on
     "gemma3_text": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),
     "olmo": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "olmo2": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),
@@ -170,7 +167,7 @@ MATRIX: dict[str, dict] = {
     "mixtral": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "qwen3_moe": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "gpt_oss": _decoder(
-        Refused("attention sinks", "sinks"),
+        _PREFIX_MORE,  # attention sinks on
         _ADAPTER_MORE,
         bitfit=Untested("expert and router biases are not trained"),
     ),

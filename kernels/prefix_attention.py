@@ -20,6 +20,16 @@ kernel, from a seed that torch's generator drew on the device (read through a po
 host sync). The saved lse is that of the un-dropped softmax. ``dropout_keep_mask`` returns the mask of a
 call, so the eager reference can reproduce it exactly.
 
+Three more constexpr flags, each compiled out when off (so a call without them runs the
+kernels it did before they existed): SOFTCAP caps every scaled logit, cap * tanh(s / cap)
+(in base-2 units the cap is cap * log2 e), before the bias, and backward multiplies dS by
+1 - tanh^2; HAS_SINKS starts each row's online softmax with its head's sink logit as the
+first term (m = sink, l = 1), so lse includes it and out = acc / l, and the dQ kernel writes
+per-query-block partials of d sink = -sum p_sink * delta (summed in a fixed order after);
+WINDOW (query i sees token key j iff i + LK - LQ - j < W) starts the token loop at the first
+key block any row of the query block can see, masks per element only the blocks on the
+window's edge, and in dK/dV stops at the last query row that sees the key block.
+
 Backward, three launches; dO and O are read through their own strides (no copies):
 1. dQ per query block, which also computes delta = rowsum(dO * O) for step 2 and, from the
    prefix's p and dS it has anyway, this block's fp32 partials of d prefix_k, d prefix_v
@@ -72,13 +82,18 @@ def _online_block(
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
+    softcap,
+    SOFTCAP: tl.constexpr,
 ):
     """One key block of the online softmax. With MASKED, ``vis`` (broadcastable to
     (BLOCK_M, BLOCK_N)) marks the visible keys. With HAS_BIAS, ``bias`` is the block's
     additive bias in base-2 logit units, added after the (gated) scale. With DROPOUT,
     ``keep`` is the block's keep-mask: the normaliser l_i (and so the lse) sums the
-    un-dropped probabilities, the values see the dropped ones times ``drop_scale``."""
+    un-dropped probabilities, the values see the dropped ones times ``drop_scale``. With
+    SOFTCAP the scaled logits are capped (``softcap`` in base-2 units) before the bias."""
     s = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * logit_scale
+    if SOFTCAP:
+        s = softcap * _tanh(s / softcap)
     if HAS_BIAS:
         s = s + bias
     if MASKED:
@@ -97,6 +112,24 @@ def _online_block(
     # Accumulate inside the MMA (acc as the dot's accumulator), as in the Triton tutorial.
     acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _tanh(x):
+    """tanh through exp2, 1 - 2 / (e^(2x) + 1): exact at +-inf, absolute error ~1e-7 near 0,
+    and the same code under the interpreter and on a GPU."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _window_bounds(m0, LQ, LK, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query rows [m0, m0 + BLOCK_M) and a sliding window W: (lo, clean), multiples
+    of BLOCK_N. Row i sees token keys j >= i + LK - LQ - W + 1, so keys below ``lo`` are
+    outside every row's window and blocks from ``clean`` on inside every row's."""
+    first = m0 + LK - LQ - W + 1
+    lo = (tl.maximum(first, 0) // BLOCK_N) * BLOCK_N
+    clean = ((tl.maximum(first + BLOCK_M - 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    return lo, clean
 
 
 @triton.jit
@@ -159,7 +192,7 @@ def _load_bias(base, rows, cols, srow, scol, mask, HAS_BIAS: tl.constexpr):
     return x
 
 
-@triton.jit(do_not_specialize=["LQ", "LK", "P"])
+@triton.jit(do_not_specialize=["LQ", "LK", "P", "window"])
 def _fwd_kernel(
     Q,
     K,
@@ -212,6 +245,9 @@ def _fwd_kernel(
     qk_scale,
     dropout_p,
     drop_scale,
+    SINKS,
+    softcap,
+    window,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -224,6 +260,9 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
+    WINDOW: tl.constexpr = False,
 ):
     # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
@@ -248,6 +287,10 @@ def _fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # the sink is the softmax's first term: max = sink, sum = exp(0) = 1
+        sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        m_i = tl.zeros([BLOCK_M], tl.float32) + sink
+        l_i = l_i + 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if DROPOUT:
         seed = tl.load(SEED)
@@ -288,16 +331,40 @@ def _fwd_kernel(
             keep = 0
         m_i, l_i, acc = _online_block(
             q, kb, vb, col_ok[None, :], m_i, l_i, acc, qk_scale * gk, gv, bias, keep,
-            drop_scale, True, HAS_GATE, HAS_BIAS, PRECISION, DROPOUT,
+            drop_scale, True, HAS_GATE, HAS_BIAS, PRECISION, DROPOUT, softcap, SOFTCAP,
         )  # fmt: skip
 
     # ---- token keys: causal (bottom-right) and padding masks
     full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    if WINDOW:  # keys below lo: outside every row's window; [lo, clean): masked per element
+        lo, clean = _window_bounds(pid_m * BLOCK_M, LQ, LK, window, BLOCK_M, BLOCK_N)
+        a_lo = tl.maximum(lo, tl.minimum(clean, full))
+        b_lo = tl.maximum(full, lo)
+        for start_n in range(lo, tl.minimum(clean, full), BLOCK_N):
+            cols = start_n + offs_n
+            c64 = cols.to(tl.int64)
+            kb = _load_d(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
+            vb = _load_d(v_base + c64[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
+            vis = (offs_m[:, None] + (LK - LQ)) - cols[None, :] < window
+            if HAS_MASK:
+                vis = vis & (tl.load(KPM + b * smb + cols * smn) != 0)[None, :]
+            bias = _load_bias(bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None], HAS_BIAS)
+            if DROPOUT:
+                keep = _keep(seed, bh * LQ, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N)
+            else:
+                keep = 0
+            m_i, l_i, acc = _online_block(
+                q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, keep, drop_scale, True,
+                False, HAS_BIAS, PRECISION, DROPOUT, softcap, SOFTCAP,
+            )  # fmt: skip
+    else:
+        a_lo = 0
+        b_lo = full
     # Blocks every row sees (rows past LQ compute harmless values that are never stored):
     # no per-element mask, only the per-column padding mask if any.
-    for start_n in range(0, full, BLOCK_N):
+    for start_n in range(a_lo, full, BLOCK_N):
         cols = start_n + offs_n
         c64 = cols.to(tl.int64)
         kb = _load_d(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
@@ -313,10 +380,10 @@ def _fwd_kernel(
             keep = 0
         m_i, l_i, acc = _online_block(
             q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, keep, drop_scale, HAS_MASK,
-            False, HAS_BIAS, PRECISION, DROPOUT,
+            False, HAS_BIAS, PRECISION, DROPOUT, softcap, SOFTCAP,
         )  # fmt: skip
-    # The causal diagonal and the ragged tail.
-    for start_n in range(full, hi, BLOCK_N):
+    # The causal diagonal and the ragged tail (and, with WINDOW, the window's edge there).
+    for start_n in range(b_lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
         kv_mask = col_ok[:, None] & mask_d[None, :]
@@ -328,6 +395,8 @@ def _fwd_kernel(
         vis = col_ok[None, :]
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + (LK - LQ))
+        if WINDOW:
+            vis = vis & ((offs_m[:, None] + (LK - LQ)) - cols[None, :] < window)
         bias = _load_bias(
             bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None] & (cols < LK)[None, :],
             HAS_BIAS,
@@ -338,10 +407,11 @@ def _fwd_kernel(
             keep = 0
         m_i, l_i, acc = _online_block(
             q, kb, vb, vis, m_i, l_i, acc, qk_scale, 1.0, bias, keep, drop_scale, True,
-            False, HAS_BIAS, PRECISION, DROPOUT,
+            False, HAS_BIAS, PRECISION, DROPOUT, softcap, SOFTCAP,
         )  # fmt: skip
 
-    # Rows with no visible key: out 0, lse -inf (backward reads that as "no key").
+    # Rows with no visible key: out 0, lse -inf (backward reads that as "no key"); with
+    # HAS_SINKS l_i >= its sink's term, so such a row has out 0 and lse = its sink.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -395,6 +465,10 @@ def _dkdv_rows(
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
+    softcap,
+    window,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Accumulate dS^T q and P^T dO over query rows [row_start, row_end) of one head for one
     key block (dk, dv: keys are rows). Rows past LQ and rows with no visible key get
@@ -417,6 +491,9 @@ def _dkdv_rows(
         # Queries as rows, as in the forward (its keep-mask layout: no transposed Philox
         # tile); P and dS are transposed only as the dV / dK dot operands.
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * logit_scale
+        if SOFTCAP:  # the forward's cap; dS gets its derivative 1 - tanh^2 below
+            tc = _tanh(s / softcap)
+            s = softcap * tc
         if HAS_BIAS:  # the same bias as the forward
             s += _load_bias(
                 bias_base, rows, cols, sbm, sbn, row_ok[:, None] & (cols < ncols)[None, :], True
@@ -424,6 +501,8 @@ def _dkdv_rows(
         p = tl.math.exp2(s - lse2[:, None])
         if CAUSAL_MASK:
             p = tl.where(cols[None, :] <= rows[:, None] + (LK - LQ), p, 0.0)
+        if WINDOW:
+            p = tl.where((rows[:, None] + (LK - LQ)) - cols[None, :] < window, p, 0.0)
         dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION) * v_scale
         if DROPOUT:  # the forward's mask
             keep = _keep(seed, rng_base, rows, rng_col0, NC4, dropout_p, BLOCK_N)
@@ -433,6 +512,8 @@ def _dkdv_rows(
             pd = p
         dv = tl.dot(tl.trans(pd.to(dob.dtype)), dob, dv, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tc * tc)
         dk = tl.dot(tl.trans(ds.to(qb.dtype)), qb, dk, input_precision=PRECISION)
     return dk, dv
 
@@ -484,11 +565,17 @@ def _dkdv_loop(
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
+    row_end,
+    softcap,
+    window,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Sum over the group's query heads (GQA, in a fixed order: no atomics) and query rows
     >= lo; with CAUSAL, rows [lo, diag_end) get the causal mask and later rows none.
     Returns (dk, dv) in fp32, dk not yet multiplied by softmax_scale. The bias columns of
-    this block start at ``col_off`` (0 for the prefix, P for tokens); ``ncols`` bounds them."""
+    this block start at ``col_off`` (0 for the prefix, P for tokens); ``ncols`` bounds them.
+    Rows >= ``row_end`` (LQ, or with WINDOW the first row past the block) are skipped."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for hh in range(0, GROUP):
@@ -503,22 +590,22 @@ def _dkdv_loop(
                 DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
                 bias_base, sbm, sbn, ncols, seed, row_base, rng_col0, NC4, dropout_p,
                 drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, True, HAS_BIAS, PRECISION,
-                DROPOUT,
+                DROPOUT, softcap, window, SOFTCAP, WINDOW,
             )  # fmt: skip
             start = diag_end
         else:
             start = lo
         dk, dv = _dkdv_rows(
-            dk, dv, kb, vb, cols, start, LQ, q_base, do_base, LSE + row_base,
+            dk, dv, kb, vb, cols, start, row_end, q_base, do_base, LSE + row_base,
             DELTA + row_base, sqm, sqd, sdm, sdd, LQ, LK, logit_scale, v_scale,
             bias_base, sbm, sbn, ncols, seed, row_base, rng_col0, NC4, dropout_p,
             drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False, HAS_BIAS, PRECISION,
-            DROPOUT,
+            DROPOUT, softcap, window, SOFTCAP, WINDOW,
         )  # fmt: skip
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["LQ", "LK"])
+@triton.jit(do_not_specialize=["LQ", "LK", "window"])
 def _bwd_dkdv_kernel(
     Q,
     K,
@@ -571,6 +658,8 @@ def _bwd_dkdv_kernel(
     sm_scale,
     dropout_p,
     drop_scale,
+    softcap,
+    window,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -580,6 +669,8 @@ def _bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr = False,
 ):
     """Token keys: one program per (key block, kv head, example)."""
     pid_n = tl.program_id(0)
@@ -609,6 +700,10 @@ def _bwd_dkdv_kernel(
         lo = tl.maximum(start_n - (LK - LQ), 0)
         first_full = tl.maximum(lo, start_n + BLOCK_N - 1 - (LK - LQ))
         diag_end = lo + ((first_full - lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if WINDOW:  # query i sees key j iff i + LK - LQ - j < W: later rows see none of the block
+        row_end = tl.minimum(LQ, tl.maximum(start_n + BLOCK_N - 1 + window - (LK - LQ), 0))
+    else:
+        row_end = LQ
     seed = tl.load(SEED) if DROPOUT else 0
     dk, dv = _dkdv_loop(
         kb, vb, cols, lo, diag_end, b, hk, Q, DO, LSE, DELTA,
@@ -616,6 +711,7 @@ def _bwd_dkdv_kernel(
         BIAS, sbb, sbh, sbm, sbn, P, LK, seed, (P + 3) // 4 * 4 + start_n,
         (P + 3) // 4 + (LK + 3) // 4, dropout_p, drop_scale,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, HAS_BIAS, PRECISION, DROPOUT,
+        row_end, softcap, window, SOFTCAP, WINDOW,
     )  # fmt: skip
     if HAS_MASK:  # a padding key is seen by no query: its gradients are 0
         col_ok = col_ok & (tl.load(KPM + b * smb + cols * smn, mask=col_ok, other=0) != 0)
@@ -704,7 +800,7 @@ def _task_sum_kernel(PART, IDX, OUT, B, N, BLOCK: tl.constexpr):
     tl.store(OUT + t.to(tl.int64) * N + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["LQ", "LK", "P"])
+@triton.jit(do_not_specialize=["LQ", "LK", "P", "window"])
 def _bwd_dq_kernel(
     Q,
     K,
@@ -772,6 +868,10 @@ def _bwd_dq_kernel(
     sm_scale,
     dropout_p,
     drop_scale,
+    SINKS,
+    DSINK_PART,
+    softcap,
+    window,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -783,6 +883,9 @@ def _bwd_dq_kernel(
     EVEN_D: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
+    WINDOW: tl.constexpr = False,
 ):
     # (query block, head, example) on three grid axes: B * H may pass axis 1's 65535.
     pid_m = tl.program_id(0)
@@ -822,6 +925,9 @@ def _bwd_dq_kernel(
     tl.store(DELTA + row_base + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if HAS_SINKS:  # this block's d sink_h = -sum_rows p_sink * delta, p_sink = exp(sink - lse)
+        psink = tl.math.exp2(tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634 - lse2)
+        tl.store(DSINK_PART + bh * tl.num_programs(0) + pid_m, -tl.sum(psink * delta, 0))
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bias_base = BIAS + b * sbb + h * sbh
     seed = tl.load(SEED) if DROPOUT else 0
@@ -857,6 +963,9 @@ def _bwd_dq_kernel(
             pv_base + cols[:, None] * spvn + offs_d[None, :] * spvd, mask=kv_mask, other=0.0
         )
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * (qk_scale * gk)
+        if SOFTCAP:
+            tc = _tanh(s / softcap)
+            s = softcap * tc
         if HAS_BIAS:
             s += _load_bias(
                 bias_base, offs_m, cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], True
@@ -870,6 +979,8 @@ def _bwd_dq_kernel(
         else:
             pd = p
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tc * tc)
         dq = tl.dot((ds * gk).to(kb.dtype), kb, dq, input_precision=PRECISION)
         # d(gk pk) = scale dS^T q and d(gv pv) = P_dropped^T dO; the gated key/value's
         # gradients times the gates are prefix_k's and prefix_v's.
@@ -890,12 +1001,45 @@ def _bwd_dq_kernel(
     full, hi = _token_bounds(pid_m * BLOCK_M, LQ, LK, BLOCK_M, BLOCK_N, CAUSAL)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    for start_n in range(0, full, BLOCK_N):
+    if WINDOW:  # the forward's split: [lo, clean) masked per element
+        lo, clean = _window_bounds(pid_m * BLOCK_M, LQ, LK, window, BLOCK_M, BLOCK_N)
+        a_lo = tl.maximum(lo, tl.minimum(clean, full))
+        b_lo = tl.maximum(full, lo)
+        for start_n in range(lo, tl.minimum(clean, full), BLOCK_N):
+            cols = start_n + offs_n
+            c64 = cols.to(tl.int64)
+            kb = _load_d(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
+            vb = _load_d(v_base + c64[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
+            vis = (offs_m[:, None] + (LK - LQ)) - cols[None, :] < window
+            if HAS_MASK:
+                vis = vis & (tl.load(KPM + b * smb + cols * smn) != 0)[None, :]
+            s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
+            if SOFTCAP:
+                tc = _tanh(s / softcap)
+                s = softcap * tc
+            if HAS_BIAS:
+                s += _load_bias(bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None], True)
+            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(dob, tl.trans(vb), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - tc * tc)
+            dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
+    else:
+        a_lo = 0
+        b_lo = full
+    for start_n in range(a_lo, full, BLOCK_N):
         cols = start_n + offs_n
         c64 = cols.to(tl.int64)
         kb = _load_d(k_base + c64[:, None] * skn + offs_d[None, :] * skd, mask_d, EVEN_D)
         vb = _load_d(v_base + c64[:, None] * svn + offs_d[None, :] * svd, mask_d, EVEN_D)
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            tc = _tanh(s / softcap)
+            s = softcap * tc
         if HAS_BIAS:
             s += _load_bias(bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None], True)
         p = tl.math.exp2(s - lse2[:, None])
@@ -906,8 +1050,10 @@ def _bwd_dq_kernel(
             keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tc * tc)
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
-    for start_n in range(full, hi, BLOCK_N):
+    for start_n in range(b_lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
         kv_mask = col_ok[:, None] & mask_d[None, :]
@@ -919,7 +1065,12 @@ def _bwd_dq_kernel(
         vis = col_ok[None, :]
         if CAUSAL:
             vis = vis & (cols[None, :] <= offs_m[:, None] + (LK - LQ))
+        if WINDOW:
+            vis = vis & ((offs_m[:, None] + (LK - LQ)) - cols[None, :] < window)
         s = tl.dot(qb, tl.trans(kb), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            tc = _tanh(s / softcap)
+            s = softcap * tc
         if HAS_BIAS:
             s += _load_bias(
                 bias_base, offs_m, P + cols, sbm, sbn, row_ok[:, None] & col_ok[None, :], True
@@ -930,6 +1081,8 @@ def _bwd_dq_kernel(
             keep = _keep(seed, row_base, offs_m, PP + start_n, NC4, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tc * tc)
         dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=PRECISION)
 
     dq_ptrs = DQ + b * sgqb + h * sgqh + rows64[:, None] * sgqm + offs_d[None, :] * sgqd
@@ -1060,6 +1213,18 @@ def _bias_args(
     return attn_bias, tuple(attn_bias.stride())
 
 
+def _feature_args(a: PrefixAttentionArgs, q: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(sinks pointer, softcap in base-2 logit units, window): placeholders when off, and
+    SOFTCAP/HAS_SINKS/WINDOW=False compile the kernels without any of it."""
+    sinks = q if a.sinks is None else a.sinks
+    softcap = 0.0 if a.softcap is None else float(a.softcap) * LOG2E
+    return sinks, softcap, 0 if a.window is None else int(a.window)
+
+
+def _feature_flags(a: PrefixAttentionArgs) -> dict[str, bool]:
+    return dict(SOFTCAP=a.softcap is not None, WINDOW=a.window is not None)
+
+
 def _dropout_args(
     dropout_p: float, seed: torch.Tensor | None, q: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[float, float]]:
@@ -1127,7 +1292,9 @@ def forward(a: PrefixAttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
         HAS_GATE=prefix_gate is not None, HAS_MASK=key_padding_mask is not None,
         CAUSAL=causal, PRECISION=_precision(q), EVEN_D=_block_d(D) == D,
         HAS_BIAS=attn_bias is not None, DROPOUT=dropout_p > 0,
+        HAS_SINKS=a.sinks is not None, **_feature_flags(a),
     )  # fmt: skip
+    features = _feature_args(a, q)
 
     def launch(cfg: tuple[int, int, int, int]) -> None:
         BM, BN, warps, stages = cfg
@@ -1138,7 +1305,7 @@ def forward(a: PrefixAttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
             kpm.stride(0) if key_padding_mask is not None else 0,
             kpm.stride(1) if key_padding_mask is not None else 0,
             *b_strides, *out.stride(),
-            H, H // Hkv, Lq, Lk, P, prefix_k.shape[0], softmax_scale * LOG2E, *drop,
+            H, H // Hkv, Lq, Lk, P, prefix_k.shape[0], softmax_scale * LOG2E, *drop, *features,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_P=prefix_block(P, BN),
             BLOCK_D=_block_d(D), num_warps=warps, num_stages=stages, **flags,
         )  # fmt: skip
@@ -1155,10 +1322,9 @@ def forward(a: PrefixAttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
 @on_input_device
 def backward(
     a: PrefixAttentionArgs, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
-]:
-    """(dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate) (the contract: ops/prefix_attention.py)."""
+) -> tuple[torch.Tensor | None, ...]:
+    """(dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate, dsinks) (the contract:
+    ops/prefix_attention.py)."""
     q, k, v, prefix_k, prefix_v = a.q, a.k, a.v, a.prefix_k, a.prefix_v
     prefix_index, prefix_gate, key_padding_mask = a.prefix_index, a.prefix_gate, a.key_padding_mask
     causal, softmax_scale, attn_bias = a.causal, a.softmax_scale, a.attn_bias
@@ -1172,7 +1338,8 @@ def backward(
     dpv = new_output((T, Hkv, P, D), prefix_v.dtype, dev)
     if q.numel() == 0:  # no query: every gradient is 0
         dg = None if prefix_gate is None else torch.zeros(B, 2, dtype=torch.float32, device=dev)
-        return dq, dk.zero_(), dv.zero_(), dpk.zero_(), dpv.zero_(), dg
+        ds = None if a.sinks is None else torch.zeros(H, dtype=torch.float32, device=dev)
+        return dq, dk.zero_(), dv.zero_(), dpk.zero_(), dpv.zero_(), dg, ds
     _check_head_dim(q, D)
     lse = lse.contiguous()  # as forward wrote it (a no-op); out and grad_out: any strides
     cfg = _configs(q, D)
@@ -1188,6 +1355,8 @@ def backward(
     has_drop = dropout_p > 0
     qk_scale = softmax_scale * LOG2E
     do_strides = grad_out.stride()
+    sinks, softcap, window = _feature_args(a, q)
+    has_sinks, feature_flags = a.sinks is not None, _feature_flags(a)
 
     # 1. dQ, delta = rowsum(dO * O) (for step 2) and, from the same p and dS, each query
     # block's fp32 partials of d prefix_k / d prefix_v and of the gate gradients.
@@ -1197,16 +1366,21 @@ def backward(
     part_k = new_output((B, H, n_m, P, D), torch.float32, dev)
     part_v = new_output((B, H, n_m, P, D), torch.float32, dev)
     dg_part = new_output((B, H, n_m, 2), torch.float32, dev) if has_gate else q
+    dsink_part = new_output((B, H, n_m), torch.float32, dev) if has_sinks else q
     _bwd_dq_kernel[(n_m, H, B)](
         q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, out, grad_out,
         lse, delta, dq, part_k, part_v, dg_part,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         *out.stride(), *do_strides, *km_strides, *b_strides, *dq.stride(),
-        H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale, *drop,
+        H, H // Hkv, Lq, Lk, P, T, qk_scale, softmax_scale, *drop, sinks, dsink_part,
+        softcap, window,
         HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_GATE=has_gate,
         HAS_MASK=has_mask, CAUSAL=causal, PRECISION=prec, EVEN_D=BD == D,
-        HAS_BIAS=has_bias, DROPOUT=has_drop, num_warps=warps, num_stages=stages,
+        HAS_BIAS=has_bias, DROPOUT=has_drop, HAS_SINKS=has_sinks, **feature_flags,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    # d sinks: the (B, n_query_blocks) partials of each head summed in a fixed order.
+    dsinks = dsink_part.sum(dim=(0, 2)) if has_sinks else None
 
     # 2. dK/dV of the token keys: one program per (key block, kv head, example).
     BM, BN, warps, stages = cfg["dkdv"]
@@ -1215,10 +1389,10 @@ def backward(
             q, k, v, grad_out, lse, delta, kpm, bias, seed_t, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do_strides, *km_strides, *b_strides,
             *dk.stride(), *dv.stride(),
-            H, Hkv, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale, *drop,
+            H, Hkv, H // Hkv, Lq, Lk, P, qk_scale, softmax_scale, *drop, softcap, window,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_MASK=has_mask,
             CAUSAL=causal, PRECISION=prec, HAS_BIAS=has_bias, DROPOUT=has_drop,
-            num_warps=warps, num_stages=stages,
+            **feature_flags, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     # 3. The partials summed per task (and the gate's per example) in a fixed order.
@@ -1231,4 +1405,4 @@ def backward(
             B, Hkv, N, (H // Hkv) * n_m, H * n_m, T,
             BLOCK=SB, BLOCK_G=SG, HAS_GATE=has_gate, num_warps=sw, num_stages=ss,
         )  # fmt: skip
-    return dq, dk, dv, dpk, dpv, dg
+    return dq, dk, dv, dpk, dpv, dg, dsinks

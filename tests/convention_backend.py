@@ -53,11 +53,12 @@ def pa_forward(a):
 
 
 def pa_backward(a, grad_out, out, lse):
-    def f(q, k, v, pk, pv, gate):
-        b = a._replace(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, prefix_gate=gate)
+    def f(q, k, v, pk, pv, gate, sinks):
+        b = a._replace(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, prefix_gate=gate, sinks=sinks)
         return reference.prefix_attention(**_pa_kwargs(b))
 
-    return _vjp(f, [a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_gate], grad_out)
+    live = [a.q, a.k, a.v, a.prefix_k, a.prefix_v, a.prefix_gate, a.sinks]
+    return _vjp(f, live, grad_out)
 
 
 # ---- gated_adapter -------------------------------------------------------------------------

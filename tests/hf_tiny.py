@@ -105,8 +105,11 @@ def reference_run(loss_of, base, handles, params):
     return want, want_g
 
 
-def hf_cache_reference(model, batch: dict, position_offset: int = 0, **kw) -> torch.Tensor:
-    """The prefix path's independent formulation: ``model`` on HF's own sdpa attention with
+def hf_cache_reference(
+    model, batch: dict, position_offset: int = 0, attn: str = "sdpa", **kw
+) -> torch.Tensor:
+    """The prefix path's independent formulation: ``model`` on HF's own ``attn`` attention
+    (sdpa; "eager" where sdpa lacks a feature: Gemma 2's soft cap, gpt-oss's sinks) with
     the gated prefix fed as past key values (peft's way of doing prefix tuning), positions
     given explicitly (from ``position_offset``; ``kw["position_ids"]`` replaces them) so that
     the prefix takes none. Returns the logits; ``kw`` goes to the forward."""
@@ -133,7 +136,7 @@ def hf_cache_reference(model, batch: dict, position_offset: int = 0, **kw) -> to
         a.register_forward_pre_hook(gate_hook(i), with_kwargs=True, prepend=True)
         for i, a in enumerate(attns)
     ]
-    model.config._attn_implementation = "sdpa"
+    model.config._attn_implementation = attn
     try:
         return model(
             input_ids=batch["input_ids"],
@@ -196,6 +199,31 @@ def explicit_prefix_reference(model, batch: dict) -> torch.Tensor:
         model.config._attn_implementation = attention.ATTN_NAME
         for h in hooks:
             h.remove()
+
+
+def greedy(step_logits, ids, am, n: int = 4):
+    """Greedy decoding without a cache: ``step_logits(seq, mask)`` gives the last position's
+    logits. Returns the sequences and the (B, n, V) step logits."""
+    seq, mask, steps = ids, am, []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = step_logits(seq, mask)
+            steps.append(logits)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    return seq, torch.stack(steps, 1)
+
+
+def generate_logits(m, ids, am, n: int = 4, **kw):
+    """generate() (greedy, KV cache; EOS off so that every example runs n steps): the
+    sequences and the (B, n, V) raw step logits."""
+    with torch.no_grad():
+        out = m.generate(
+            input_ids=ids, attention_mask=am, max_new_tokens=n, eos_token_id=None,
+            do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+            **kw,
+        )  # fmt: skip
+    return out.sequences, torch.stack(out.logits, 1)
 
 
 def checkpointing_grads(make, b: dict, reentrant: bool) -> list[dict[str, torch.Tensor]]:

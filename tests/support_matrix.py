@@ -106,14 +106,10 @@ _HF_CACHE_MORE = "tests/test_attention_contract.py::test_prefix_equals_hf_cache_
 _PLACEMENT = "tests/test_hf_placements.py::test_placement_matches_formula"
 _PLACEMENT_MORE = "tests/test_hf_moe.py::test_adapter_on_block_matches_formula"
 _PLACEMENT_ENCDEC = "tests/test_hf_encdec.py::test_adapter_placement_matches_formula"
+_PEFT_ENCDEC = "tests/test_hf_encdec.py::test_lora_and_prompt_match_peft"
 _LORA_MORE = "tests/test_hf_families.py::test_lora_and_prompt_match_formula"
 _BITFIT = "tests/test_hf_families.py::test_bitfit_matches_base_with_the_biases"
 _PROMPT_MORE = _LORA_MORE  # one model build for both
-_LORA_MERGED = Exact(
-    "merged weights",
-    "tests/test_lora_targets.py::test_all_linear_equals_merged_weights",
-    note="LoRA by name, all-linear",
-)
 
 _ENCODER_PREFIX = "tests/test_attention_contract.py::test_encoder_prefix_equals_explicit_concat"
 _NO_BIAS = NotApplicable("no biases")
@@ -172,10 +168,7 @@ MATRIX: dict[str, dict] = {
     "qwen2": _decoder(Exact("HF cache", _HF_CACHE), _ADAPTER_MORE, bitfit=_BITFIT_EXACT),
     "qwen3": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "gemma": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
-    "gemma2": _decoder(
-        Refused("attention logit soft-capping (exact with it off)", "soft-capping"),
-        _ADAPTER_SANDWICH,
-    ),
+    "gemma2": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),  # soft-capping on
     "gemma3_text": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),
     "olmo": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "olmo2": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),
@@ -185,7 +178,7 @@ MATRIX: dict[str, dict] = {
     "mixtral": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "qwen3_moe": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "gpt_oss": _decoder(
-        Refused("attention sinks", "sinks"),
+        _PREFIX_MORE,  # attention sinks on
         _ADAPTER_MORE,
         bitfit=Untested("expert and router biases are not trained"),
     ),
@@ -230,9 +223,9 @@ MATRIX: dict[str, dict] = {
             param=None,
         ),
         adapter=Exact("formula", _PLACEMENT_ENCDEC),
-        lora=_LORA_MERGED,
+        lora=Exact("peft", _PEFT_ENCDEC, method_param="method"),
         bitfit=_BITFIT_EXACT,
-        prompt=Untested(),
+        prompt=Exact("peft", _PEFT_ENCDEC, method_param="method"),
         gates=Exact("formula", _PLACEMENT_ENCDEC),
     ),
     "t5": _row(
@@ -242,9 +235,9 @@ MATRIX: dict[str, dict] = {
             param=None,
         ),
         adapter=Exact("formula", _PLACEMENT_ENCDEC),
-        lora=_LORA_MERGED,
+        lora=Exact("peft", _PEFT_ENCDEC, method_param="method"),
         bitfit=_NO_BIAS,
-        prompt=Untested(),
+        prompt=Exact("peft", _PEFT_ENCDEC, method_param="method"),
         gates=Exact("formula", _PLACEMENT_ENCDEC),
     ),
 }

@@ -59,7 +59,10 @@ def _kill_loop(target, path: Path, check, kills: int, seed: int) -> tuple[list, 
     seen, interrupted = [], 0
     # one save's duration, measured in the first child, sets the range of kill times
     window = 0.2
-    for i in range(kills):
+    # At least `kills` kills; more (up to 4x) while the random times have not yet shown both
+    # states and an interrupted save, so a loaded machine's timing does not fail the test.
+    i = 0
+    while i < kills or (i < 4 * kills and (len(set(seen)) < 2 or not interrupted)):
         started = ctx.Event()
         p = ctx.Process(target=target, args=(str(path), started), daemon=True)
         p.start()
@@ -73,6 +76,7 @@ def _kill_loop(target, path: Path, check, kills: int, seed: int) -> tuple[list, 
         assert p.exitcode == -signal.SIGKILL
         interrupted += bool(_traces(path))
         seen.append(check(path))
+        i += 1
     return seen, interrupted
 
 
@@ -86,7 +90,7 @@ def test_kill_during_save_unipelt_leaves_a_or_b(tmp_path):
     seen, interrupted = _kill_loop(atomic_child.save_forever, tmp_path, check, KILLS, seed=28)
     assert set(seen) == {1.0, 2.0}, seen  # both states were saved and survived a kill
     # the kills did land inside saves (else this test would show nothing)
-    print(f"{interrupted} of {KILLS} kills interrupted a save")
+    print(f"{interrupted} of {len(seen)} kills interrupted a save")
     assert interrupted >= 1, f"no kill interrupted a save ({seen})"
 
 

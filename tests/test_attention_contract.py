@@ -24,7 +24,7 @@ KNOWN = (
 )
 # Families apply_unipelt accepts whose attention passes an argument that is on and not
 # implemented: the prefix is refused at the first forward, naming the feature.
-REFUSED = {"gemma2": "soft-capping", "gpt_oss": "sinks"}
+REFUSED: dict[str, str] = {}  # soft-capping (Gemma 2) and sinks (gpt-oss) are implemented
 # Prefixes apply_unipelt itself refuses: (family, config overrides, the reason it gives).
 REFUSED_UP_FRONT = [
     ("deberta_v2", {}, "disentangled attention computes its scores itself"),
@@ -117,8 +117,6 @@ def _no_launch(monkeypatch) -> list:
 @pytest.mark.parametrize(
     "kind,config,feature,names",
     [
-        ("gemma2", {}, "soft-capping", ("softcap=50.0", "attn_logit_softcapping")),
-        ("gpt_oss", {}, "sinks", ("s_aux",)),
         ("mistral", {"sliding_window": 4}, "sliding-window", ("sliding_window=4", "< 8 keys")),
         ("gemma3_text", {"sliding_window": 4}, "sliding-window", ("sliding_window=4",)),
         # ModernBERT's local layers: a window of local_attention/2 + 1 keys each side (local
@@ -174,20 +172,29 @@ def test_unknown_argument_refused_and_off_values_accepted():
     attention._check_attention_kwargs(mod, key, {"sliding_window": 7}, prefix=False)
     with pytest.raises(NotImplementedError, match="output_attentions=True"):
         attention._check_attention_kwargs(mod, key, {"output_attentions": True})
-    with pytest.raises(NotImplementedError, match="sinks"):  # on the fallback path too
+    # soft-capping and sinks: implemented on the prefix path, refused on the sdpa fallback
+    attention._check_attention_kwargs(mod, key, {"softcap": 50.0, "s_aux": torch.zeros(4)})
+    with pytest.raises(NotImplementedError, match="sinks"):
         attention._check_attention_kwargs(mod, key, {"s_aux": torch.zeros(4)}, prefix=False)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        attention._check_attention_kwargs(mod, key, {"softcap": 50.0}, prefix=False)
 
 
-# Decoders outside tests/hf_tiny.py whose prefix path is exact (Gemma 2: soft-capping off).
+# Decoders outside tests/hf_tiny.py whose prefix path is exact (Gemma 2: soft-capping on,
+# at a cap of 0.02 so that it bends these tiny logits; gpt-oss: its attention sinks).
 PREFIX_EXACT = (
     "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm",
-    "smollm3", "mixtral", "qwen3_moe", "phi3", "gpt_neox", "falcon", "opt", "cohere", "gptj",
+    "smollm3", "mixtral", "qwen3_moe", "gpt_oss", "phi3", "gpt_neox", "falcon", "opt", "cohere",
+    "gptj",
 )  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", PREFIX_EXACT)
 def test_prefix_equals_hf_cache_reference(kind):
-    model = tiny(kind, attn_logit_softcapping=None) if kind == "gemma2" else tiny(kind)
+    model = tiny(kind, attn_logit_softcapping=0.02) if kind == "gemma2" else tiny(kind)
+    if kind == "gpt_oss":  # sinks that matter (HF initialises them to 0)
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
     m = up.apply_unipelt(model, PREFIX, backend="eager")
     perturb(m)
     b = tiny_batch(kind)
@@ -196,11 +203,13 @@ def test_prefix_equals_hf_cache_reference(kind):
     pos = {"position_ids": am.cumsum(1) * am - 1} if kind == "opt" else {}
     with torch.no_grad():
         got = m(**b).logits
-        want = hf_cache_reference(m, b, **pos)
+        # sdpa has no soft cap and drops sinks silently: HF's eager attention has both
+        ref_attn = "eager" if kind in ("gemma2", "gpt_oss") else "sdpa"
+        want = hf_cache_reference(m, b, attn=ref_attn, **pos)
     real = am.bool()  # padded positions differ by design (HF unmasks them)
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # the prefix matters
-        m.config._attn_implementation = "sdpa"
+        m.config._attn_implementation = ref_attn
         plain = m(**b).logits
     assert (plain - got)[real].abs().max() > 1e-3
 

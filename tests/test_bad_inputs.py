@@ -46,6 +46,12 @@ CONFIG_BAD = [
     (up.LoRAConfig, dict(target_modules=5), TypeError, "LoRAConfig.target_modules"),
     (up.LoRAConfig, dict(target_modules=[""]), TypeError, "LoRAConfig.target_modules"),
     (up.LoRAConfig, dict(target_modules="(q"), ValueError, "LoRAConfig.target_modules"),
+    (
+        up.LoRAConfig,
+        dict(target_modules=["q_proj"], split_fused=True),
+        ValueError,
+        "LoRAConfig.split_fused",
+    ),
     (up.PromptConfig, dict(length=1.5), TypeError, "PromptConfig.length"),
     (up.PromptConfig, dict(gate="on"), TypeError, "PromptConfig.gate"),
 ]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import unipelt_fast as up
 from tests.hf_tiny import (
     ADAPTER,
+    BOS,
     LS,
     LT,
     VOCAB,
@@ -367,7 +368,7 @@ def test_generate_encoder_pass_uses_its_own_mask_and_the_active_task(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_soft_prompt_on_the_encoder_input(kind):
     """Lester et al.: the prompt is prepended to the encoder input only; the decoder-side
-    labels stay as they are. generate() with a prompt raises clearly."""
+    labels stay as they are."""
     m = pelt_bart(
         up.UniPELTConfig(prompt=True, prefix=False, adapter=False, bitfit=False), kind=kind
     )
@@ -380,8 +381,124 @@ def test_soft_prompt_on_the_encoder_input(kind):
     assert out.logits.shape == (B, LT, VOCAB)
     out.loss.backward()
     assert m.unipelt.prompt.embeddings.grad.abs().sum() > 0
-    with pytest.raises(NotImplementedError, match="soft prompt"):
-        _generate(m, b)
+    # the encoder called alone prepends the prompt too; its outputs then go with the
+    # caller's source mask (the prompt's ones are added), as in generate()'s decoder steps
+    am = b["attention_mask"]
+    dec = {k: b[k] for k in ("decoder_input_ids", "decoder_attention_mask")}
+    with torch.no_grad():
+        enc = m.get_encoder()(input_ids=b["input_ids"], attention_mask=am)
+        assert enc.last_hidden_state.shape[1] == LS + m.unipelt.prompt.length
+        again = m(encoder_outputs=enc, attention_mask=am, **dec).logits
+        torch.testing.assert_close(again, out.logits.detach(), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="encoder outputs"):
+            m(encoder_outputs=enc, attention_mask=am[:, 1:], **dec)
+
+
+def _greedy(step_logits, n: int = 4):
+    """Greedy decoding without a cache from the decoder start token: ``step_logits(dec)``
+    gives the last position's logits. Returns the sequences and the (B, n, V) logits."""
+    dec, steps = torch.full((B, 1), BOS), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = step_logits(dec)
+            steps.append(logits)
+            dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
+    return dec, torch.stack(steps, 1)
+
+
+def _generate_logits(m, b, n: int = 4, **kw):
+    """generate() (greedy, KV cache; EOS off so that every example runs n steps): the
+    sequences and the (B, n, V) raw step logits."""
+    with torch.no_grad():
+        out = m.generate(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=n,
+            do_sample=False, num_beams=1, eos_token_id=None, output_logits=True,
+            return_dict_in_generate=True, **kw,
+        )  # fmt: skip
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_with_soft_prompt(kind):
+    """generate() with the soft prompt runs it on the encoder input, as peft's
+    PeftModelForSeq2SeqLM.generate does: (1) a prompt alone equals decoding without a cache
+    through the untouched base model given [prompt ; embed(source)] and the mask with ones
+    in front; (2) a gated prompt with LoRA and adapters equals decoding without a cache
+    through the model's forward (source padded; step logits and tokens)."""
+    cfg = up.UniPELTConfig(
+        prompt=up.PromptConfig(length=3, gate=False), prefix=False, adapter=False, bitfit=False
+    )
+    m, base, b = pelt_bart(cfg, kind=kind), tiny_bart(0, kind), bart_batch()
+    prompt = m.unipelt.prompt.embeddings[0].detach().expand(B, -1, -1)
+    src = torch.cat([prompt, base.get_input_embeddings()(b["input_ids"])], 1)
+    am = torch.cat([torch.ones(B, 3, dtype=torch.long), b["attention_mask"]], 1)
+    want_seq, want = _greedy(
+        lambda d: base(inputs_embeds=src, attention_mask=am, decoder_input_ids=d).logits[:, -1]
+    )
+    got_seq, got = _generate_logits(m, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+    cfg = up.UniPELTConfig(lora=True, gate_mode="token", prefix=False, adapter=ADAPTER, prompt=True)
+    m = pelt_bart(cfg, kind=kind)
+    want_seq, want = _greedy(
+        lambda d: m(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], decoder_input_ids=d
+        ).logits[:, -1]
+    )
+    got_seq, got = _generate_logits(m, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+
+
+@pytest.mark.parametrize("method", ("lora", "prompt"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_and_prompt_match_peft(kind, method):
+    """LoRA (q/v of every attention) and prompt tuning (on the encoder input) against peft's
+    own on the same base weights, the tuned tensors copied from peft's model: logits, loss
+    and the tuned tensors' gradients; for the prompt also generate() against peft's."""
+    peft = pytest.importorskip("peft")
+    none = dict(prefix=False, adapter=False, bitfit=False)
+    if method == "lora":
+        names = ["q", "v"] if kind == "t5" else ["q_proj", "v_proj"]
+        pc = peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=12, target_modules=names)
+        cfg = up.UniPELTConfig(lora=up.LoRAConfig(r=4, alpha=12.0, gate=False), **none)
+    else:
+        pc = peft.PromptTuningConfig(
+            task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, num_transformer_submodules=1
+        )
+        cfg = up.UniPELTConfig(prompt=up.PromptConfig(length=3, gate=False), **none)
+    pm = peft.get_peft_model(tiny_bart(0, kind), pc)
+    perturb(pm)
+    pm.eval()
+    um = up.apply_unipelt(tiny_bart(0, kind), cfg, backend="eager").eval()
+    if method == "lora":
+        wrapped = {n: mod for n, mod in um.named_modules() if isinstance(mod, up.GatedLoRA)}
+        theirs = {n.removeprefix("base_model.model.") for n, mod in pm.named_modules()}
+        theirs = {n for n in theirs if n.endswith(tuple("." + x for x in names))}
+        assert set(wrapped) == theirs and len(theirs) == 6 * (2 if kind == "t5" else 1)
+        pairs = []
+        for n, w in wrapped.items():
+            pl = pm.base_model.model.get_submodule(n)
+            pairs += [(pl.lora_A["default"].weight, w.units[0].A.weight)]
+            pairs += [(pl.lora_B["default"].weight, w.units[0].B.weight)]
+    else:
+        pairs = [(pm.prompt_encoder["default"].embedding.weight, um.unipelt.prompt.embeddings)]
+    with torch.no_grad():
+        for theirs_t, ours in pairs:
+            ours.copy_(theirs_t.reshape(ours.shape))
+    b = bart_batch()
+    outs = [model(**b) for model in (pm, um)]
+    for o in outs:
+        o.loss.backward()
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
+    for theirs_t, ours in pairs:
+        torch.testing.assert_close(ours.grad.reshape(theirs_t.shape), theirs_t.grad)
+    if method == "prompt":
+        want_seq, want = _generate_logits(pm, b)
+        got_seq, got = _generate_logits(um, b)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got_seq, want_seq)
 
 
 # ---- adapter placements, against their formulas --------------------------------------------

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import unipelt_fast as up
 from tests.hf_families import tiny, tiny_batch
-from tests.hf_tiny import formula_lora
+from tests.hf_tiny import formula_lora, generate_logits, greedy
 from tests.hf_tiny import perturb_params as _perturb
 
 DECODERS = (
@@ -169,6 +169,33 @@ BIASED = (
     "bert", "roberta", "gpt2", "qwen2", "stablelm", "bart", "gpt_neox", "falcon", "opt", "gptj",
     "distilbert", "deberta_v2", "modernbert",
 )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_generate_with_soft_prompt_equals_the_prompted_base_model(kind):
+    """generate() with the soft prompt (KV cache, left-padded batch; peft's semantics, see
+    docs/usage-hf.md) equals greedy decoding without a cache through the untouched base
+    model given ``[prompt ; embed(tokens)]`` and the mask with ones in front: step logits
+    and tokens."""
+    cfg = up.UniPELTConfig(
+        bitfit=False, adapter=False, prefix=False, prompt=up.PromptConfig(length=P, gate=False)
+    )
+    m, base = up.apply_unipelt(tiny(kind), cfg, backend="eager"), tiny(kind)
+    _perturb([m.unipelt.prompt.embeddings])
+    prompt = m.unipelt.prompt.embeddings[0].detach()
+    b = tiny_batch(kind, length=5)
+
+    def prompted(seq, mask):
+        x = torch.cat([prompt.expand(seq.shape[0], -1, -1), base.get_input_embeddings()(seq)], 1)
+        full = torch.cat([mask.new_ones(mask.shape[0], P), mask], 1)
+        return base(inputs_embeds=x, attention_mask=full).logits[:, -1]
+
+    want_seq, want = greedy(prompted, b["input_ids"], b["attention_mask"], n=3)
+    got_seq, got = generate_logits(m, b["input_ids"], b["attention_mask"], n=3)
+    assert (got - want).norm() <= 1e-5 * want.norm()
+    assert torch.equal(got_seq, want_seq)
+
+
 
 
 @pytest.mark.parametrize("kind", BIASED)

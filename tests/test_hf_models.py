@@ -12,6 +12,8 @@ from tests.hf_tiny import (
     B,
     batch,
     checkpointing_grads,
+    generate_logits,
+    greedy,
     hf_cache_reference,
     pelt,
     tiny_model,
@@ -204,6 +206,73 @@ def test_generate_kv_cache_matches_no_cache(kind):
     with torch.no_grad():  # the prefix never enters the KV cache
         out = m(input_ids=ids, attention_mask=am, use_cache=True)
     assert out.past_key_values.get_seq_length() == ids.shape[1]
+
+
+def _left_padded():
+    ids = torch.randint(2, 64, (3, 5), generator=torch.Generator().manual_seed(3))
+    am = torch.ones_like(ids)
+    am[1, :2] = 0
+    am[2, :1] = 0
+    return ids, am
+
+
+@pytest.mark.parametrize("kind", ("gpt2", "llama"))
+def test_generate_with_soft_prompt_equals_the_prompted_base_model(kind):
+    """generate() with a soft prompt runs peft's prompt tuning for generation: the prompt
+    in front of the input embeddings at the prefill only (later steps read it from the
+    cache), ones for it in the mask, positions 0, 1, ... over prompt and tokens (padding
+    included; generate's position_ids are ignored, as peft does). The reference decodes
+    without a cache through the untouched base model, given [prompt ; embed(tokens)] at
+    every step; left-padded batch, step logits and tokens."""
+    cfg = up.UniPELTConfig(
+        prompt=up.PromptConfig(length=3, gate=False), prefix=False, adapter=False, bitfit=False
+    )
+    m, base = pelt(kind, cfg), tiny_model(kind)
+    prompt = m.unipelt.prompt.embeddings[0].detach()
+    ids, am = _left_padded()
+
+    def prompted(seq, mask):
+        emb = base.get_input_embeddings()(seq)
+        x = torch.cat([prompt.expand(seq.shape[0], -1, -1), emb], 1)
+        full = torch.cat([mask.new_ones(mask.shape[0], 3), mask], 1)
+        return base(inputs_embeds=x, attention_mask=full).logits[:, -1]
+
+    want_seq, want = greedy(prompted, ids, am)
+    got_seq, got = generate_logits(m, ids, am)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+    no_cache, _ = generate_logits(m, ids, am, use_cache=False)
+    assert torch.equal(no_cache, want_seq)
+
+
+def test_generate_with_prefix_prompt_and_adapters_equals_the_forward():
+    """The whole UniPELT (prefix, gated prompt, adapters, LoRA, BitFit) on LLaMA: generate()
+    with the KV cache equals decoding without a cache through the model's forward (which
+    prepends the prompt each time). Gate mode "token" and no prefix gate (a mean gate over
+    the step's tokens differs by design); the prompt's gate is computed once, from the
+    prompt's input at the prefill, so the reference holds the prompt at its first value."""
+    cfg = up.UniPELTConfig(
+        lora=True, gate_mode="token", prefix=up.PrefixConfig(gate=False), adapter=ADAPTER,
+        prompt=up.PromptConfig(length=3),
+    )  # fmt: skip
+    m = pelt("llama", cfg)
+    ids, am = _left_padded()
+    first = {}
+
+    def hold(mod, args, out):
+        return first.setdefault("p", out)
+
+    h = m.unipelt.prompt.register_forward_hook(hold)
+    try:
+        want_seq, want = greedy(
+            lambda s, k: m(input_ids=s, attention_mask=k).logits[:, -1], ids, am
+        )
+    finally:
+        h.remove()
+    got_seq, got = generate_logits(m, ids, am)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+    assert (first["p"] - m.unipelt.prompt.embeddings[0]).abs().max() > 1e-3  # the gate acted
 
 
 def test_unsupported_model_and_twice():

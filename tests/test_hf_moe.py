@@ -1,8 +1,8 @@
 """Adapters on MoE blocks (Mixtral, Qwen3-MoE, gpt-oss) and on the other pre-LN decoders of
 tests/hf_families.py, against the placement formulas written out here on the untouched
 base model. gpt-oss's MLP returns (hidden, router scores): the adapter acts on the hidden
-states and the router output passes through. (gpt-oss's prefix is refused, its attention
-sinks not being implemented: tests/test_attention_contract.py; here prefix=False.)"""
+states and the router output passes through. (gpt-oss's prefix, with its attention sinks,
+is tested in tests/test_attention_contract.py; here prefix=False.)"""
 
 import pytest
 import torch

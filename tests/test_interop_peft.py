@@ -156,6 +156,40 @@ def test_generate_matches_peft_prefix(kind, tmp_path):
     assert torch.equal(got.sequences, seq)
 
 
+@pytest.mark.parametrize("kind", DECODER)
+def test_generate_matches_peft_prompt(kind, tmp_path):
+    """generate() with a soft prompt (KV cache, left-padded batch) equals greedy decoding
+    with peft's own prompt-tuning forward on the whole sequence (tokens and step logits),
+    and peft's generate() (its prepare_inputs_for_generation: the prompt at the prefill
+    only, position ids ignored) where it works: on transformers 4.57. peft 0.21 under
+    transformers 5.25 looks for ``past_key_values`` where the models now take ``cache=``, so
+    it prepends the prompt again at every step; there only its first step is compared."""
+    pm = peft.get_peft_model(tiny_model(kind), _peft_cfg(kind, "prompt"))
+    perturb(pm, seed=5)
+    pm.eval().save_pretrained(tmp_path)
+    um = up.from_peft(tiny_model(kind), str(tmp_path), backend="eager").eval()
+    ids, am = _batch(kind, left=True)
+    n = 4
+    kw = dict(
+        input_ids=ids, attention_mask=am, max_new_tokens=n, do_sample=False, pad_token_id=0,
+        eos_token_id=None, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        got, theirs = um.generate(**kw), pm.generate(**kw)
+        seq, mask = ids, am
+        for step in range(n):
+            logits = pm(input_ids=seq, attention_mask=mask).logits[:, -1]
+            assert _close(got.logits[step], logits), step
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
+    assert torch.equal(got.sequences, seq)
+    assert _close(got.logits[0], theirs.logits[0])
+    if not TF5:
+        for a, b in zip(got.logits, theirs.logits, strict=True):
+            assert _close(a, b)
+        assert torch.equal(got.sequences, theirs.sequences)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ("prefix", "prompt", "lora", "lora_all"))
 def test_save_peft_loads_in_peft(kind, method, tmp_path):

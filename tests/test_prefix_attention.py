@@ -297,7 +297,7 @@ def test_backward_reads_grad_out_and_out_through_their_strides():
         got = kpa.backward(args, dout, o, lse)
         want = kpa.backward(args, dout.contiguous(), out, lse)
         for a, b in zip(got, want, strict=True):
-            assert torch.equal(a, b)
+            assert (a is None and b is None) or torch.equal(a, b)  # d sinks: None here
 
 
 @pytest.mark.interpreter

@@ -22,7 +22,8 @@ Tensor = torch.Tensor
 class PrefixAttentionArgs(NamedTuple):
     """Arguments of ``prefix_attention``. For the kernels (see docs/ops.md): prefix_k/v
     (T, Hkv, P, D) with an int64 (B,) prefix_index, prefix_gate None or float32 (B, 2),
-    attn_bias a (B, H, Lq, P + Lk) view, softmax_scale a float, seed drawn when dropout_p > 0."""
+    attn_bias a (B, H, Lq, P + Lk) view, softmax_scale a float, seed drawn when dropout_p > 0,
+    sinks None or a dense float32 (H,)."""
 
     q: Tensor
     k: Tensor
@@ -38,6 +39,12 @@ class PrefixAttentionArgs(NamedTuple):
     dropout_p: float = 0.0
     # The int64 (1,) dropout seed of a kernel call (ops.dropout_seed); None elsewhere.
     seed: Tensor | None = None
+    # Logit soft-capping cap * tanh(logit / cap) (Gemma 2); None = off.
+    softcap: float | None = None
+    # (H,) attention-sink logits (gpt-oss): in the softmax denominator only; None = off.
+    sinks: Tensor | None = None
+    # Sliding window over token keys (bottom-right aligned): None = off.
+    window: int | None = None
 
 
 class GatedAdapterArgs(NamedTuple):
@@ -87,6 +94,7 @@ _SCHEMA_TYPE = {
     "float": "float",
     "float | None": "float?",
     "int": "int",
+    "int | None": "int?",
     "str": "str",
     "str | None": "str?",
 }

@@ -37,7 +37,7 @@ import torch
 
 from . import _atomic
 from ._alloc import new_output
-from ._validation import ACTIVATIONS
+from ._validation import ACTIVATIONS, check_cuda_features
 
 Tensor = torch.Tensor
 
@@ -327,8 +327,7 @@ def is_built() -> bool:
 
 
 def _prefix_attention_forward(a):
-    if a.dropout_p > 0:  # ops raises first; a direct call must not ignore it either
-        raise NotImplementedError("prefix_attention: backend='cuda' has no attention dropout")
+    check_cuda_features(a)  # ops raises first; a direct call must not ignore a flag either
     B, H, Lq, _ = a.q.shape
     out = new_output(a.q.shape, a.q.dtype, a.q.device)
     lse = new_output((B, H, Lq), torch.float32, a.q.device)
@@ -345,6 +344,7 @@ def _prefix_attention_inputs(a) -> tuple:
 
 
 def _prefix_attention_backward(a, grad_out, out, lse):
+    check_cuda_features(a)
     dev, dt = a.q.device, a.q.dtype
     dq = new_output(a.q.shape, dt, dev)
     dk = new_output(a.k.shape, dt, dev)
@@ -356,7 +356,7 @@ def _prefix_attention_backward(a, grad_out, out, lse):
         grad_out, *_prefix_attention_inputs(a), out, lse, bool(a.causal),
         float(a.softmax_scale), dq, dk, dv, dpk, dpv, dg, a.attn_bias,
     )  # fmt: skip
-    return dq, dk, dv, dpk, dpv, dg
+    return dq, dk, dv, dpk, dpv, dg, None  # no sinks (refused above)
 
 
 def _gate_mode_id(a) -> int:

@@ -133,6 +133,9 @@ def validate_prefix_attention(
     softmax_scale,
     attn_bias=None,
     dropout_p=0.0,
+    softcap=None,
+    sinks=None,
+    window=None,
 ) -> PrefixAttentionArgs:
     op = "prefix_attention"
     check_tensor(q, "q", op, ndim=4)
@@ -202,13 +205,50 @@ def validate_prefix_attention(
     if attn_bias is not None:
         _check_attn_bias(attn_bias, (B, H, Lq, pk[-2] + Lk), dt, dev, op)
     dropout_p = check_dropout_p(dropout_p, op)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+            raise TypeError(f"{op}: softcap must be a float or None, got {type(softcap).__name__}")
+        if not (softcap > 0 and math.isfinite(softcap)):
+            raise ValueError(f"{op}: softcap must be positive and finite, got {softcap}")
+        softcap = float(softcap)
+    if sinks is not None:
+        check_tensor(sinks, "sinks", op, device=dev)
+        if _shape(sinks) != (H,):
+            raise ValueError(
+                f"{op}: sinks must have shape ({H},) (one logit per query head), got {_shape(sinks)}"
+            )
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"{op}: window must be an int or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"{op}: window must be >= 1 (query sees window token keys), got {window}")
     # The kernels read the (B,) index as dense: a strided view (ids[r::world]) would silently
     # pick other examples' tasks. B elements: the copy costs nothing, and syncs nothing.
     prefix_index = None if prefix_index is None else prefix_index.contiguous()
     return PrefixAttentionArgs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate, key_padding_mask, causal,
-        softmax_scale, attn_bias, dropout_p,
+        softmax_scale, attn_bias, dropout_p, None, softcap, sinks, window,
     )  # fmt: skip
+
+
+def check_cuda_features(a: PrefixAttentionArgs) -> None:
+    """The cuda backend implements none of the flags below: refuse them by name, before any
+    launch (the op calls this; the backend's own entry points call it too)."""
+    missing = [
+        name
+        for name, on in (
+            ("attention dropout (dropout_p > 0)", a.dropout_p > 0),
+            ("logit soft-capping (softcap)", a.softcap is not None),
+            ("attention sinks (sinks)", a.sinks is not None),
+            ("a sliding window (window)", a.window is not None),
+        )
+        if on
+    ]
+    if missing:
+        raise NotImplementedError(
+            f"prefix_attention: backend='cuda' does not implement {', '.join(missing)}; "
+            "use backend='triton', 'torch' or 'eager'"
+        )
 
 
 def check_dropout_p(dropout_p: object, op: str) -> float:

@@ -30,20 +30,27 @@ def prefix_attention(
     softmax_scale: float | None = None,
     attn_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Same result as ``reference.prefix_attention`` (rows with no visible key give 0).
     An ``attn_bias`` becomes SDPA's float mask (masked keys -inf), which SDPA materialises.
-    ``dropout_p`` is SDPA's own attention dropout (its mask, from torch's generator)."""
+    ``dropout_p`` is SDPA's own attention dropout (its mask, from torch's generator).
+    ``window`` joins SDPA's boolean mask. SDPA has no logit soft-cap and no sink column, so
+    with ``softcap`` or ``sinks`` this runs the reference's math (autograd differentiates it)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     pk = select_prefix(prefix_k, prefix_index, B)
     pv = select_prefix(prefix_v, prefix_index, B)
     P = pk.shape[2]
-    if P + Lk == 0:  # no key at all (SDPA would give NaN): the reference's zeros
+    # No key at all (SDPA would give NaN): the reference's zeros; and what SDPA cannot do.
+    if P + Lk == 0 or softcap is not None or sinks is not None:
         return reference.prefix_attention(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_gate=prefix_gate,
             key_padding_mask=key_padding_mask, causal=causal, softmax_scale=softmax_scale,
-            attn_bias=attn_bias, dropout_p=dropout_p,
+            attn_bias=attn_bias, dropout_p=dropout_p, softcap=softcap, sinks=sinks,
+            window=window,
         )  # fmt: skip
     if prefix_gate is not None:
         gk, gv = split_prefix_gate(prefix_gate.to(q.dtype), B)
@@ -53,8 +60,8 @@ def prefix_attention(
     values = torch.cat([pv, v], dim=2)
 
     mask = empty = None
-    if key_padding_mask is not None or causal:
-        tok = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device)
+    if key_padding_mask is not None or causal or window is not None:
+        tok = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device, window)
         if P == 0:  # only then can a row see no key: let SDPA see all, zero the row after
             empty = ~tok.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1)
             tok = tok | empty

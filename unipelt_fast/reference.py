@@ -49,16 +49,28 @@ def token_key_visibility(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     device: torch.device,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Bool (B, 1, Lq, Lk): may query i see token key j (prefix keys are always visible)."""
+    """Bool (B, 1, Lq, Lk): may query i see token key j (prefix keys are always visible).
+    Both causal and window are bottom-right aligned: query i sits at key position
+    i + (Lk - Lq), so with Lq < Lk the last query aligns with the last key (HF's decoding)."""
     vis = torch.ones(batch, 1, lq, lk, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
         vis = vis & key_padding_mask[:, None, None, :]
+    i = torch.arange(lq, device=device)[:, None] + (lk - lq)  # the query's key position
+    j = torch.arange(lk, device=device)[None, :]
     if causal:
-        i = torch.arange(lq, device=device)[:, None]
-        j = torch.arange(lk, device=device)[None, :]
-        vis = vis & (j <= i + (lk - lq))  # bottom-right aligned
+        vis = vis & (j <= i)
+    if window is not None:  # the window keys ending at the query: i - j < window
+        vis = vis & (i - j < window)
     return vis
+
+
+def capped_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's logit soft-capping, softcap * tanh(logits / softcap) (identity for None).
+    Applied to the scaled q.k logits, before attn_bias and the masks, as HF's
+    eager_attention_forward does (its mask is added after the cap)."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def prefix_attention(
@@ -76,9 +88,19 @@ def prefix_attention(
     attn_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """softmax(q [g_k*Pk ; K]^T * scale + bias) [g_v*Pv ; V] with token-only masks; empty
-    rows give 0.
+    """softmax(cap(q [g_k*Pk ; K]^T * scale) + bias) [g_v*Pv ; V] with token-only masks;
+    empty rows give 0.
+
+    ``softcap``: cap(s) = softcap * tanh(s / softcap) on every logit (prefix and token),
+    after the scale and the key gate, before ``attn_bias`` and the masks (HF Gemma 2).
+    ``sinks`` (H,): one logit per query head that joins each row's softmax denominator as
+    an extra column with a zero value (gpt-oss): probs = softmax([logits ; sink])[:-1].
+    A row with no visible key still gives 0. ``window``: token key j is visible to query i
+    iff (i + Lk - Lq) - j < window (see token_key_visibility); prefix keys always are.
 
     ``attn_bias`` (broadcastable to (B, H, Lq, P + Lk); columns [prefix ; tokens]) is added
     after the key gate has scaled the prefix logits and before the masks, so the gate never
@@ -109,16 +131,23 @@ def prefix_attention(
     values = values.repeat_interleave(group, dim=1)
 
     logits = torch.matmul(q.to(acc), keys.transpose(-1, -2)) * scale  # (B, H, Lq, P+Lk)
+    logits = capped_logits(logits, softcap)
     if attn_bias is not None:
         logits = logits + attn_bias.to(acc)
-    tok_vis = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device)
+    tok_vis = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device, window)
     visible = torch.cat([tok_vis.new_ones(B, 1, Lq, P), tok_vis], dim=-1)
     logits = logits.masked_fill(~visible, float("-inf"))
+    if sinks is not None:  # the sink column: always visible, its value is 0
+        sink_col = sinks.to(acc)[None, :, None, None].expand(B, H, Lq, 1)
+        logits = torch.cat([logits, sink_col], dim=-1)
+        visible = torch.cat([visible.expand(B, H, Lq, P + Lk), visible.new_ones(B, H, Lq, 1)], -1)
     # A row with no visible key outputs 0. Zeroing its logits first keeps softmax (and its
     # backward) free of NaN; the probabilities are then zeroed.
     row_ok = visible.any(dim=-1, keepdim=True)
     logits = torch.where(row_ok, logits, torch.zeros_like(logits))
     probs = torch.softmax(logits, dim=-1) * row_ok
+    if sinks is not None:
+        probs = probs[..., :-1]  # the sink's probability goes nowhere
     if dropout_p > 0:
         keep = dropout_mask
         if keep is None:
@@ -138,8 +167,12 @@ def prefix_attention_lse(
     causal: bool = False,
     softmax_scale: float | None = None,
     attn_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Row log-sum-exp (natural log) of the scaled logits, (B, H, Lq); -inf for empty rows.
+    With ``sinks`` the sink logit is one of the row's terms (so a row is never empty).
 
     Kernels save this for backward; it is exposed so their saved state can be checked too.
     """
@@ -151,12 +184,15 @@ def prefix_attention_lse(
     if prefix_gate is not None:
         pk = pk * split_prefix_gate(prefix_gate.to(acc), B)[0][:, None, None, None]
     keys = torch.cat([pk, k.to(acc)], dim=2).repeat_interleave(H // Hkv, dim=1)
-    logits = torch.matmul(q.to(acc), keys.transpose(-1, -2)) * scale
+    logits = capped_logits(torch.matmul(q.to(acc), keys.transpose(-1, -2)) * scale, softcap)
     if attn_bias is not None:
         logits = logits + attn_bias.to(acc)
-    tok_vis = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device)
+    tok_vis = token_key_visibility(B, Lq, Lk, key_padding_mask, causal, q.device, window)
     visible = torch.cat([tok_vis.new_ones(B, 1, Lq, pk.shape[2]), tok_vis], dim=-1)
-    return torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.to(acc)[None, :, None, None].expand(B, H, Lq, 1)], -1)
+    return torch.logsumexp(logits, dim=-1)
 
 
 def task_linear(

@@ -75,7 +75,7 @@ class Case:
 
 def _attention_case(
     dt: str, D: int, gate: bool, mask: bool, causal: bool, bias: bool = False,
-    dropout: bool = False,
+    dropout: bool = False, features: bool = False,
 ) -> Case:  # fmt: skip
     def run():
         kpa = _kmod("prefix_attention")
@@ -92,11 +92,14 @@ def _attention_case(
             kw["attn_bias"] = torch.zeros(1, H, L, P + L, dtype=t).expand(B, H, L, P + L)
         if dropout:  # DROPOUT: Philox keep-masks regenerated in every kernel
             kw.update(dropout_p=0.1, seed=torch.zeros(1, dtype=torch.long))
+        if features:  # SOFTCAP, HAS_SINKS and WINDOW together
+            kw.update(softcap=30.0, sinks=torch.zeros(H), window=64)
         a = PrefixAttentionArgs(q, k, k, pk, pk, idx, g, m, causal, 0.1, **kw)
         out, lse = kpa.forward(a)
         kpa.backward(a, out, out, lse)
 
-    label = {"gate": gate, "mask": mask, "causal": causal, "attn_bias": bias, "dropout": dropout}
+    label = {"gate": gate, "mask": mask, "causal": causal, "attn_bias": bias, "dropout": dropout,
+             "softcap_sinks_window": features}  # fmt: skip
     return Case("prefix_attention", dt, D, label, run)
 
 
@@ -167,7 +170,8 @@ def cases(quick: bool = False) -> list[Case]:
     activation) is switched off one at a time from the all-on variant (the cross product
     would double the compile time for rows that differ by one branch); the adapter's d
     (768, 4096) changes no compiled code, so its rows share one compile. The attention's
-    HAS_BIAS and DROPOUT variants are one all-on row each (DROPOUT in the full matrix only).
+    HAS_BIAS and DROPOUT variants are one all-on row each (DROPOUT in the full matrix only),
+    as is SOFTCAP + HAS_SINKS + WINDOW (full matrix only).
     ``quick``: the representative subset CI compiles (bf16 and fp32, the largest tiles of
     each op, and the tiny debug keep-mask kernel, so every launched kernel is compiled)."""
     dts = ("bf16", "fp32") if quick else tuple(DTYPES)
@@ -180,8 +184,9 @@ def cases(quick: bool = False) -> list[Case]:
             out += [_attention_case(dt, D, *f) for f in attn_flags]
             if not quick or (dt, D) == ("fp32", 128):  # the attn_bias variant (HAS_BIAS)
                 out.append(_attention_case(dt, D, True, True, True, bias=True))
-            if not quick:  # the dropout variant (DROPOUT)
+            if not quick:  # the dropout variant (DROPOUT); softcap + sinks + window
                 out.append(_attention_case(dt, D, True, True, True, dropout=True))
+                out.append(_attention_case(dt, D, True, True, True, features=True))
     out.append(_dropout_mask_case())  # launched by the debug hook only; tiny, no tl.dot
     ad = [("token", "relu")]
     if not quick:

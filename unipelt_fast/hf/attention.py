@@ -41,22 +41,26 @@ IMPLEMENTED_KWARGS: frozenset[str] = frozenset(
 # Accepted when off (None, False, or as documented per entry); refused when on, naming the
 # feature and what to do. name -> (feature, what to do).
 REFUSED_WHEN_ON: dict[str, tuple[str, str]] = {
+    # softcap, s_aux and sinks: implemented on the prefix path (PREFIX_PATH_KWARGS), refused
+    # here only on the sdpa fallback (modules without a prefix), since sdpa has neither.
     "softcap": (
         "attention logit soft-capping (Gemma 2's config.attn_logit_softcapping, T5Gemma, "
-        "VaultGemma)",
-        "the prefix kernels do not implement cap * tanh(s / cap) yet; train this model "
-        "without the prefix (UniPELTConfig(prefix=None)), or set "
-        "config.attn_logit_softcapping = None (that changes the model)",
+        "VaultGemma) in a module without a prefix (the sdpa fallback)",
+        "give every attention layer the prefix (PrefixConfig.layers), or train this model "
+        "without the prefix (UniPELTConfig(prefix=None))",
     ),
     "s_aux": (
-        "attention sinks (gpt-oss's per-head sink logits)",
-        "the prefix kernels do not implement sinks yet; train this model without the prefix "
-        "(UniPELTConfig(prefix=None)): LoRA, adapters and BitFit do not touch attention",
+        "attention sinks (gpt-oss's per-head sink logits) in a module without a prefix (the "
+        "sdpa fallback)",
+        "give every attention layer the prefix (PrefixConfig.layers), or train this model "
+        "without the prefix (UniPELTConfig(prefix=None)): LoRA, adapters and BitFit do not "
+        "touch attention",
     ),
     "sinks": (
-        "attention sinks (per-head sink logits)",
-        "the prefix kernels do not implement sinks yet; train without the prefix "
-        "(UniPELTConfig(prefix=None))",
+        "attention sinks (per-head sink logits) in a module without a prefix (the sdpa "
+        "fallback)",
+        "give every attention layer the prefix (PrefixConfig.layers), or train without the "
+        "prefix (UniPELTConfig(prefix=None))",
     ),
     "sliding_window": (
         "sliding-window attention with a window shorter than the keys (Mistral, Mixtral, "
@@ -94,6 +98,10 @@ REFUSED_WHEN_ON: dict[str, tuple[str, str]] = {
         "use padded batches with an attention_mask",
     ),
 }
+
+# REFUSED_WHEN_ON entries that the prefix path implements (ops.prefix_attention's softcap and
+# sinks); only the sdpa fallback refuses them.
+PREFIX_PATH_KWARGS: frozenset[str] = frozenset({"softcap", "s_aux", "sinks"})
 
 # Arguments that cannot change the attention result, each with the reason.
 IGNORED_KWARGS: dict[str, str] = {
@@ -136,6 +144,8 @@ def _check_attention_kwargs(
         where = f"{type(module).__name__} (model_type {_model_type(module)!r})"
         if name in REFUSED_WHEN_ON:
             if _kwarg_is_off(name, value, key) or (name == "sliding_window" and not prefix):
+                continue
+            if prefix and name in PREFIX_PATH_KWARGS:
                 continue
             feature, todo = REFUSED_WHEN_ON[name]
             shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
@@ -229,6 +239,9 @@ def unipelt_attention(
         # HF passes its attention-probability dropout already 0 outside training; eval mode
         # stays exact even if a caller passes it anyway (as HF eager attention does).
         dropout_p=float(dropout) if module.training else 0.0,
+        # Gemma 2's cap on every logit, prefix included; gpt-oss's per-head sink logits.
+        softcap=kwargs.get("softcap"),
+        sinks=kwargs.get("s_aux", kwargs.get("sinks")),
         backend=root.backend,
     )
     # out has query's layout ((B, L, H, D) underneath for HF), so this copies nothing.

@@ -74,8 +74,8 @@ def model_pre_hook(model: nn.Module, args, kwargs):
             raise ValueError(f"task_ids must be in [0, {n})")
     root.task_ids = task_ids
     mask = kwargs.get("attention_mask")
-    if root.prompt is not None and ref is not None:
-        kwargs, mask = _prepend_prompt(model, root, kwargs, task_ids, mask)
+    if root.prompt is not None:
+        kwargs, mask = _soft_prompt_entry(model, root, kwargs, task_ids, mask)
     if root.prefix is not None and root.cfg.prefix.positions == "after_prefix":
         _positions_after_prefix(model, root, kwargs)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -123,39 +123,105 @@ def _task_ids_tensor(task_ids, tasks: tuple[str, ...], device) -> torch.Tensor:
 def encoder_pre_hook(root: UniPELTRoot, encoder: nn.Module, args, kwargs):
     """Encoder-decoder models: generate() runs the encoder directly, not through the
     model's forward (whose pre-hook set the state). Then take the encoder's own mask and the
-    active task (generate takes no task_ids), instead of a previous forward's."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    active task (generate takes no task_ids), instead of a previous forward's, and prepend
+    the soft prompt to the encoder input as the model's forward does (peft's
+    PeftModelForSeq2SeqLM.generate prepends it to the encoder's inputs_embeds)."""
+    if args:
+        kwargs = {**dict(zip(_positional_names(encoder), args, strict=False)), **kwargs}
+        args = ()
+    ids = kwargs.get("input_ids")
     ref = ids if ids is not None else kwargs.get("inputs_embeds")
     if ref is not None and ref is root.entry_ref:
         return None  # called by the model's forward
-    if root.prompt is not None:
-        raise NotImplementedError(
-            "unipelt: the soft prompt with generate() on encoder-decoder models; call the "
-            "model's forward (the prompt is prepended there)"
-        )
     root.reset_forward_state()
     mask = kwargs.get("attention_mask")
+    if root.prompt is not None and ref is not None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = encoder.embed_tokens(kwargs.pop("input_ids"))
+        embeds, mask = _with_prompt(root, embeds, mask, None)
+        kwargs["inputs_embeds"], kwargs["attention_mask"] = embeds, mask
+        kwargs.pop("input_ids", None)
     root.mask2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    return None
+    return args, kwargs
 
 
-def _prepend_prompt(model, root, kwargs, task_ids, mask):
+def _cache_len(kwargs: dict) -> int:
+    """The length of the KV cache a call was given (transformers 5.25 names it ``cache``,
+    earlier versions ``past_key_values``)."""
     past = kwargs.get("past_key_values")
-    if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
-        raise NotImplementedError("unipelt: the soft prompt does not support KV-cache decoding")
-    if kwargs.get("position_ids") is not None:
-        raise NotImplementedError("unipelt: the soft prompt does not take position_ids")
-    ids = kwargs.pop("input_ids", None)
-    embeds = kwargs.get("inputs_embeds")
-    if embeds is None:
-        embeds = model.get_input_embeddings()(ids)
+    if past is None:
+        past = kwargs.get("cache")
+    return past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+
+
+def _soft_prompt_entry(model, root, kwargs, task_ids, mask):
+    """The model's entry with a soft prompt, as peft runs prompt tuning (peft_model.py,
+    PeftModelForCausalLM.prepare_inputs_for_generation and _adjust_prompt_learning_kwargs):
+
+    * the prompt is prepended to the input embeddings of a call without cached tokens
+      (a forward, or generate()'s prefill), with ones for it in the attention mask;
+    * a decoder call on a cache that already holds the prompt (generate()'s later steps)
+      adds no prompt; its attention mask, which covers the caller's tokens only, gets the
+      prompt's ones in front;
+    * position_ids are ignored (generate() passes them) and cache_position is dropped, so
+      the model numbers the prompt and the tokens 0, 1, ... from the cache's length, padding
+      included, as peft does;
+    * an encoder-decoder given ``encoder_outputs`` (generate()'s decoder steps; the encoder
+      pre-hook prepended the prompt there) gets the prompt's ones in its encoder mask."""
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        raise NotImplementedError(
+            "unipelt: the soft prompt takes a 2-D attention_mask (generate() with a static "
+            "cache passes a 4-D one; use the default dynamic cache)"
+        )
+    P = root.prompt.length
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if getattr(model.config, "is_encoder_decoder", False):
+        if ids is not None or embeds is not None:
+            return _prepend_prompt(model, root, kwargs, task_ids, mask)
+        enc = kwargs.get("encoder_outputs")
+        if enc is not None and mask is not None:
+            enc_len = (enc[0] if isinstance(enc, tuple | list) else enc.last_hidden_state).shape[1]
+            if mask.shape[1] + P == enc_len:
+                mask = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+                kwargs["attention_mask"] = mask
+            elif mask.shape[1] != enc_len:
+                raise ValueError(
+                    f"unipelt: attention_mask has {mask.shape[1]} columns for "
+                    f"{enc_len} encoder outputs ({P} of them the soft prompt)"
+                )
+        return kwargs, mask
+    kwargs.pop("position_ids", None)
+    kwargs.pop("cache_position", None)
+    if ids is None and embeds is None:
+        return kwargs, mask
+    if _cache_len(kwargs) == 0:
+        return _prepend_prompt(model, root, kwargs, task_ids, mask)
+    if mask is not None:  # a later step: the prompt is in the cache
+        mask = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+        kwargs["attention_mask"] = mask
+    return kwargs, mask
+
+
+def _with_prompt(root, embeds, mask, task_ids):
+    """[prompt ; embeds] and the mask with ones for the prompt."""
     B, L = embeds.shape[:2]
     if mask is None:
         mask = torch.ones(B, L, dtype=torch.long, device=embeds.device)
     P = root.prompt.length
     prompt = root.prompt(embeds, mask.bool(), task_ids, root.default_task)
-    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
-    mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+    embeds = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
+    return embeds, torch.cat([mask.new_ones(B, P), mask], dim=1)
+
+
+def _prepend_prompt(model, root, kwargs, task_ids, mask):
+    ids = kwargs.pop("input_ids", None)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = model.get_input_embeddings()(ids)
+    B, L = embeds.shape[:2]
+    P = root.prompt.length
+    kwargs["inputs_embeds"], mask = _with_prompt(root, embeds, mask, task_ids)
     kwargs["attention_mask"] = mask
     tt = kwargs.get("token_type_ids")
     if tt is not None:
@@ -186,8 +252,7 @@ def _positions_after_prefix(model: nn.Module, root: UniPELTRoot, kwargs: dict) -
     if ref is None:
         return
     B, L = ref.shape[:2]
-    past = kwargs.get("past_key_values")
-    past_len = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+    past_len = _cache_len(kwargs)
     if root.dims["model_type"] in ("roberta", "xlm-roberta", "camembert"):
         if ids is None:
             raise NotImplementedError(

@@ -3,13 +3,14 @@
 Backend contract (every backend module, see docs/ops.md)::
 
     forward(a: PrefixAttentionArgs) -> (out, lse)
-    backward(a, grad_out, out, lse) -> (dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate)
+    backward(a, grad_out, out, lse) -> (dq, dk, dv, dprefix_k, dprefix_v, dprefix_gate, dsinks)
 
 ``a`` is canonical (:func:`_for_kernels`). out (B, H, Lq, D) in q's dtype, dense in q's
 dimension order (returned contiguous, it is copied there); lse float32 (B, H, Lq) in units
 the same backend's backward reads. grad_out and out have any strides. dq/dk/dv dense in
 q's/k's/v's dimension order, dprefix_* (T, Hkv, P, D) summed deterministically per task,
-dprefix_gate float32 (B, 2) or None. No gradient for attn_bias. With dropout_p > 0, the same
+dprefix_gate float32 (B, 2) or None, dsinks float32 (H,) or None (None without sinks).
+No gradient for attn_bias. With dropout_p > 0, the same
 seed gives the same keep-mask in forward and backward; lse is the un-dropped softmax's.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from .. import _backend, composite, reference
 from .._args import PrefixAttentionArgs, flatten, grads, op_schema, unflatten
-from .._validation import check_backend_dtype, validate_prefix_attention
+from .._validation import check_backend_dtype, check_cuda_features, validate_prefix_attention
 from ._common import (
     autocast,
     fake_in_layout_of,
@@ -52,22 +53,23 @@ def _(*flat):
 @torch.library.custom_op(
     "unipelt_fast::prefix_attention_backward",
     mutates_args=(),
-    schema=op_schema(Args, 6, before=("grad_out",), after=("out", "lse")),
+    schema=op_schema(Args, 7, before=("grad_out",), after=("out", "lse")),
 )
 def _prefix_attention_bwd_op(*flat) -> tuple[Tensor, ...]:
     (grad_out,), a, (out, lse), backend = unflatten(Args, flat, 1)
     impl = _backend.kernel_impl("prefix_attention", backend)
-    dq, dk, dv, dpk, dpv, dg = impl.backward(a, grad_out, out, lse)
+    dq, dk, dv, dpk, dpv, dg, ds = impl.backward(a, grad_out, out, lse)
     # dq/dk/dv in their inputs' layouts (what the fake says; triton writes them there), so
     # HF's transposed views take them back without a copy; the prefix grads contiguous.
     dq, dk, dv = in_layout_of(a.q, dq), in_layout_of(a.k, dk), in_layout_of(a.v, dv)
-    return dq, dk, dv, dpk.contiguous(), dpv.contiguous(), or_empty(dg, lse)
+    return dq, dk, dv, dpk.contiguous(), dpv.contiguous(), or_empty(dg, lse), or_empty(ds, lse)
 
 
 @_prefix_attention_bwd_op.register_fake
 def _(*flat):
     _, a, (_, lse), _ = unflatten(Args, flat, 1)
     dg = or_empty(None, lse) if a.prefix_gate is None else torch.empty_like(a.prefix_gate)
+    ds = or_empty(None, lse) if a.sinks is None else torch.empty_like(a.sinks)
     return (
         fake_in_layout_of(a.q),
         fake_in_layout_of(a.k),
@@ -75,6 +77,7 @@ def _(*flat):
         a.prefix_k.new_empty(a.prefix_k.shape),
         a.prefix_v.new_empty(a.prefix_v.shape),
         dg,
+        ds,
     )
 
 
@@ -100,9 +103,10 @@ def _backward(ctx, grad_out, _grad_lse):
         grad_out = torch.zeros_like(out)
     # grad_out keeps any strides (the HF path's dO is a transposed view): no copy.
     flat = flatten(a, ctx.backend, before=(grad_out,), after=(out, lse))
-    dq, dk, dv, dpk, dpv, dg = _prefix_attention_bwd_op(*flat)
+    dq, dk, dv, dpk, dpv, dg, ds = _prefix_attention_bwd_op(*flat)
     dg = None if a.prefix_gate is None else dg
-    return grads(a, q=dq, k=dk, v=dv, prefix_k=dpk, prefix_v=dpv, prefix_gate=dg)
+    ds = None if a.sinks is None else ds
+    return grads(a, q=dq, k=dk, v=dv, prefix_k=dpk, prefix_v=dpv, prefix_gate=dg, sinks=ds)
 
 
 _prefix_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -133,7 +137,10 @@ def _for_kernels(a: Args) -> Args:
         gate = a.prefix_gate.float().reshape(B, -1).expand(B, 2).contiguous()
     scale = float(D**-0.5 if a.softmax_scale is None else a.softmax_scale)
     seed = dropout_seed(a.q.device) if a.dropout_p > 0 else None
+    # (H,) -> dense float32 (the kernels read it so); autograd casts the gradient back.
+    sinks = None if a.sinks is None else a.sinks.float().contiguous()
     return a._replace(
+        sinks=sinks,
         prefix_k=pk,
         prefix_v=pv,
         prefix_index=idx,
@@ -158,6 +165,9 @@ def prefix_attention(
     softmax_scale: float | None = None,
     attn_bias: Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    window: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Softmax attention over the concatenation [gated prefix ; tokens], without building it.
@@ -188,6 +198,16 @@ def prefix_attention(
             pass 0 in eval. The mask comes from torch's default generator for q's device
             (``torch.manual_seed`` reproduces a call); triton regenerates it in backward
             (Philox), nothing is stored. The cuda backend raises NotImplementedError.
+        softcap: logit soft-capping (Gemma 2): every logit s = scale * q.k (prefix and
+            token) becomes softcap * tanh(s / softcap), before attn_bias is added and the
+            masks apply (HF's order). None = off.
+        sinks: (H,) float attention-sink logits (gpt-oss), one per query head: each row's
+            softmax denominator gains exp(sinks[h]) (an extra column with a zero value),
+            so the probabilities of the real keys sum to less than 1. Differentiated.
+        window: sliding window over token keys: query i sees token key j iff
+            (i + Lk - Lq) - j < window (bottom-right aligned as causal; HF's
+            ``kv_idx > q_idx - sliding_window``). Combines with causal and
+            key_padding_mask; prefix keys are always visible. None = off.
         backend: "auto", "eager", "torch", "triton" or "cuda".
 
     Returns:
@@ -198,14 +218,11 @@ def prefix_attention(
         (attn_bias,) = autocast(q, attn_bias)[1:]
     a = validate_prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_gate, key_padding_mask, causal,
-        softmax_scale, attn_bias, dropout_p,
+        softmax_scale, attn_bias, dropout_p, softcap, sinks, window,
     )  # fmt: skip
     be = _backend.resolve_backend(backend, q.device, "prefix_attention", q.dtype)
-    if a.dropout_p > 0 and be == "cuda":
-        raise NotImplementedError(
-            "prefix_attention: backend='cuda' does not implement attention dropout "
-            "(dropout_p > 0); use backend='triton', 'torch' or 'eager', or dropout_p=0"
-        )
+    if be == "cuda":
+        check_cuda_features(a)
     check_backend_dtype(q.dtype, be, "prefix_attention")
     if be not in ("eager", "torch") and attn_bias is not None and attn_bias.requires_grad:
         if torch.is_grad_enabled():

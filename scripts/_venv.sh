@@ -32,8 +32,9 @@ uf_venv() {
   local extras=$1 constraints=$2
   shift 2
   if [ ! -x "$VENV/bin/python" ]; then
+    # (a half-made venv folder is completed by venv, never replaced)
     if [ -n "${UF_SEED_VENV:-}" ] && [ "${UNIPELT_LATEST:-0}" != 1 ] &&
-      [ -x "$UF_SEED_VENV/bin/python" ]; then
+      [ -x "$UF_SEED_VENV/bin/python" ] && [ ! -e "$VENV" ]; then
       _uf_seed "$UF_SEED_VENV" "$VENV" "$constraints"
       _UF_SEEDED=1
     else

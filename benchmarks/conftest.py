@@ -3,10 +3,14 @@
 Shapes come from ``unipelt_fast.bench.shapes`` (the CLI's lists): the GPU tier when CUDA is
 available, the tiny ``--quick`` tier otherwise. Rows that cannot run here (a kernel not
 written yet, no GPU) are skipped with the reason. ``UNIPELT_BENCH_DTYPE`` overrides the
-dtype (default bfloat16 on a GPU, float32 on a CPU).
+dtype (default bfloat16 on a GPU, float32 on a CPU); ``UNIPELT_BENCH_BASE_QUANT`` (one of
+``unipelt_fast.bench.models.BASE_QUANTS``) quantizes the model rows' base, as the CLI's
+``--base-quant`` does.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -17,6 +21,11 @@ from unipelt_fast.bench.runners import first_line, make_case, suite_env
 from unipelt_fast.bench.suite import _skip_reason
 
 DEVICE, QUICK, DTYPE = suite_env()  # GPU shapes on a GPU, the tiny tier on a CPU
+BASE_QUANT = os.environ.get("UNIPELT_BENCH_BASE_QUANT") or None
+if BASE_QUANT is not None and BASE_QUANT not in models.BASE_QUANTS:
+    raise ValueError(
+        f"UNIPELT_BENCH_BASE_QUANT: unknown value {BASE_QUANT!r}; choose from {models.BASE_QUANTS}"
+    )
 CUDA = DEVICE.type == "cuda"
 
 
@@ -92,7 +101,7 @@ def model_benchmark(benchmark):
 
     def run(name, row, mode, how):
         try:
-            fn, info = models.prepare(name, how, mode, QUICK, DEVICE, DTYPE)
+            fn, info = models.prepare(name, how, mode, QUICK, DEVICE, DTYPE, base_quant=BASE_QUANT)
         except Exception as e:  # noqa: BLE001 - not installed / not written / no GPU
             pytest.skip(first_line(e))
         benchmark.group = f"{name} {mode}"

@@ -27,13 +27,15 @@ rc=0
 [ "$latest" != 1 ] || [ "$rc" -ne 0 ] || [ "$all" != 1 ] || uf_freeze constraints/main.txt
 
 # ---- second venv: the adapters library ---------------------------------------------------
+# The second and third venvs start as copies of the main one (hard links, see _uf_seed in
+# scripts/_venv.sh), so pip installs only what differs instead of torch & co. again.
 # adapters 1.3 pins transformers ~=4.57.6, so its tests get their own venv with the same CPU
 # torch, adapters, its transformers, peft and this package (versions in
 # constraints/adapters.txt); it also runs the HF model tests on transformers 4.57 (the oldest
 # supported). Runs when no pytest arguments were given, or with UNIPELT_ADAPTERS_TESTS=1;
 # UNIPELT_ADAPTERS_TESTS=0 skips it. Every pytest exit status decides this script's.
 if [ "${UNIPELT_ADAPTERS_TESTS:-$all}" = 1 ]; then
-  UNIPELT_VENV=${UNIPELT_ADAPTERS_VENV:-.venv-adapters} \
+  UNIPELT_VENV=${UNIPELT_ADAPTERS_VENV:-.venv-adapters} UF_SEED_VENV=$MAIN_VENV \
     uf_venv test constraints/adapters.txt adapters
   arc=0
   "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
@@ -54,7 +56,7 @@ fi
 # backend. These pins are the device's, so UNIPELT_LATEST=1 keeps them.
 # UNIPELT_DEVICE_TESTS=0 skips it, =1 runs it with pytest arguments too.
 if [ "${UNIPELT_DEVICE_TESTS:-$all}" = 1 ]; then
-  UNIPELT_VENV=${UNIPELT_DEVICE_VENV:-.venv-device} \
+  UNIPELT_VENV=${UNIPELT_DEVICE_VENV:-.venv-device} UF_SEED_VENV=$MAIN_VENV \
     uf_venv test constraints/device.txt "transformers==5.17.0" "triton==3.6.0" "numpy<2.4"
   drc=0
   UNIPELT_DEVICE_STACK=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \

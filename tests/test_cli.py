@@ -249,10 +249,22 @@ def test_floor_fraction_plumbing():
     assert floors.floor_ms(1.0, 1.0, None, None) is None  # CPU: no limits, no floor
 
 
+def _only_model_rows(monkeypatch, *impls: str) -> None:
+    """Run only these model rows (each costs a model build and a warm-up step; the peers'
+    rows are checked by test_model_level_quick, which runs every row)."""
+    from unipelt_fast.bench import models
+
+    rows = tuple(r for r in models.MODEL_ROWS if r[0] in impls)
+    assert {r[0] for r in rows} == set(impls)
+    monkeypatch.setattr(models, "MODEL_ROWS", rows)
+
+
 def test_model_fractions_with_a_stand_in_unipelt(tmp_path, monkeypatch):
     """The UniPELT rows and the paper's fractions, with BitFit standing in for
     apply_unipelt (whatever the real one is, this checks the bench plumbing around it)."""
     import unipelt_fast
+
+    _only_model_rows(monkeypatch, "full_ft", "frozen_base", "unipelt_eager", "unipelt_fused")
 
     calls = []
 
@@ -429,7 +441,8 @@ def test_as_peft_prefix_trains_what_peft_trains():
         models.adapt(bart, "as_peft_prefix:eager", cpu)
 
 
-def test_model_level_bart_quick(tmp_path):
+def test_model_level_bart_quick(tmp_path, monkeypatch):
+    _only_model_rows(monkeypatch, "full_ft", "frozen_base", "unipelt_eager")
     j = tmp_path / "m.json"
     rc = main(["bench", "--quick", "--ops", "none", "--model", "bart-base", "--json", str(j),
                "--no-progress"])  # fmt: skip

@@ -2,8 +2,11 @@
 
 The GPU check (benchmarks/) runs unattended on that machine, with no network and a few minutes
 of time: an import error there costs the whole run. scripts/test.sh runs this file in a venv
-pinned to that stack (UNIPELT_DEVICE_STACK=1, constraints/device.txt); in the main venv it
-runs too, on CI's versions.
+pinned to that stack (UNIPELT_DEVICE_STACK=1, constraints/device.txt). In the main venv only
+the imports run: there, on CI's versions, tests/test_hf_triton.py checks tiny LLaMA and BERT
+logits and gradients on triton against eager and generate() with a cache, and
+tests/test_convergence.py trains both on the torch backend against eager (the model tests
+here cost ~13 CPU-s more in CI).
 """
 
 import os
@@ -17,7 +20,12 @@ from tests.hf_tiny import batch, pelt, trainable_grads
 DEVICE_STACK = os.environ.get("UNIPELT_DEVICE_STACK") == "1"
 
 
-@pytest.mark.skipif(not DEVICE_STACK, reason="runs in scripts/test.sh's device venv")
+device_venv_only = pytest.mark.skipif(
+    not DEVICE_STACK, reason="runs in scripts/test.sh's device venv"
+)
+
+
+@device_venv_only
 def test_versions_are_the_gpu_machines():
     import numpy
     import transformers
@@ -37,6 +45,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@device_venv_only
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_tiny_model_trains_alike_on_every_backend(kind):
@@ -56,6 +65,7 @@ def test_tiny_model_trains_alike_on_every_backend(kind):
             assert _rel(runs[backend][1][name], g) < 1e-3, (backend, name)
 
 
+@device_venv_only
 @pytest.mark.interpreter
 def test_generate_with_cache_matches_eager():
     data = batch("llama", pad=False, n=2)

@@ -28,6 +28,7 @@ def _split(value: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
     from .bench import MODELS, OPS
+    from .bench.models import BASE_QUANTS
     from .bench.runners import DTYPES
 
     parser = argparse.ArgumentParser(
@@ -71,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
         "auto = bfloat16 on a GPU, float32 on a CPU",
     )
     b.add_argument("--model", default=None, help=f"model-level run: {', '.join(MODELS)} or all")
+    b.add_argument(
+        "--base-quant",
+        default=None,
+        choices=BASE_QUANTS,
+        help="model rows: quantize the base's weights first (bitsandbytes 4-bit NF4 / 8-bit "
+        "through transformers' BitsAndBytesConfig, torchao int8 weight-only); the base MiB "
+        "column gives their bytes as stored",
+    )
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     b.add_argument("--json", metavar="PATH", help="write all rows and the run's meta as JSON")
     b.add_argument("--csv", metavar="PATH", help="write all rows as CSV")
@@ -161,6 +170,7 @@ def _bench(args, parser, argv) -> int:
     from . import _autotune
     from .bench import MODELS, OPS, report, suite
     from .bench.floors import measure_limits
+    from .bench.models import quant_library_version
     from .bench.runners import DTYPE_ALIASES, DTYPES, TimerCfg, interpreter_on, make_timer
 
     impl_names = (
@@ -205,6 +215,8 @@ def _bench(args, parser, argv) -> int:
             parser.error(str(e))
     if not ops and not models:
         parser.error("nothing to run: --ops none and no --model")
+    if args.base_quant and not models:
+        parser.error("--base-quant: applies to the model rows; add --model")
 
     quick = args.quick
     if args.threads is not None and args.threads < 1:
@@ -259,6 +271,8 @@ def _bench(args, parser, argv) -> int:
             quick=quick,
             ops=ops,
             models=models,
+            base_quant=args.base_quant,
+            base_quant_version=quant_library_version(args.base_quant),
             dtypes=[str(d).replace("torch.", "") for d in dtypes],
             timer=timer_name,
             timer_cfg=vars(cfg),
@@ -304,7 +318,9 @@ def _bench(args, parser, argv) -> int:
         if models:
             mcfg = suite.model_timer_cfg(quick, device)
             mname, mtimer = make_timer(device, mcfg)
-            _, summary = suite.run_models(models, dtypes[0], device, quick, mtimer, mname, on_row)
+            _, summary = suite.run_models(
+                models, dtypes[0], device, quick, mtimer, mname, on_row, base_quant=args.base_quant
+            )
             doc["summary"]["models"] = summary
             flush()
     finally:

@@ -8,6 +8,10 @@ importable) next to this package running the same configuration, like for like:
 peft prefix tuning against ``as_peft_prefix`` (a flat ungated prefix of the same length,
 tokens after the prefix) and the adapters library's UniPELT against ``as_adapters_unipelt``
 (``adapters.UniPELTConfig()`` translated by :func:`unipelt_fast.interop.adapters_config`).
+
+``base_quant`` quantizes the base's weights before the method is applied (QLoRA-style), by
+the libraries themselves: bitsandbytes through transformers' ``BitsAndBytesConfig``, or
+torchao's ``quantize_``; every row then reports the base weights' bytes as stored.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..hf.report import _nbytes, _numel
 from .runners import first_line, record, saved_bytes
 from .shapes import MODEL_SIZES
 
@@ -111,8 +116,79 @@ def config_for(cfg: str, model, batch: int = 1):
     raise ValueError(f"unknown configuration {cfg!r}")
 
 
-def build_model(name: str, tiny: bool, device: torch.device, dtype: torch.dtype):
-    """A freshly initialised model and one batch of inputs (with labels)."""
+# --base-quant values: bitsandbytes 4-bit NF4 / 8-bit (LLM.int8) through transformers'
+# BitsAndBytesConfig, torchao int8 weight-only. Both libraries also run on CPU.
+BASE_QUANTS = ("bnb_nf4", "bnb_int8", "torchao_int8")
+
+
+def quantize_base(model, base_quant: str, device: torch.device, dtype: torch.dtype):
+    """``model`` with its linear weights quantized by ``base_quant`` (one of
+    :data:`BASE_QUANTS`). bitsandbytes quantizes while loading: the model is saved to a
+    temporary folder and loaded back with ``quantization_config``, as a checkpoint would be;
+    torchao quantizes in place. Raises ImportError when the library is not installed."""
+    if base_quant == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+        return model
+    if base_quant not in BASE_QUANTS:
+        raise ValueError(f"unknown base quantization {base_quant!r}; choose from {BASE_QUANTS}")
+    import importlib.util
+    import tempfile
+    import warnings
+
+    import transformers
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"{base_quant} needs bitsandbytes (pip install 'unipelt-fast[quant]')")
+    if base_quant == "bnb_nf4":
+        q = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    else:
+        q = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # the bench prints its own progress
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bitsandbytes' notes on casting and CPU support
+            model.save_pretrained(tmp)
+            return type(model).from_pretrained(
+                tmp, quantization_config=q, device_map={"": str(device)}, dtype=dtype
+            )
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def quant_library_version(base_quant: str | None) -> str | None:
+    """The installed version of the library behind ``base_quant`` (None: dense, or absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if base_quant is None:
+        return None
+    try:
+        return version("torchao" if base_quant.startswith("torchao") else "bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
+def base_bytes(model) -> int:
+    """Bytes of the model's parameters as stored: quantized weights with their scales (the
+    count ``trainable_report`` gives), each shared parameter once."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += _nbytes(p)
+    return n
+
+
+def build_model(
+    name: str, tiny: bool, device: torch.device, dtype: torch.dtype, base_quant: str | None = None
+):
+    """A freshly initialised model (its base quantized by ``base_quant``, see
+    :func:`quantize_base`) and one batch of inputs (with labels)."""
     import transformers
 
     size = MODEL_SIZES[name]["tiny" if tiny else "full"]
@@ -143,6 +219,8 @@ def build_model(name: str, tiny: bool, device: torch.device, dtype: torch.dtype)
     with torch.device(device):
         model = cls(cfg)
     model = model.to(dtype)
+    if base_quant is not None:
+        model = quantize_base(model, base_quant, device, dtype)
     batch = {
         "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
@@ -226,14 +304,29 @@ def _infer(model, batch) -> Callable[[], None]:
 
 
 def prepare(
-    name: str, how: str, mode: str, tiny: bool, device, dtype, info: dict | None = None
+    name: str,
+    how: str,
+    mode: str,
+    tiny: bool,
+    device,
+    dtype,
+    info: dict | None = None,
+    base_quant: str | None = None,
 ) -> tuple:
     """A warmed-up zero-argument callable (a train step or an inference forward) for one
-    model row, plus its info (shape, params, trainable params, saved bytes for train),
-    filled into ``info`` as it goes. Raises with the reason when the row cannot run here."""
-    model, batch, shape = build_model(name, tiny, device, dtype)
+    model row, plus its info (shape, params, the base's bytes as stored, trainable params,
+    saved bytes for train), filled into ``info`` as it goes. ``base_quant``: quantize the
+    base first (:data:`BASE_QUANTS`). Raises with the reason when the row cannot run here."""
+    if base_quant is not None and how == "full" and mode == "train":
+        raise RuntimeError(f"full fine-tuning cannot train a quantized ({base_quant}) base")
+    model, batch, shape = build_model(name, tiny, device, dtype, base_quant)
     info = {} if info is None else info
-    info.update(shape=shape, params=sum(p.numel() for p in model.parameters()))
+    info.update(
+        shape=shape,
+        params=sum(_numel(p) for p in model.parameters()),
+        base_quant=base_quant,
+        base_bytes=base_bytes(model),
+    )
     B = batch["input_ids"].shape[0]
     model = adapt(model, how, device, B)
     if MIXED in how:
@@ -264,13 +357,22 @@ def prepare(
 
 
 def run_model_row(
-    name: str, row: str, mode: str, how: str, tiny: bool, device, dtype, timer
+    name: str,
+    row: str,
+    mode: str,
+    how: str,
+    tiny: bool,
+    device,
+    dtype,
+    timer,
+    base_quant: str | None = None,
 ) -> dict:
-    """One model-level row: median ms of a train step / inference forward, peak memory."""
+    """One model-level row: median ms of a train step / inference forward, peak memory,
+    the base's bytes as stored (``base_quant``: quantized first, :data:`BASE_QUANTS`)."""
     res: dict = {"impl": row, "pass": mode}
     fn = None
     try:
-        fn, _ = prepare(name, how, mode, tiny, device, dtype, info=res)
+        fn, _ = prepare(name, how, mode, tiny, device, dtype, info=res, base_quant=base_quant)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -60,6 +60,8 @@ OP_COLUMNS = (
     "frac_of_baseline",
     "params",
     "trainable_params",
+    "base_quant",
+    "base_bytes",
     "versions",
 )
 
@@ -233,8 +235,8 @@ def op_table(rows: list[dict]) -> list[list[str]]:
 
 
 def model_table(rows: list[dict]) -> list[list[str]]:
-    head = ["model", "shape", "dtype", "row", "pass", "ms", "vs base", "peak MiB", "+act MiB"]
-    out = [head + ["trainable", "note"]]
+    head = ["model", "shape", "dtype", "base", "row", "pass", "ms", "vs base", "peak MiB"]
+    out = [head + ["+act MiB", "base MiB", "trainable", "note"]]
     for r in rows:
         if r.get("kind") != "model":
             continue
@@ -247,12 +249,14 @@ def model_table(rows: list[dict]) -> list[list[str]]:
                 r["op"],
                 r.get("shape") or "-",
                 r["dtype"],
+                r.get("base_quant") or "-",  # how the base's weights are stored; "-": dense
                 r["impl"],
                 r["pass"],
                 _ms_spread(r, "time_ms"),
                 _pct(r.get("frac_of_baseline")),
                 _mib(r.get("peak_mem_bytes")),
                 _mib(r.get("saved_extra_bytes")),
+                _mib(r.get("base_bytes")),
                 "-" if tp is None else f"{tp:,}",
                 note,
             ]

@@ -307,6 +307,15 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t``, or the plain tensors a wrapper subclass holds (a torchao-quantized weight has no
+    storage of its own: its int8 values and scales do)."""
+    if not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in _plain_tensors(getattr(t, name))]
+
+
 def saved_bytes(
     fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]
 ) -> tuple[int, int, torch.Tensor]:
@@ -319,14 +328,15 @@ def saved_bytes(
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        if t.numel():
-            key = _storage_key(t)
-            seen[key] = max(seen.get(key, 0), _span_bytes(t))
+        for leaf in _plain_tensors(t):
+            if leaf.numel():
+                key = _storage_key(leaf)
+                seen[key] = max(seen.get(key, 0), _span_bytes(leaf))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    own = {_storage_key(t) for t in inputs if t.numel()}
+    own = {_storage_key(leaf) for t in inputs for leaf in _plain_tensors(t) if leaf.numel()}
     total = sum(seen.values())
     extra = sum(v for k, v in seen.items() if k not in own)
     return total, extra, out

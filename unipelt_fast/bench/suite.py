@@ -151,16 +151,27 @@ def _measure(row: dict, case, impl: str, device, timer, interp: bool) -> None:
 
 
 def run_models(
-    names, dtype, device, quick: bool, timer, timer_name: str, on_row=None, impls=None
+    names,
+    dtype,
+    device,
+    quick: bool,
+    timer,
+    timer_name: str,
+    on_row=None,
+    impls=None,
+    base_quant: str | None = None,
 ) -> tuple[list[dict], dict]:
-    """Every model row (``impls``: only these row names) of each model in ``names``."""
+    """Every model row (``impls``: only these row names) of each model in ``names``, on a
+    base quantized by ``base_quant`` (``models.BASE_QUANTS``) if given."""
     rows, summary = [], {}
     for name in names:
         mrows = []
         for impl, mode, how in models.MODEL_ROWS:
             if impls is not None and impl not in impls:
                 continue
-            r = models.run_model_row(name, impl, mode, how, quick, device, dtype, timer)
+            r = models.run_model_row(
+                name, impl, mode, how, quick, device, dtype, timer, base_quant=base_quant
+            )
             r.update(kind="model", op=name, dtype=dtype_name(dtype), timer=timer_name)
             r.setdefault("impl_kind", "peer" if how in models.PEERS else "backend")
             if quick and r.get("available"):

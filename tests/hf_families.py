@@ -43,6 +43,11 @@ _DECODERS = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=8, num_local_experts=4, **_MOE)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
 }
+# hf_tiny.py's families, rebuilt here when a test overrides their config (a sliding window)
+_OVERRIDABLE = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+}
 _HF_TINY = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
 _ENCDEC = ("bart", "t5")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", *_DECODERS)
@@ -58,9 +63,9 @@ def tiny(kind: str, seed: int = 0, **config):
         from tests.hf_tiny import tiny_bart
 
         return tiny_bart(seed, kind)
-    if kind not in _DECODERS:
+    if kind not in _DECODERS and kind not in _OVERRIDABLE:
         raise ValueError(f"no tiny {kind} with config overrides")
-    cfg_cls, model_cls, extra = _DECODERS[kind]
+    cfg_cls, model_cls, extra = _DECODERS.get(kind) or _OVERRIDABLE[kind]
     torch.manual_seed(seed)
     cfg = getattr(tf, cfg_cls)(**{**_COMMON, **_DEC, **extra, **config})
     return getattr(tf, model_cls)(cfg).eval()

@@ -112,4 +112,3 @@ def layer_masks(
     if n != Lk:  # a static cache's unwritten slots
         k, v = k[:, :, :n], v[:, :, :n]
     return kpm, causal, k, v
-

@@ -176,12 +176,13 @@ def test_is_causal_override_is_implemented():
 # Sliding windows, peft's semantics (the prefix as cached keys at positions 0..P-1, inside
 # the window too). Window 5, P 3, 10 tokens: queries late in the sequence lose token keys
 # and every prefix key, early ones see the prefix. Gemma 2 and gpt-oss: their first layer is
-# windowed, their second global (and soft-capping / sinks on).
+# windowed, their second global (and soft-capping / sinks on); Gemma 3: both local.
 WINDOW = 5
 WINDOWED = {
     "mistral": dict(sliding_window=WINDOW),
     "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0),
     "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=0.02),
+    "gemma3_text": dict(sliding_window=WINDOW),
     "gpt_oss": dict(sliding_window=WINDOW),
 }
 WINDOW_PREFIX = up.UniPELTConfig(

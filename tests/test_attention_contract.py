@@ -272,3 +272,25 @@ def test_window_longer_than_everything_builds_no_bias(monkeypatch):
     with torch.no_grad():
         m(**tiny_batch("mistral", length=10))
     assert calls and all(b is None and w is None for b, w in calls)
+
+
+def test_windowed_chunked_prefill_refused_before_any_launch(monkeypatch):
+    """A second multi-token forward on Mistral's sliding-window cache: the 4-D mask's window
+    cuts off keys, which only a 2-D mask covering the keys can express. Refused, naming
+    it, before the op runs in that forward."""
+    from transformers import DynamicCache
+
+    cfg = up.UniPELTConfig(
+        adapter=False, lora=False, bitfit=False, prefix=up.PrefixConfig(length=3, gate=False)
+    )
+    m = up.apply_unipelt(tiny("mistral", sliding_window=4), cfg, backend="eager")
+    b = tiny_batch("mistral", length=10)
+    ids, am = b["input_ids"], b["attention_mask"]
+    cache = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(input_ids=ids[:, :6], attention_mask=am[:, :6], past_key_values=cache)
+        launches = []
+        monkeypatch.setattr(attention.ops, "prefix_attention", lambda *a, **k: launches.append(1))
+        with pytest.raises(NotImplementedError, match="sliding window"):
+            m(input_ids=ids[:, 6:], attention_mask=am, past_key_values=cache)
+    assert not launches

@@ -64,6 +64,11 @@ _ENCODERS = {
     # local layers' window 16 >= the test batches' length (longer: the prefix is refused)
     "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification", _MODERNBERT),
 }
+# hf_tiny.py's families, rebuilt here when a test overrides their config (a sliding window)
+_OVERRIDABLE = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+}
 _HF_TINY = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")
 _ENCDEC = ("bart", "t5")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", *_DECODERS)
@@ -80,11 +85,12 @@ def tiny(kind: str, seed: int = 0, **config):
         from tests.hf_tiny import tiny_bart
 
         return tiny_bart(seed, kind)
-    if kind not in _DECODERS and kind not in _ENCODERS:
+    known = {**_ENCODERS, **_OVERRIDABLE}
+    if kind not in _DECODERS and kind not in known:
         raise ValueError(f"no tiny {kind} with config overrides")
-    cfg_cls, model_cls, extra = _DECODERS.get(kind) or _ENCODERS[kind]
+    cfg_cls, model_cls, extra = _DECODERS.get(kind) or known[kind]
     torch.manual_seed(seed)
-    base = {**_COMMON, **(_DEC if kind in _DECODERS else _ENC)}
+    base = {**_COMMON, **(_ENC if kind in _ENCODERS else _DEC)}
     cfg = getattr(tf, cfg_cls)(**{**base, **extra, **config})
     return getattr(tf, model_cls)(cfg).eval()
 

@@ -106,13 +106,18 @@ def reference_run(loss_of, base, handles, params):
 
 
 def hf_cache_reference(
-    model, batch: dict, position_offset: int = 0, attn: str = "sdpa", **kw
+    model,
+    batch: dict,
+    position_offset: int = 0,
+    attn: str = "sdpa",
+    position_ids: torch.Tensor | None = None,
+    **kw,
 ) -> torch.Tensor:
     """The prefix path's independent formulation: ``model`` on HF's own ``attn`` attention
     (sdpa; "eager" where sdpa lacks a feature: Gemma 2's soft cap, gpt-oss's sinks) with
     the gated prefix fed as past key values (peft's way of doing prefix tuning), positions
-    given explicitly (from ``position_offset``; ``kw["position_ids"]`` replaces them) so that
-    the prefix takes none. Returns the logits; ``kw`` goes to the forward."""
+    given explicitly (``position_ids``, or from ``position_offset``) so that the prefix
+    takes none. Returns the logits; ``kw`` goes to the forward."""
     am = batch["attention_mask"]
     Bn, Ln = am.shape
     root = model.unipelt
@@ -135,6 +140,7 @@ def hf_cache_reference(
     hooks = [
         a.register_forward_pre_hook(gate_hook(i), with_kwargs=True, prepend=True)
         for i, a in enumerate(attns)
+        if root.prefix_gates is not None  # PrefixConfig(gate=False): the prefix as it is
     ]
     model.config._attn_implementation = attn
     try:
@@ -142,7 +148,11 @@ def hf_cache_reference(
             input_ids=batch["input_ids"],
             attention_mask=torch.cat([torch.ones(Bn, P, dtype=am.dtype), am], 1),
             past_key_values=cache,
-            position_ids=kw.pop("position_ids", torch.arange(Ln).expand(Bn, Ln) + position_offset),
+            position_ids=(
+                torch.arange(Ln).expand(Bn, Ln) + position_offset
+                if position_ids is None
+                else position_ids
+            ),
             **kw,
         ).logits
     finally:

@@ -143,6 +143,10 @@ _PREFIX_MORE = Exact("HF cache", _HF_CACHE_MORE)
 _FUSED = "q/v columns of the fused projection"
 _PARALLEL = "parallel attention/FFN block (placements: docs/hf.md)"
 _ADAPTER_PARALLEL = Exact("formula", _PLACEMENT_MORE, note=_PARALLEL)
+# Sliding windows: tests/test_attention_contract.py::test_windowed_prefix_equals_hf_cache_reference
+# (its WINDOWED families; tests/test_support_table.py holds the notes to it).
+WINDOW_NOTE = "sliding window too"
+_PREFIX_WINDOWED = Exact("HF cache", _HF_CACHE_MORE, note=WINDOW_NOTE)
 
 MATRIX: dict[str, dict] = {
     **{
@@ -164,12 +168,14 @@ MATRIX: dict[str, dict] = {
         prompt=Exact("peft", _PEFT, method_param="method"),
         gates=Exact("formula", _PLACEMENT),
     ),
-    "mistral": _decoder(Exact("HF cache", _HF_CACHE), _ADAPTER_MORE),
-    "qwen2": _decoder(Exact("HF cache", _HF_CACHE), _ADAPTER_MORE, bitfit=_BITFIT_EXACT),
+    "mistral": _decoder(Exact("HF cache", _HF_CACHE, note=WINDOW_NOTE), _ADAPTER_MORE),
+    "qwen2": _decoder(
+        Exact("HF cache", _HF_CACHE, note=WINDOW_NOTE), _ADAPTER_MORE, bitfit=_BITFIT_EXACT
+    ),
     "qwen3": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "gemma": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
-    "gemma2": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),  # soft-capping on
-    "gemma3_text": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),
+    "gemma2": _decoder(_PREFIX_WINDOWED, _ADAPTER_SANDWICH),  # soft-capping on
+    "gemma3_text": _decoder(_PREFIX_WINDOWED, _ADAPTER_SANDWICH),
     "olmo": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "olmo2": _decoder(_PREFIX_MORE, _ADAPTER_SANDWICH),
     "granite": _decoder(_PREFIX_MORE, Exact("formula", _PLACEMENT_MORE, note=_GRANITE)),
@@ -178,7 +184,7 @@ MATRIX: dict[str, dict] = {
     "mixtral": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "qwen3_moe": _decoder(_PREFIX_MORE, _ADAPTER_MORE),
     "gpt_oss": _decoder(
-        _PREFIX_MORE,  # attention sinks on
+        _PREFIX_WINDOWED,  # attention sinks on
         _ADAPTER_MORE,
         bitfit=Untested("expert and router biases are not trained"),
     ),

@@ -16,7 +16,13 @@ from transformers.modeling_utils import AttentionInterface
 
 import unipelt_fast as up
 from tests.hf_families import ALL, DECODERS, tiny, tiny_batch
-from tests.hf_tiny import explicit_prefix_reference, hf_cache_reference, perturb
+from tests.hf_tiny import (
+    explicit_prefix_reference,
+    generate_logits,
+    greedy,
+    hf_cache_reference,
+    perturb,
+)
 from unipelt_fast.hf import attention
 
 KNOWN = (
@@ -114,38 +120,19 @@ def _no_launch(monkeypatch) -> list:
     return launches
 
 
-@pytest.mark.parametrize(
-    "kind,config,feature,names",
-    [
-        ("mistral", {"sliding_window": 4}, "sliding-window", ("sliding_window=4", "< 8 keys")),
-        ("gemma3_text", {"sliding_window": 4}, "sliding-window", ("sliding_window=4",)),
-        # ModernBERT's local layers: a window of local_attention/2 + 1 keys each side (local
-        # layer first here; by default layer 0 is global and runs before the refusal)
-        (
-            "modernbert",
-            {"local_attention": 4, "layer_types": ["sliding_attention", "full_attention"]},
-            "sliding-window",
-            ("sliding_window=3",),
-        ),
-    ],
-)
-def test_on_features_refused_before_any_launch(kind, config, feature, names, monkeypatch):
+def test_bidirectional_window_refused_before_any_launch(monkeypatch):
+    # ModernBERT's local layers: a window of local_attention/2 + 1 keys on each side; the op's
+    # window limits keys from below only (local layer first here; by default layer 0 is
+    # global and runs before the refusal)
     launches = _no_launch(monkeypatch)
-    if kind == "mistral":  # hf_tiny's Mistral has no config overrides: build it here
-        torch.manual_seed(0)
-        cfg = transformers.MistralConfig(
-            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, num_key_value_heads=2, max_position_embeddings=64, **config,
-        )  # fmt: skip
-        model = transformers.MistralForCausalLM(cfg).eval()
-    else:
-        model = tiny(kind, **config)
+    config = {"local_attention": 4, "layer_types": ["sliding_attention", "full_attention"]}
+    model = tiny("modernbert", **config)
     cfg = up.UniPELTConfig(adapter=up.AdapterConfig(placement="ffn_output"))  # all methods
     m = up.apply_unipelt(model, cfg, backend="eager")
     with pytest.raises(NotImplementedError) as e:
-        m(**tiny_batch("llama"))
+        m(**tiny_batch("modernbert"))
     msg = str(e.value)
-    assert feature in msg and "prefix=None" in msg and all(n in msg for n in names), msg
+    assert all(w in msg for w in ("sliding-window", "prefix=None", "sliding_window=3")), msg
     assert not launches
 
 
@@ -157,7 +144,7 @@ def test_unknown_argument_refused_and_off_values_accepted():
     off = {
         "softcap": None,
         "s_aux": None,
-        "sliding_window": 8,  # == the number of keys: no key is outside the window
+        "sliding_window": 4,  # implemented on the prefix path (test_windowed_prefix_...)
         "output_attentions": False,
         "head_mask": None,
         "cu_seq_lens_q": None,
@@ -166,9 +153,7 @@ def test_unknown_argument_refused_and_off_values_accepted():
         "is_causal": True,
     }
     attention._check_attention_kwargs(mod, key, off)
-    with pytest.raises(NotImplementedError, match="window 7 < 8 keys"):
-        attention._check_attention_kwargs(mod, key, {"sliding_window": 7})
-    # the sdpa fallback (no prefix on this module): the mask carries the window
+    # the sdpa fallback (no prefix on this module): HF's mask carries the window
     attention._check_attention_kwargs(mod, key, {"sliding_window": 7}, prefix=False)
     with pytest.raises(NotImplementedError, match="output_attentions=True"):
         attention._check_attention_kwargs(mod, key, {"output_attentions": True})
@@ -275,3 +260,126 @@ def test_is_causal_override_is_implemented():
     real = b["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
     assert (got - causal)[real].abs().max() > 1e-3
+
+
+# Sliding windows, peft's semantics (the prefix as cached keys at positions 0..P-1, inside
+# the window too). Window 5, P 3, 10 tokens: queries late in the sequence lose token keys
+# and every prefix key, early ones see the prefix. Gemma 2 and gpt-oss: their first layer is
+# windowed, their second global (and soft-capping / sinks on); Gemma 3: both local.
+WINDOW = 5
+WINDOWED = {
+    "mistral": dict(sliding_window=WINDOW),
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0),
+    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=0.02),
+    "gemma3_text": dict(sliding_window=WINDOW),
+    "gpt_oss": dict(sliding_window=WINDOW),
+}
+WINDOW_PREFIX = up.UniPELTConfig(
+    adapter=False, lora=False, bitfit=False, gate_mode="masked_mean",
+    prefix=up.PrefixConfig(length=3),
+)  # fmt: skip
+
+
+def _windowed(kind: str, backend: str, cfg: up.UniPELTConfig = WINDOW_PREFIX):
+    model = tiny(kind, **WINDOWED[kind])
+    if kind == "gpt_oss":  # sinks that matter (HF initialises them to 0)
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
+    m = up.apply_unipelt(model, cfg, backend=backend)
+    perturb(m)
+    return m
+
+
+@pytest.mark.parametrize("backend", ("eager", "triton"))
+@pytest.mark.parametrize("kind", tuple(WINDOWED))
+def test_windowed_prefix_equals_hf_cache_reference(kind, backend):
+    """A left-padded batch through windowed layers equals HF's own attention with the prefix
+    as past key values (peft's prefix tuning): logits and the gradients of every trainable
+    parameter (prefix and its gate)."""
+    m = _windowed(kind, backend)
+    b = tiny_batch(kind, length=10)
+    real = b["attention_mask"].bool()
+    w = torch.linspace(-1, 1, 64)
+    params = [p for p in m.parameters() if p.requires_grad]
+    ref_attn = "eager" if kind in ("gemma2", "gpt_oss") else "sdpa"
+    want = hf_cache_reference(m, b, attn=ref_attn)
+    (want[real] * w).sum().backward()
+    want_g = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    got = m(**b).logits
+    (got[real] * w).sum().backward()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    for p, gw in zip(params, want_g, strict=True):
+        assert (p.grad - gw).norm() <= 1e-4 * gw.norm() + 1e-7
+
+
+def test_windowed_generate_equals_the_hf_cache_reference_without_a_cache():
+    """generate() (KV cache; Mistral's cache keeps only window - 1 keys per layer) on a
+    left-padded batch equals greedy decoding without a cache by the HF-cache reference at
+    every step, positions as generate gives them: step logits and tokens. Prefix ungated
+    (a gate from a decoding step's mean differs by design)."""
+    cfg = up.UniPELTConfig(
+        adapter=False, lora=False, bitfit=False, prefix=up.PrefixConfig(length=3, gate=False)
+    )
+    m = _windowed("mistral", "eager", cfg)
+    b = tiny_batch("mistral", length=6)
+
+    def step(seq, mask):
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate's positions
+        batch = {"input_ids": seq, "attention_mask": mask}
+        return hf_cache_reference(m, batch, position_ids=pos)[:, -1]
+
+    want_seq, want = greedy(step, b["input_ids"], b["attention_mask"], n=4)
+    got_seq, got = generate_logits(m, b["input_ids"], b["attention_mask"], n=4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+
+
+def test_window_longer_than_everything_builds_no_bias(monkeypatch):
+    """The fast path: no prefix key outside any query's window -> no bias, and no window
+    for the op when no token key is outside it either (decided from shapes)."""
+    q = torch.zeros(1, 2, 4, 8)
+    assert attention.prefix_window_bias(q, 3, 4, None) is None
+    assert attention.prefix_window_bias(q, 3, 4, 7) is None  # the farthest: P + Lk - 1 = 6
+    assert attention.prefix_window_bias(q, 3, 4, 6) is not None  # hides prefix key 0
+    assert attention.prefix_window_bias(q, 0, 4, 2) is None  # no prefix
+    bias = attention.prefix_window_bias(q, 3, 4, 5)
+    assert bias.shape == (1, 1, 4, 7) and bias.dtype == torch.float32
+    # query 3 (position P + 3 = 6) sees prefix positions 2 only; query 0 sees every one
+    hidden = bias[0, 0] < 0
+    assert hidden[:, 3:].sum() == 0 and hidden[0].sum() == 0 and hidden[3, :3].tolist() == [1, 1, 0]
+    calls = []
+    real = attention.ops.prefix_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["attn_bias"], kwargs["window"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.ops, "prefix_attention", spy)
+    m = up.apply_unipelt(tiny("mistral", sliding_window=64), WINDOW_PREFIX, backend="eager")
+    with torch.no_grad():
+        m(**tiny_batch("mistral", length=10))
+    assert calls and all(b is None and w is None for b, w in calls)
+
+
+def test_windowed_chunked_prefill_refused_before_any_launch(monkeypatch):
+    """A second multi-token forward on Mistral's sliding-window cache: the 4-D mask's window
+    cuts off keys, which only a 2-D mask covering the keys can express. Refused, naming
+    it, before the op runs in that forward."""
+    from transformers import DynamicCache
+
+    cfg = up.UniPELTConfig(
+        adapter=False, lora=False, bitfit=False, prefix=up.PrefixConfig(length=3, gate=False)
+    )
+    m = up.apply_unipelt(tiny("mistral", sliding_window=4), cfg, backend="eager")
+    b = tiny_batch("mistral", length=10)
+    ids, am = b["input_ids"], b["attention_mask"]
+    cache = DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(input_ids=ids[:, :6], attention_mask=am[:, :6], past_key_values=cache)
+        launches = []
+        monkeypatch.setattr(attention.ops, "prefix_attention", lambda *a, **k: launches.append(1))
+        with pytest.raises(NotImplementedError, match="sliding window"):
+            m(input_ids=ids[:, 6:], attention_mask=am, past_key_values=cache)
+    assert not launches

@@ -124,6 +124,23 @@ def test_from_peft_prefix_triton(kind, tmp_path):
         assert _close(b.grad, a.grad, 2e-4)
 
 
+@pytest.mark.parametrize("backend", ("eager", "triton"))
+def test_from_peft_prefix_with_a_sliding_window(backend, tmp_path):
+    """Mistral with window 4 < the 7 tokens, and P = 3: the window hides token keys and, peft
+    putting the prefix at positions 0..P-1, the prefix from the late queries. Left padding;
+    logits and the prefix's gradients against peft's own model."""
+    from tests.hf_families import tiny
+
+    pm = peft.get_peft_model(tiny("mistral", sliding_window=4), _peft_cfg("llama", "prefix"))
+    perturb(pm)
+    pm.eval().save_pretrained(tmp_path)
+    um = up.from_peft(tiny("mistral", sliding_window=4), str(tmp_path), backend=backend).eval()
+    want, got = run_both(pm, um, *_batch("llama", left=True), _run)
+    assert _close(got, want, 2e-4 if backend == "triton" else 1e-5)
+    for a, b in _tuned_pairs(pm, um, "prefix"):
+        assert _close(b.grad, a.grad, 2e-4 if backend == "triton" else 1e-5)
+
+
 @pytest.mark.parametrize("kind", DECODER)
 def test_generate_matches_peft_prefix(kind, tmp_path):
     """peft's positions P..P+L-1 hold in generate() too (left-padded, KV cache). The reference

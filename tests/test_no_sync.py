@@ -247,12 +247,13 @@ def test_layer_masks_inspect_a_4d_mask_once_per_forward(monkeypatch):
     q = torch.randn(B, H, L, D)
     vis = torch.ones(L, L, dtype=torch.bool).tril().expand(B, 1, L, L).clone()
     vis[1, :, :, 3:] = False
-    for root, window in ((_Root(None), None), (_Root(torch.ones(B, L, dtype=torch.bool)), 3)):
+    # no 2-D mask / one that does not cover the keys (a sliding-window cache's dropped keys)
+    for root in (_Root(None), _Root(torch.ones(B, L + 2, dtype=torch.bool))):
         calls.clear()
         for _ in range(3):  # three layers of one forward
-            kpm, causal, _, _ = masks.layer_masks(root, vis, True, q, q, q, window)
-        assert len(calls) == 1  # no 2-D mask / a window shorter than the keys: the 4-D mask
+            kpm, causal, _, _ = masks.layer_masks(root, vis, True, q, q, q)
+        assert len(calls) == 1
         assert causal and torch.equal(kpm, vis[:, 0, -1])
         root.mask_cache = {}  # the next forward (the model pre-hook resets it)
-        masks.layer_masks(root, vis, True, q, q, q, window)
+        masks.layer_masks(root, vis, True, q, q, q)
         assert len(calls) == 2

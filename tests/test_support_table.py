@@ -82,7 +82,7 @@ def test_table_has_every_family_and_method():
     assert rows[0] == "| Family | Prefix | Adapter | LoRA | BitFit | Prompt | Gates |"
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == list(sm.FAMILIES.values())
     assert all(r.count(" | ") == len(sm.METHODS) for r in rows)
-    assert "| gpt-oss | exact (HF cache) |" in t  # attention sinks on
+    assert "| gpt-oss | exact (HF cache); sliding window too |" in t  # sinks and a window on
     assert "| DeBERTa-v2 | refused: disentangled attention" in t
 
 
@@ -129,3 +129,11 @@ def test_readme_carries_the_current_table():
     assert support_table.main([str(readme), "--check"]) == 0, (
         "README.md's support table is stale: run `python scripts/support_table.py README.md`"
     )
+
+
+def test_sliding_window_notes_are_the_windowed_test_families():
+    """A prefix cell noting sliding windows names a family the windowed test runs."""
+    from tests.test_attention_contract import WINDOWED
+
+    noted = {k for k, m, c in CELLS if m == "prefix" and sm.WINDOW_NOTE in c.text()}
+    assert noted == set(WINDOWED)

@@ -35,6 +35,10 @@ IMPLEMENTED_KWARGS: frozenset[str] = frozenset(
         "scaling",  # softmax_scale (None: 1/sqrt(head_dim))
         "is_causal",  # transformers 5's causality override; 4.x GPT-2's sdpa dispatch hint
         "position_bias",  # T5's relative-position bias (attn_bias; prefix keys get 0)
+        # Sliding windows (Mistral, Qwen2/3, Gemma 2/3 local layers, gpt-oss), peft's way:
+        # the op's window= over token keys, the prefix (positions 0..P-1) windowed by a bias.
+        # On the sdpa fallback HF's mask carries the window.
+        "sliding_window",
     }
 )
 
@@ -61,12 +65,6 @@ REFUSED_WHEN_ON: dict[str, tuple[str, str]] = {
         "fallback)",
         "give every attention layer the prefix (PrefixConfig.layers), or train without the "
         "prefix (UniPELTConfig(prefix=None))",
-    ),
-    "sliding_window": (
-        "sliding-window attention with a window shorter than the keys (Mistral, Mixtral, "
-        "Qwen2/Qwen3 with use_sliding_window, the local layers of Gemma 2/3, gpt-oss)",
-        "the prefix kernels do not implement sliding windows yet; keep every sequence (cache "
-        "included) within the window, or train without the prefix (UniPELTConfig(prefix=None))",
     ),
     "output_attentions": (
         "output_attentions=True (attention probabilities as an output)",
@@ -124,11 +122,7 @@ IGNORED_KWARGS: dict[str, str] = {
 
 def _kwarg_is_off(name: str, value, key: torch.Tensor) -> bool:
     """Is this REFUSED_WHEN_ON argument off (it cannot change the result)?"""
-    if value is None or value is False:
-        return True
-    if name == "sliding_window":  # HF: query i sees key j iff i - j < window (bottom-right)
-        return isinstance(value, int) and value >= key.shape[-2]
-    return False
+    return value is None or value is False
 
 
 def _check_attention_kwargs(
@@ -136,22 +130,20 @@ def _check_attention_kwargs(
 ) -> None:
     """Refuse, before any launch, every argument this function would otherwise drop.
 
-    ``prefix`` False: the sdpa fallback (a module without a prefix), whose mask already
-    carries a sliding window."""
+    ``prefix`` False: the sdpa fallback (a module without a prefix)."""
     for name, value in kwargs.items():
         if name in IMPLEMENTED_KWARGS or name in IGNORED_KWARGS:
             continue
         where = f"{type(module).__name__} (model_type {_model_type(module)!r})"
         if name in REFUSED_WHEN_ON:
-            if _kwarg_is_off(name, value, key) or (name == "sliding_window" and not prefix):
+            if _kwarg_is_off(name, value, key):
                 continue
             if prefix and name in PREFIX_PATH_KWARGS:
                 continue
             feature, todo = REFUSED_WHEN_ON[name]
             shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
-            extra = f" (window {value} < {key.shape[-2]} keys)" if name == "sliding_window" else ""
             raise NotImplementedError(
-                f"unipelt attention: {where} passes {name}={shown}{extra}: {feature} is not "
+                f"unipelt attention: {where} passes {name}={shown}: {feature} is not "
                 f"supported by the unipelt attention; {todo}. See docs/attention-contract.md"
             )
         raise NotImplementedError(
@@ -172,6 +164,34 @@ def _tf_major() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
+
+
+def prefix_window_bias(
+    query: torch.Tensor, n_prefix: int, n_keys: int, window: int | None
+) -> torch.Tensor | None:
+    """peft's sliding window over the prefix, as an additive (1, 1, Lq, P + Lk) bias, or None
+    when every query sees every prefix key (decided from shapes: no host read).
+
+    peft feeds the prefix as cached keys at positions 0..P-1 and the tokens at P.., so HF's
+    window (query at position P + t sees position s iff P + t - s < window) reaches the
+    prefix too: prefix key p is visible to token query t = i + Lk - Lq iff P + t - p < window.
+    The op's ``window=`` keeps prefix keys visible and windows token keys by the same rule
+    (both shifted by P). Masked prefix columns get finfo(float32).min (finite: the online
+    softmax needs it; float32 so that a half-precision sum cannot overflow to -inf), token
+    columns 0. A sliding-window cache that dropped keys holds window - 1 of them before the
+    queries, and then no prefix key is visible to any query whatever their true positions:
+    the key indices are exact enough."""
+    Lq = query.shape[2]
+    P = n_prefix
+    # the largest P + t - p: the last query (t = Lk - 1) against prefix key 0
+    if window is None or P == 0 or P + n_keys - 1 < window:
+        return None
+    dev = query.device
+    t = torch.arange(Lq, device=dev)[:, None] + (n_keys - Lq)
+    p = torch.arange(P, device=dev)[None, :]
+    bias = torch.zeros(Lq, P + n_keys, device=dev)
+    bias[:, :P].masked_fill_(P + t - p >= window, torch.finfo(torch.float32).min)
+    return bias[None, None]  # the op reads the broadcast dims with stride 0
 
 
 def unipelt_attention(
@@ -203,12 +223,31 @@ def unipelt_attention(
     if is_causal is not None and (attention_mask is None or _tf_major() >= 5):
         causal = bool(is_causal)
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window is not None and not causal and window < key.shape[2]:
+        # the op's window limits keys from below only (a causal model's); a bidirectional
+        # one (ModernBERT's local layers: |i - j| < window) would be silently wrong
+        raise NotImplementedError(
+            f"unipelt attention: {type(module).__name__} (model_type {_model_type(module)!r}) "
+            f"passes sliding_window={window} ({key.shape[2]} keys) on bidirectional attention: "
+            "a two-sided sliding-window attention (ModernBERT's local layers) is not supported "
+            "with a prefix; train this model without the prefix (UniPELTConfig(prefix=None)), "
+            "or keep sequences within the window. See docs/attention-contract.md"
+        )
     position_bias = kwargs.get("position_bias")  # T5: (1 or B, H, Lq, Lk), no mask in it
     kpm, causal, key, value = layer_masks(
-        root, attention_mask, causal, query, key, value, window, site.keys_of
+        root, attention_mask, causal, query, key, value, site.keys_of
     )
     pk, pv = root.layer_prefix(site.index)
-    attn_bias = None
+    # peft's prefix window is a causal model's (past keys at positions 0..P-1); a bidirectional
+    # model's window reaching every token key (else refused above) leaves the prefix visible
+    attn_bias = prefix_window_bias(query, pk.shape[2], key.shape[2], window) if causal else None
+    if window is not None and window >= key.shape[2]:
+        window = None  # no token key outside it: the op's fast path
+    if position_bias is not None and (window is not None or attn_bias is not None):
+        raise NotImplementedError(
+            "unipelt attention: a relative position bias together with a sliding window "
+            "(no transformers family passes both)"
+        )
     if position_bias is not None:
         # Token keys keep their relative positions; prefix keys get 0. Under PEFT the bias
         # is frozen, and kernel backends take no bias gradient: detach for them.
@@ -242,6 +281,7 @@ def unipelt_attention(
         # Gemma 2's cap on every logit, prefix included; gpt-oss's per-head sink logits.
         softcap=kwargs.get("softcap"),
         sinks=kwargs.get("s_aux", kwargs.get("sinks")),
+        window=window,
         backend=root.backend,
     )
     # out has query's layout ((B, L, H, D) underneath for HF), so this copies nothing.

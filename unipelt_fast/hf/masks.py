@@ -73,7 +73,6 @@ def layer_masks(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    sliding_window: int | None = None,
     keys_of: str = "enc",
 ):
     """(key_padding_mask or None, causal, k, v) for one layer, with no host read per layer.
@@ -81,17 +80,18 @@ def layer_masks(
     With the forward's 2-D mask covering every key (the usual case, KV cache included) the
     padding mask is that mask and ``causal`` the module's: nothing is read on the host and
     the 4-D mask HF built from it is not inspected. A 2-D mask is passed even when it has no
-    padding (knowing that would need a host read). Otherwise (a 4-D mask from the caller, a
-    static cache whose slots outnumber the mask, a sliding window shorter than the keys)
-    the 4-D mask is inspected with :func:`convert_mask`, once per forward per mask.
+    padding (knowing that would need a host read). Sliding-window layers take this path too:
+    the window goes to the op (``window=``), HF's window being over cache positions, which
+    are the key indices here (left padding included). Otherwise (a 4-D mask from the caller,
+    a static cache whose slots outnumber the mask, a sliding-window cache that dropped old
+    keys) the 4-D mask is inspected with :func:`convert_mask`, once per forward per mask.
     Encoder-decoders: ``keys_of`` "dec" (decoder self-attention) takes the decoder's 2-D
     mask; encoder self- and cross-attention keys are the encoder's tokens.
     """
     B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     cache = root.mask_cache
     m2 = root.dec_mask2d if keys_of == "dec" else root.mask2d
-    windowed = sliding_window is not None and Lk > sliding_window
-    if m2 is not None and m2.shape[1] == Lk and B % m2.shape[0] == 0 and not windowed:
+    if m2 is not None and m2.shape[1] == Lk and B % m2.shape[0] == 0:
         key = ("2d", keys_of, B, Lk, q.device)
         kpm = cache.get(key)
         if kpm is None:

@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-
 from unipelt_fast.kernels import prefix_attention as kpa
 
 # (arch, head dim, variant) -> tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) that spilled
@@ -114,11 +113,15 @@ def test_attn_bias_forward_compiles_without_spills(tmp_path):
     for r in rows:
         assert r["variant"]["attn_bias"] and r["kernel"] == "_fwd_kernel", r
         c = r["config"]
-        got[r["arch"], r["dtype"]].add((c["BLOCK_M"], c["BLOCK_N"], r["num_warps"], r["num_stages"]))
+        got[r["arch"], r["dtype"]].add(
+            (c["BLOCK_M"], c["BLOCK_N"], r["num_warps"], r["num_stages"])
+        )
     # Every candidate was compiled: the rows are the launcher's set for each arch and dtype.
     for arch in (80, 90):
         for dt, t in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
             assert got[f"sm_{arch}", dt] == set(kpa.fwd_candidates(t, 64, arch, False, True))
-    spills = [(r["arch"], r["dtype"], r["config"], r["spill_bytes"]) for r in rows if r["spill_bytes"]]
+    spills = [
+        (r["arch"], r["dtype"], r["config"], r["spill_bytes"]) for r in rows if r["spill_bytes"]
+    ]
     assert not spills, spills
     assert all(r["regs"] <= 255 and r["fits"] for r in rows)

@@ -30,8 +30,8 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
-from typing import Any
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import torch
 
@@ -581,10 +581,14 @@ def run(args: argparse.Namespace) -> int:
     only = None
     if args.op or args.dtype or args.head_dim or args.variant:
         hds = [int(x) for x in split(args.head_dim)] if args.head_dim else None
-        only = select(cases(args.quick), split(args.op), split(args.dtype), hds, split(args.variant))
+        only = select(
+            cases(args.quick), split(args.op), split(args.dtype), hds, split(args.variant)
+        )
     flags = None if args.flag_cost in (None, "all") else split(args.flag_cost)
-    rows = collect(archs, args.quick, args.jobs, args.cache or None, progress, only,
-                   split(args.kernel), flag_cost=args.flag_cost is not None, flags=flags)  # fmt: skip
+    rows = collect(
+        archs, args.quick, args.jobs, args.cache or None, progress, only, split(args.kernel),
+        flag_cost=args.flag_cost is not None, flags=flags,
+    )  # fmt: skip
     if args.flag_cost is not None:
         print(flag_cost_table(rows))
         print(f"{len(rows)} rows")

@@ -20,6 +20,9 @@ import pytest
 import torch
 from unipelt_fast.kernels import prefix_attention as kpa
 
+import unipelt_fast as uf
+from tests.parity import check_parity, prefix_attention_case
+
 # (arch, head dim, variant) -> tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) that spilled
 # in fp16 or bf16 (per-thread spill stores in the comment, the most over dtypes).
 KNOWN_SPILLS: dict[tuple[int, int, str], list[tuple[int, int, int, int]]] = {
@@ -93,6 +96,23 @@ def test_attn_bias_candidates_are_their_own_and_few():
     assert kpa.fwd_candidates(torch.float32, 64, 90, False, True) == [
         kpa.gpu_configs(torch.float32, 64)["fwd"]
     ]
+
+
+BIAS_TILES = sorted({(bm, bn) for tiles in kpa.BIAS_FWD.values() for bm, bn, _, _ in tiles})
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("tile", BIAS_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_attn_bias_tiles_interpreter(tile, monkeypatch):
+    """The attn_bias forward at each of its GPU tiles (two query blocks and a ragged key
+    block, a 32-wide prefix tile for P = 20, causal, padding, gate) matches the reference."""
+    real = kpa._configs
+    monkeypatch.setattr(kpa, "_configs", lambda q, D: {**real(q, D), "fwd": (*tile, 4, 2)})
+    case = prefix_attention_case(
+        B=2, H=2, Hkv=1, Lq=tile[0] + 9, Lk=tile[1] + 5, P=20, D=32, causal=True, mask=True,
+        gate="b2", bias="1hqk",
+    )  # fmt: skip
+    check_parity(uf.prefix_attention, case, torch.float16, "triton")
 
 
 def test_attn_bias_forward_compiles_without_spills(tmp_path):

@@ -996,7 +996,7 @@ def fwd_candidates(
     arch in fp16/bf16 (``unipelt-fast resources`` reports every one; autotuning also drops
     a candidate whose compile spills, see ``_autotune``); 128-wide key tiles halve the
     online-softmax rescales per key. 128x128 at D = 128 spills on sm_80 (255 registers,
-    128 B) but not on sm_90. With ``dropout`` (the Philox keep-masks hold many more
+    128 B), and on sm_90 at D = 80 (48-128 B) and D = 128 without causal (44 B). With ``dropout`` (the Philox keep-masks hold many more
     registers) the default and most large tiles spill, so the set is the tiles that do not,
     for that arch (sm_90 D=64: 128x64 268 B, 128x128 240-272 B; sm_80 D=128: 128x64
     2.5 KB). With ``attn_bias``, ``BIAS_FWD``'s tiles for the arch (its first the default)."""
@@ -1014,10 +1014,8 @@ def fwd_candidates(
         return [(64, 64, 4, 3), (64, 128, 8, 2)]
     if bd <= 64:
         extra = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
-    else:
+    else:  # 128x128 spills here on sm_90 too (D=80: up to 128 B; D=128 non-causal: 44 B)
         extra = [(64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2)]
-        if arch >= 90:
-            extra.insert(0, (128, 128, 8, 2))
     return [default] + [c for c in extra if c != default]
 
 

@@ -111,3 +111,18 @@ def test_arch_option_is_checked():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode != 0 and "sm_75" in res.stderr + res.stdout
+
+
+def test_select_and_flag_cost_table():
+    """The report's filters keep what they name; the flag-cost table shows on/off and the
+    difference (hand-made rows)."""
+    sel = resources.select(resources.cases(), ["prefix_attention"], ["bf16"], [64], ["attn_bias"])
+    assert len(sel) == 1 and sel[0].label["attn_bias"] and sel[0].head_dim == 64
+    assert not resources.select(resources.cases(), ["gated_adapter"], None, [64])  # no head dim
+    row = {"op": "prefix_attention", "kernel": "_fwd_kernel", "arch": "sm_80", "dtype": "bf16",
+           "head_dim": 128, "config": {"BLOCK_M": 128, "BLOCK_N": 32, "HAS_BIAS": True},
+           "num_warps": 8, "num_stages": 3, "regs": 255, "spill_bytes": 88,
+           "shared_bytes": 72 * 1024,
+           "without": {"HAS_BIAS": {"regs": 190, "spill_bytes": 0, "shared_bytes": 64 * 1024}}}  # fmt: skip
+    line = resources.flag_cost_table([row]).splitlines()[1].split()
+    assert line[-6:] == ["HAS_BIAS", "255/190", "88/0", "72.0/64.0", "+65", "+8.0"], line

@@ -30,6 +30,7 @@ KNOWN_SPILLS: dict[tuple[int, int, str], list[tuple[int, int, int, int]]] = {
     (80, 128, "plain"): [(128, 128, 8, 2)],  # 128 B
     (90, 80, "plain"): [(128, 128, 8, 2)],  # 128 B (causal off; 48 B all on)
     (90, 128, "plain"): [(128, 128, 8, 2)],  # 44 B (causal off)
+    (90, 80, "dropout"): [(64, 64, 4, 3)],  # 24 B
     # attn_bias with the plain tiles (and a few tried for it)
     (80, 64, "attn_bias"): [
         (128, 128, 8, 2),  # 3708 B

@@ -1012,8 +1012,9 @@ def fwd_candidates(
         if arch >= 90:  # 64x64 spills 24 B where D is padded (D = 80)
             return [default, (128, 32, 8, 3)] + ([(64, 64, 4, 3)] if bd == D else [])
         return [(64, 64, 4, 3), (64, 128, 8, 2)]
-    if bd <= 64:
-        extra = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
+    if bd <= 64:  # 128x128 w8 s2 spills 8 B on sm_80 (without causal)
+        extra = [(128, 128, 8, 2)] if arch >= 90 else []
+        extra += [(128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
     else:  # 128x128 spills here on sm_90 too (D=80: up to 128 B; D=128 non-causal: 44 B)
         extra = [(64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2)]
     return [default] + [c for c in extra if c != default]

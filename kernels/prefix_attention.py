@@ -1127,34 +1127,49 @@ def gpu_configs(dtype: torch.dtype, D: int) -> dict[str, tuple[int, int, int, in
     return {**c, "psum": (512, 64, 4, 3)}
 
 
+# The attn_bias forward's tiles (HAS_BIAS: its (BLOCK_M, BLOCK_N) bias tile and pointers
+# hold as many registers again as the logits). With the plain set, nearly every candidate
+# spilled: the 128x64 default up to 10 KB per thread on sm_80 and 8-60 B on sm_90, 64x64
+# with 4 warps 8-44 B, 128x128 up to 544 B (docs/resources.md has the table). These are the
+# tiles that compile without spills (bf16/fp16, D = 64, 80, 128), first the default.
+BIAS_FWD = {
+    (64, 80): [(128, 32, 8, 2), (64, 64, 4, 1), (64, 32, 4, 2)],
+    (64, 90): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+    (128, 80): [(64, 64, 8, 2), (64, 32, 4, 2)],
+    (128, 90): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+}
+
+
 def fwd_candidates(
-    dtype: torch.dtype, D: int, arch: int = 90, dropout: bool = False
+    dtype: torch.dtype, D: int, arch: int = 90, dropout: bool = False, attn_bias: bool = False
 ) -> list[tuple[int, int, int, int]]:
     """The forward's autotuning set (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU of
     compute capability ``arch`` (80 for sm_80...), the ``gpu_configs`` default first, so
     autotuning never picks something slower than it. Each compiles without spills for its
-    arch in fp16/bf16 (``unipelt-fast resources`` reports every one); 128-wide key tiles
-    halve the online-softmax rescales per key. 128x128 at D = 128 spills on sm_80 (255
-    registers, 128 B) but not on sm_90. With ``dropout`` (the Philox keep-masks hold many
-    more registers) the default and most large tiles spill, so the set is the tiles that
-    do not, for that arch (sm_90 D=64: 128x64 268 B, 128x128 240-272 B; sm_80 D=128:
-    128x64 2.5 KB)."""
+    arch in fp16/bf16 (``unipelt-fast resources`` reports every one; autotuning also drops
+    a candidate whose compile spills, see ``_autotune``); 128-wide key tiles halve the
+    online-softmax rescales per key. 128x128 at D = 128 spills on sm_80 (255 registers,
+    128 B), and on sm_90 at D = 80 (48-128 B) and D = 128 without causal (44 B). With ``dropout`` (the Philox keep-masks hold many more
+    registers) the default and most large tiles spill, so the set is the tiles that do not,
+    for that arch (sm_90 D=64: 128x64 268 B, 128x128 240-272 B; sm_80 D=128: 128x64
+    2.5 KB). With ``attn_bias``, ``BIAS_FWD``'s tiles for the arch (its first the default)."""
     default = gpu_configs(dtype, D)["fwd"]
     bd = _block_d(D)
     if dtype == torch.float32 or bd > 128:
         return [default]
+    if attn_bias:  # with dropout too: the bias tiles (the report's matrix has no such row)
+        return list(BIAS_FWD[(bd if bd > 64 else 64, 90 if arch >= 90 else 80)])
     if dropout:
         if bd <= 64:
             return [(128, 32, 4, 3)] + ([(64, 64, 4, 3)] if arch >= 90 else [])
-        if arch >= 90:
-            return [default, (128, 32, 8, 3), (64, 64, 4, 3)]
+        if arch >= 90:  # 64x64 spills 24 B where D is padded (D = 80)
+            return [default, (128, 32, 8, 3)] + ([(64, 64, 4, 3)] if bd == D else [])
         return [(64, 64, 4, 3), (64, 128, 8, 2)]
-    if bd <= 64:
-        extra = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
-    else:
+    if bd <= 64:  # 128x128 w8 s2 spills 8 B on sm_80 (without causal)
+        extra = [(128, 128, 8, 2)] if arch >= 90 else []
+        extra += [(128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
+    else:  # 128x128 spills here on sm_90 too (D=80: up to 128 B; D=128 non-causal: 44 B)
         extra = [(64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2)]
-        if arch >= 90:
-            extra.insert(0, (128, 128, 8, 2))
     return [default] + [c for c in extra if c != default]
 
 
@@ -1296,10 +1311,11 @@ def forward(a: PrefixAttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
     )  # fmt: skip
     features = _feature_args(a, q)
 
-    def launch(cfg: tuple[int, int, int, int]) -> None:
+    def launch(cfg: tuple[int, int, int, int]) -> object:
         BM, BN, warps, stages = cfg
         grid = (triton.cdiv(Lq, BM), H, B)
-        _fwd_kernel[grid](
+        # The compiled kernel: autotuning drops a candidate whose compile spills.
+        return _fwd_kernel[grid](
             q, k, v, prefix_k, prefix_v, prefix_index, gate, kpm, bias, seed_t, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
             kpm.stride(0) if key_padding_mask is not None else 0,
@@ -1313,7 +1329,7 @@ def forward(a: PrefixAttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
     if _interpreting(q):
         cands = [_configs(q, D)["fwd"]]
     else:
-        cands = fwd_candidates(q.dtype, D, _arch(q.device), dropout_p > 0)
+        cands = fwd_candidates(q.dtype, D, _arch(q.device), dropout_p > 0, attn_bias is not None)
     key = (q.dtype, D, H // Hkv, _bucket(P), _bucket(Lq), _bucket(Lk), *flags.values())
     launch(_autotune.choose("prefix_attention.fwd", key, cands, launch))
     return out, lse

@@ -48,3 +48,27 @@ def test_record_all_launches_every_other_candidate(monkeypatch):
 def test_no_configs_is_an_error():
     with pytest.raises(ValueError, match="no candidate configs"):
         _autotune.choose("k", 0, [], lambda c: None)
+
+
+def test_spilling_candidates_are_never_kept(monkeypatch):
+    """A candidate whose compiled kernel spills (ptxas's n_spills, on what ``launch``
+    returns) is dropped however fast it times; if every one spills, the default is kept."""
+    import triton.testing
+
+    class Kernel:
+        def __init__(self, n_spills):
+            self.n_spills = n_spills
+
+    ms = {"a": 3.0, "b": 1.0, "c": 2.0}  # b is fastest but spills
+    spill = {"a": 0, "b": 128, "c": 0}
+    current = []
+
+    def launch(c):
+        current[:] = [c]
+        return Kernel(spill[c])
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda f, **kw: (f(), ms[current[0]])[1])
+    assert _autotune.choose("k", 0, ["a", "b", "c"], launch) == "c"
+    spill.update(a=8, c=8)
+    assert _autotune.choose("k", 1, ["a", "b", "c"], launch) == "a"
+    assert _autotune.spills([Kernel(0), Kernel(4)]) and not _autotune.spills(None)

@@ -56,6 +56,14 @@ def _report(tmp_path, *extra: str) -> list[dict]:
 
 def _check(rows: list[dict]) -> None:
     assert {r["kernel"] for r in rows} >= _launched_kernels()
+    # No register spills in prefix attention in half precision up to head dim 128
+    # (tests/test_fwd_spills.py). Not yet asserted elsewhere: gated_adapter's
+    # _ga_bwd_cols_kernel spills 4 B on sm_90 in bf16 (d=4096, r=256, mixed tasks).
+    spills = [(r["kernel"], r["arch"], r["dtype"], r["head_dim"], r["variant"], r["config"],
+               r["spill_bytes"]) for r in rows if r["spill_bytes"]
+              and r["op"] == "prefix_attention" and r["dtype"] in ("fp16", "bf16")
+              and r["head_dim"] <= 128]  # fmt: skip
+    assert not spills, spills
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     bad = [r for r in rows if not r["fits"]]
     assert not bad, bad
@@ -106,3 +114,18 @@ def test_arch_option_is_checked():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode != 0 and "sm_75" in res.stderr + res.stdout
+
+
+def test_select_and_flag_cost_table():
+    """The report's filters keep what they name; the flag-cost table shows on/off and the
+    difference (hand-made rows)."""
+    sel = resources.select(resources.cases(), ["prefix_attention"], ["bf16"], [64], ["attn_bias"])
+    assert len(sel) == 1 and sel[0].label["attn_bias"] and sel[0].head_dim == 64
+    assert not resources.select(resources.cases(), ["gated_adapter"], None, [64])  # no head dim
+    row = {"op": "prefix_attention", "kernel": "_fwd_kernel", "arch": "sm_80", "dtype": "bf16",
+           "head_dim": 128, "config": {"BLOCK_M": 128, "BLOCK_N": 32, "HAS_BIAS": True},
+           "num_warps": 8, "num_stages": 3, "regs": 255, "spill_bytes": 88,
+           "shared_bytes": 72 * 1024,
+           "without": {"HAS_BIAS": {"regs": 190, "spill_bytes": 0, "shared_bytes": 64 * 1024}}}  # fmt: skip
+    line = resources.flag_cost_table([row]).splitlines()[1].split()
+    assert line[-6:] == ["HAS_BIAS", "255/190", "88/0", "72.0/64.0", "+65", "+8.0"], line

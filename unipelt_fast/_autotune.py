@@ -2,7 +2,9 @@
 
 A launcher hands ``choose`` its candidate configs (first = the default, today's hand-picked
 one) and a ``launch(config)`` closure. On a GPU, the first call of each key times every
-candidate with ``triton.testing.do_bench`` and keeps the fastest; later calls are a dict
+candidate with ``triton.testing.do_bench`` and keeps the fastest, except that a candidate
+whose compile spills registers (``launch`` returns ``kernel[grid](...)``'s compiled kernel)
+or does not fit is never kept (if none is left: the default); later calls are a dict
 lookup (no sync). So a key costs one compile and a few timed launches per candidate, once
 per process. The launched kernels must be idempotent over their outputs (every output
 element written, nothing accumulated), which is what makes the timed launches harmless.
@@ -56,10 +58,21 @@ def _fastest(configs: Sequence[C], launch: Callable[[C], None]) -> int:
     times = []
     for c in configs:
         try:
+            if spills(launch(c)):  # the compile of this GPU spills registers: never chosen
+                times.append(math.inf)
+                continue
             times.append(do_bench(lambda c=c: launch(c), warmup=5, rep=25))
         except OutOfResources:  # e.g. too much shared memory on this GPU: never chosen
             times.append(math.inf)
-    return min(range(len(configs)), key=times.__getitem__)
+    return min(range(len(configs)), key=times.__getitem__)  # all inf: the default
+
+
+def spills(launched: object) -> bool:
+    """Whether what a ``launch(config)`` returned (Triton's compiled kernel, as
+    ``kernel[grid](...)`` returns it, or a list of them; None where the launcher returns
+    nothing) spills registers, by ptxas's count."""
+    kernels = launched if isinstance(launched, (list, tuple)) else [launched]
+    return any((getattr(k, "n_spills", 0) or 0) > 0 for k in kernels)
 
 
 def chosen() -> dict[str, object]:

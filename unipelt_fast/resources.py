@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import torch
 
@@ -326,7 +327,7 @@ def fits(row: dict) -> bool:
     return row["shared_bytes"] <= LIMITS[row["arch_cc"]]["shared_block"] and regs <= MAX_REGS
 
 
-def _job_key(job: dict) -> str:
+def _job_key(job: dict, fn: Any) -> str:
     import triton
 
     blob = json.dumps(
@@ -336,8 +337,34 @@ def _job_key(job: dict) -> str:
          sorted((k, repr(v)) for k, v in job["options"].items())],
         default=repr,
     )  # fmt: skip
-    src = open(_kmod(job["module"]).__file__, "rb").read()
+    # Triton's own key of the kernel's source and of every jit function and global it uses:
+    # editing a launcher's tables does not throw away the cached compiles.
+    src = fn.cache_key.encode()
     return hashlib.sha256(blob.encode() + src).hexdigest()[:32]
+
+
+def select(
+    all_cases: list[Case],
+    ops: Iterable[str] | None = None,
+    dtypes: Iterable[str] | None = None,
+    head_dims: Iterable[int] | None = None,
+    variants: Iterable[str] | None = None,
+) -> list[Case]:
+    """The cases of ``all_cases`` with an op in ``ops``, a dtype in ``dtypes``, a head dim in
+    ``head_dims`` (cases without one are dropped when it is given) and every flag named in
+    ``variants`` on; None keeps all."""
+    ops, dtypes = (set(x) if x is not None else None for x in (ops, dtypes))
+    hds = set(head_dims) if head_dims is not None else None
+    out = []
+    for c in all_cases:
+        if ops is not None and c.op not in ops or dtypes is not None and c.dtype not in dtypes:
+            continue
+        if hds is not None and c.head_dim not in hds:
+            continue
+        if variants is not None and not all(c.label.get(v) for v in variants):
+            continue
+        out.append(c)
+    return out
 
 
 def collect(
@@ -346,26 +373,37 @@ def collect(
     jobs: int = 2,
     cache: str | None = None,
     progress: Callable[[str], None] | None = None,
+    only: list[Case] | None = None,
+    kernels: Iterable[str] | None = None,
+    flag_cost: bool = False,
+    flags: Iterable[str] | None = None,
 ) -> list[dict]:
     """Every row of the report (see the module docstring). ``cache``: a directory where
     compiled results are kept between runs (keyed by triton version, kernel source and the
-    full specialisation)."""
+    full specialisation). ``only``: these cases instead of ``cases(quick)`` (see
+    ``select``); ``kernels``: compile only the launches of these kernels. ``flag_cost``: each
+    launch is also compiled with each bool constexpr that is on (those in ``flags``, or all)
+    switched off, into the row's ``without`` {flag: {regs, spill_bytes, shared_bytes}}."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("resources: run without TRITON_INTERPRET=1 (it compiles for GPUs)")
     pending: dict[str, dict] = {}
-    rows: list[tuple[dict, str]] = []
-    for case in cases(quick):
+    rows: list[tuple[dict, str, dict[str, str]]] = []
+    only_flags = set(flags) if flags is not None else None
+    want = set(kernels) if kernels is not None else None
+    for case in cases(quick) if only is None else only:
         seen = set()
         for arch in archs:
             launches: list = []
             with _recording(launches, arch):  # what a launch on this arch would run
                 case.run()
             for name, fn, args, kwargs in launches:
+                if want is not None and name not in want:
+                    continue
                 options, sig, consts, attrs = _specialise(fn, args, kwargs, arch)
                 mod = fn.__module__.rsplit(".", 1)[-1]
                 job = dict(module=mod, kernel=name, arch=arch, signature=sig,
                            constexprs=consts, attrs=attrs, options=options)  # fmt: skip
-                key = _job_key(job)
+                key = _job_key(job, fn)
                 if (key, arch) in seen:  # e.g. the two _task_sum_kernel launches
                     continue
                 seen.add((key, arch))
@@ -380,7 +418,15 @@ def collect(
                     "config": _config(fn, consts),
                     "arch_cc": arch,
                 }
-                rows.append((row, key))
+                off: dict[str, str] = {}
+                for flag, v in row["config"].items() if flag_cost else ():
+                    if v is not True or only_flags is not None and flag not in only_flags:
+                        continue
+                    idx = (fn.arg_names.index(flag),)
+                    job_off = {**job, "constexprs": {**consts, idx: False}}
+                    off[flag] = _job_key(job_off, fn)
+                    pending.setdefault(off[flag], job_off)
+                rows.append((row, key, off))
     results: dict[str, dict] = {}
     if cache:
         os.makedirs(cache, exist_ok=True)
@@ -408,8 +454,13 @@ def collect(
                     if progress:
                         progress(f"{job['kernel']} sm_{job['arch']}")
     out = []
-    for row, key in rows:
+    for row, key, off in rows:
         r = {**row, **results[key]}
+        if off:
+            r["without"] = {
+                f: {k: results[fk][k] for k in ("regs", "spill_bytes", "shared_bytes")}
+                for f, fk in off.items()
+            }
         r["blocks_per_sm"] = blocks_per_sm(
             r["arch_cc"], r["regs"], r["shared_bytes"], r["num_warps"]
         )
@@ -454,11 +505,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(fmt(x) for x in lines)
 
 
+def flag_cost_table(rows: list[dict]) -> str:
+    """One line per (row, flag): registers, spills and shared memory with the flag on and
+    off (the same launch otherwise), and the difference."""
+    head = ("op", "kernel", "arch", "dtype", "D", "config", "warps", "stages", "flag",
+            "regs on/off", "spill on/off", "smem KB on/off", "d regs", "d smem KB")  # fmt: skip
+    lines = [head]
+    for r in rows:
+        for flag, w in r.get("without", {}).items():
+            cfg = {k: v for k, v in r["config"].items() if k != flag}
+            lines.append((
+                r["op"], r["kernel"], r["arch"], r["dtype"], str(r["head_dim"] or "-"),
+                _fmt_config(cfg), str(r["num_warps"]), str(r["num_stages"]), flag,
+                f"{r['regs']}/{w['regs']}", f"{r['spill_bytes']}/{w['spill_bytes']}",
+                f"{r['shared_bytes'] / 1024:.1f}/{w['shared_bytes'] / 1024:.1f}",
+                f"{(r['regs'] or 0) - (w['regs'] or 0):+d}",
+                f"{(r['shared_bytes'] - w['shared_bytes']) / 1024:+.1f}",
+            ))  # fmt: skip
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    fmt = lambda x: "  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip()
+    return "\n".join(fmt(x) for x in lines)
+
+
 def public_row(r: dict) -> dict:
     keys = ("op", "kernel", "arch", "dtype", "head_dim", "variant", "config", "regs",
             "spill_bytes", "shared_bytes", "num_warps", "num_stages", "blocks_per_sm",
-            "fits")  # fmt: skip
-    return {k: r[k] for k in keys}
+            "fits", "without")  # fmt: skip
+    return {k: r[k] for k in keys if k in r}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -476,6 +549,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="results kept between runs ('' for none)",
     )
     p.add_argument("--only-problems", action="store_true", help="table: rows that spill or misfit")
+    p.add_argument("--op", help="comma list: only these ops (e.g. prefix_attention)")
+    p.add_argument("--kernel", help="comma list: only these kernels (e.g. _fwd_kernel)")
+    p.add_argument("--dtype", help="comma list of fp16, bf16, fp32")
+    p.add_argument("--head-dim", help="comma list: only attention cases of these head dims")
+    p.add_argument(
+        "--variant", help="comma list of flags (e.g. attn_bias): only cases with all of them on"
+    )
+    p.add_argument(
+        "--flag-cost",
+        nargs="?",
+        const="all",
+        metavar="FLAGS",
+        help="also compile each launch with each of its on flags (bool constexprs, e.g. "
+        "HAS_BIAS; comma list, default all) off: what each flag costs",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -494,7 +582,25 @@ def run(args: argparse.Namespace) -> int:
         n[0] += 1
         print(f"[compiled {n[0]}] {desc}", file=sys.stderr, flush=True)
 
-    rows = collect(archs, args.quick, args.jobs, args.cache or None, progress)
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    only = None
+    if args.op or args.dtype or args.head_dim or args.variant:
+        hds = [int(x) for x in split(args.head_dim)] if args.head_dim else None
+        only = select(
+            cases(args.quick), split(args.op), split(args.dtype), hds, split(args.variant)
+        )
+    flags = None if args.flag_cost in (None, "all") else split(args.flag_cost)
+    rows = collect(
+        archs, args.quick, args.jobs, args.cache or None, progress, only, split(args.kernel),
+        flag_cost=args.flag_cost is not None, flags=flags,
+    )  # fmt: skip
+    if args.flag_cost is not None:
+        print(flag_cost_table(rows))
+        print(f"{len(rows)} rows")
+        if args.json:
+            _atomic.write_text(args.json, json.dumps([public_row(r) for r in rows], indent=1))
+            print(f"wrote {args.json}")
+        return 0
     shown = [r for r in rows if not r["fits"] or r["spill_bytes"]] if args.only_problems else rows
     print(table(shown))
     bad = [r for r in rows if not r["fits"]]

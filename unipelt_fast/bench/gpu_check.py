@@ -781,7 +781,7 @@ def count_variants(arch: int = 90) -> dict[str, int]:
             options, sig, consts, attrs = resources._specialise(fn, a, kw, arch)
             job = dict(module=fn.__module__.rsplit(".", 1)[-1], kernel=_name, arch=arch,
                        signature=sig, constexprs=consts, attrs=attrs, options=options)  # fmt: skip
-            keys[stage].add((_name, resources._job_key(job)))
+            keys[stage].add((_name, resources._job_key(job, fn)))
 
     cpu = torch.device("cpu")
     # bias_only_linear's GEMM is the vendor's (no Triton compile); at stage B's size it

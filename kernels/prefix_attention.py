@@ -1141,7 +1141,12 @@ BIAS_FWD = {
 
 
 def fwd_candidates(
-    dtype: torch.dtype, D: int, arch: int = 90, dropout: bool = False, attn_bias: bool = False
+    dtype: torch.dtype,
+    D: int,
+    arch: int = 90,
+    dropout: bool = False,
+    attn_bias: bool = False,
+    features: bool = False,
 ) -> list[tuple[int, int, int, int]]:
     """The forward's autotuning set (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU of
     compute capability ``arch`` (80 for sm_80...), the ``gpu_configs`` default first, so
@@ -1152,7 +1157,10 @@ def fwd_candidates(
     128 B), and on sm_90 at D = 80 (48-128 B) and D = 128 without causal (44 B). With ``dropout`` (the Philox keep-masks hold many more
     registers) the default and most large tiles spill, so the set is the tiles that do not,
     for that arch (sm_90 D=64: 128x64 268 B, 128x128 240-272 B; sm_80 D=128: 128x64
-    2.5 KB). With ``attn_bias``, ``BIAS_FWD``'s tiles for the arch (its first the default)."""
+    2.5 KB). With ``attn_bias``, ``BIAS_FWD``'s tiles for the arch (its first the default).
+    With ``features`` (softcap, sinks or window on) at D > 64, the tiles that spilled with
+    all three on are left out: 64x128 w8 s2 (4 B on sm_90, D = 80 and 128) and, on sm_80,
+    the 128x64 default (4 B at D = 80; 128x32 w8 s3 goes first)."""
     default = gpu_configs(dtype, D)["fwd"]
     bd = _block_d(D)
     if dtype == torch.float32 or bd > 128:
@@ -1170,6 +1178,10 @@ def fwd_candidates(
         extra += [(128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
     else:  # 128x128 spills here on sm_90 too (D=80: up to 128 B; D=128 non-causal: 44 B)
         extra = [(64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2)]
+        if features:
+            extra.remove((64, 128, 8, 2))
+            if arch < 90:
+                default = (128, 32, 8, 3)
     return [default] + [c for c in extra if c != default]
 
 
@@ -1329,7 +1341,10 @@ def forward(a: PrefixAttentionArgs) -> tuple[torch.Tensor, torch.Tensor]:
     if _interpreting(q):
         cands = [_configs(q, D)["fwd"]]
     else:
-        cands = fwd_candidates(q.dtype, D, _arch(q.device), dropout_p > 0, attn_bias is not None)
+        on = a.softcap is not None or a.sinks is not None or a.window is not None
+        cands = fwd_candidates(
+            q.dtype, D, _arch(q.device), dropout_p > 0, attn_bias is not None, features=on
+        )
     key = (q.dtype, D, H // Hkv, _bucket(P), _bucket(Lq), _bucket(Lk), *flags.values())
     launch(_autotune.choose("prefix_attention.fwd", key, cands, launch))
     return out, lse

@@ -32,6 +32,10 @@ KNOWN_SPILLS: dict[tuple[int, int, str], list[tuple[int, int, int, int]]] = {
     (90, 80, "plain"): [(128, 128, 8, 2)],  # 128 B (causal off; 48 B all on)
     (90, 128, "plain"): [(128, 128, 8, 2)],  # 44 B (causal off)
     (90, 80, "dropout"): [(64, 64, 4, 3)],  # 24 B
+    # softcap, sinks and window all on
+    (80, 80, "features"): [(128, 64, 8, 3)],  # 4 B
+    (90, 80, "features"): [(64, 128, 8, 2)],  # 4 B
+    (90, 128, "features"): [(64, 128, 8, 2)],  # 4 B
     # attn_bias with the plain tiles (and a few tried for it)
     (80, 64, "attn_bias"): [
         (128, 128, 8, 2),  # 3708 B
@@ -80,7 +84,9 @@ def _offered(arch: int, D: int, variant: str) -> list[tuple[int, int, int, int]]
     return [
         c
         for dt in (torch.float16, torch.bfloat16)
-        for c in kpa.fwd_candidates(dt, D, arch, variant == "dropout", variant == "attn_bias")
+        for c in kpa.fwd_candidates(
+            dt, D, arch, variant == "dropout", variant == "attn_bias", variant == "features"
+        )
     ]
 
 

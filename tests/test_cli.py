@@ -476,3 +476,64 @@ def test_prefix_attention_dropout_shape_runs_dropout_everywhere():
     assert "dropout_p" not in case.kwargs
     run = case.runner("eager")
     assert torch.equal(run().detach(), run().detach())
+
+
+def test_prefix_attention_flag_rows_time_the_flags_and_skip_the_peers():
+    """The quick tier's softcap/sinks/window row: the op's backends get every flag (sinks
+    receive a gradient), its flag_cost_fwdbwd is over the flag-off row of the same impl, and
+    the peers are unavailable with a reason rather than timing another computation."""
+    from unipelt_fast.bench import suite
+    from unipelt_fast.bench.runners import Timing, interpreter_on
+    from unipelt_fast.bench.shapes import _pa
+
+    shapes = shapes_for("prefix_attention", "cpu", quick=True)
+    flagged = [s for s in shapes if "softcap" in s.params]
+    assert len(flagged) == 1
+    flags = flagged[0]
+    assert flags.params["sinks"] and flags.params["window"] > 0
+    assert all(w in flags.label for w in ("softcap=50.0", "sinks", "window="))
+    plain = shapes[0]
+    assert {k: v for k, v in flags.params.items() if k not in ("softcap", "sinks", "window")} == (
+        plain.params
+    )
+    case = make_case("prefix_attention", flags, torch.float32, "cpu")
+    assert case.kwargs["softcap"] == 50.0 and case.kwargs["window"] == flags.params["window"]
+    H = flags.params["H"]
+    assert case.tensors["sinks"].shape == (H,) and case.tensors["sinks"].requires_grad
+    case.runner("torch")().backward(case.grad_out)
+    assert case.tensors["sinks"].grad.abs().sum() > 0  # the op used the sinks
+    off = make_case("prefix_attention", plain, torch.float32, "cpu")  # same q/k/v (seed)
+    assert not torch.allclose(case.runner("eager")(), off.runner("eager")())
+
+    impls = ["eager", "torch", "triton", "sdpa_preconcat", "concat_mask_sdpa"]
+    ms = {plain.label: 2.0, flags.label: 3.0}
+    rows = []
+    for shape in (plain, flags):
+
+        def timer(fn, grad_to_none=None, t=ms[shape.label]):
+            fn()
+            return Timing(t)
+
+        # triton (the interpreter: no timing) only where it exercises the flags
+        want = impls if shape is flags else [i for i in impls if i != "triton"]
+        task = suite.OpTask("prefix_attention", shape, torch.float32, want)
+        rows += list(suite.run_op_task(task, torch.device("cpu"), timer, "fake", {}, True))
+    suite.add_flag_cost(rows)
+    got = {r["impl"]: r for r in rows if r["shape"] == flags.label}
+    for impl in ("eager", "torch"):
+        assert got[impl]["available"] and got[impl]["flag_cost_fwdbwd"] == pytest.approx(1.5)
+        assert "x1.50 of flags off" in got[impl]["note"]
+    if interpreter_on():
+        assert got["triton"]["available"] and got["triton"]["saved_bytes"] > 0, got["triton"]
+    for peer in ("sdpa_preconcat", "concat_mask_sdpa"):
+        assert not got[peer]["available"] and "not comparable" in got[peer]["reason"]
+        assert got[peer].get("fwd_ms") is None
+    assert all("flag_cost_fwdbwd" not in r for r in rows if r["shape"] == plain.label)
+
+    # A window alone: concat_mask_sdpa puts it in its mask and computes what the op does.
+    win = make_case("prefix_attention", _pa(2, 4, 64, 8, 32, causal=True, window=16),
+                    torch.float32, "cpu")  # fmt: skip
+    ref = win.runner("eager")().detach()
+    torch.testing.assert_close(win.runner("concat_mask_sdpa")().detach(), ref)
+    with pytest.raises(NotImplementedError, match="window"):
+        win.runner("sdpa_preconcat")

@@ -314,6 +314,7 @@ def _bench(args, parser, argv) -> int:
             ):
                 rows.append(row)
             suite.add_mix_cost(rows)
+            suite.add_flag_cost(rows)
             flush()
         if models:
             mcfg = suite.model_timer_cfg(quick, device)

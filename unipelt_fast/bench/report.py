@@ -42,6 +42,7 @@ OP_COLUMNS = (
     "speedup_bwd",
     "speedup_fwdbwd",
     "mix_cost_fwdbwd",
+    "flag_cost_fwdbwd",
     "saved_bytes",
     "saved_extra_bytes",
     "peak_mem_bytes",

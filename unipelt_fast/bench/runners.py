@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _tasks, ops
-from .shapes import Shape
+from .shapes import PA_FLAGS, Shape
 
 KERNEL_BACKENDS = ("triton", "cuda")
 PEERS = {
@@ -120,6 +120,12 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, device, seed: int = 0) 
         kw = {"causal": p["causal"]}
         if p.get("dropout"):
             kw["dropout_p"] = p["dropout"]
+        if "softcap" in p:
+            kw["softcap"] = p["softcap"]
+        if "window" in p:
+            kw["window"] = p["window"]
+        if p.get("sinks"):  # gpt-oss: one float32 sink logit per query head, trained
+            t["sinks"] = torch.randn(H, generator=g, device=device).requires_grad_(True)
         out_shape = (B, H, Lq, D)
     elif op == "gated_adapter":
         B, L, d, r = p["B"], p["L"], p["d"], p["r"]
@@ -183,6 +189,7 @@ def _op_call(case: OpCase, backend: str) -> Callable[[], torch.Tensor]:
             t["prefix_k"],
             t["prefix_v"],
             prefix_gate=t["prefix_gate"],
+            sinks=t.get("sinks"),
             backend=backend,
             **kw,
         )
@@ -217,9 +224,18 @@ def _lower_right_causal(L: int, S: int, device):
         return torch.arange(S, device=device)[None, :] <= i + (S - L)
 
 
+def _no_peer_for(case: OpCase, flags: tuple[str, ...], peer: str) -> None:
+    """A peer that cannot compute a flag raises (the row is reported unavailable with this
+    reason) rather than timing a different computation."""
+    on = [f for f in flags if f in case.shape.params]
+    if on:
+        raise NotImplementedError(f"{peer}: no {'/'.join(on)} in SDPA; not comparable")
+
+
 def _sdpa_preconcat(case: OpCase) -> Callable[[], torch.Tensor]:
     """The lower bound a framework could reach: K/V already hold the gated prefix (built
     once, outside the timed call); one SDPA call. Gradients go to the concatenated K/V."""
+    _no_peer_for(case, PA_FLAGS, "sdpa_preconcat")  # window would need a mask: not flash
     t, p = case.tensors, case.shape.params
     B = p["B"]
     with torch.no_grad():
@@ -244,10 +260,12 @@ def _gqa_kw(q: torch.Tensor, k: torch.Tensor) -> dict:
 
 def _concat_mask_sdpa(case: OpCase) -> Callable[[], torch.Tensor]:
     """What peft / adapters do on every call: gate and broadcast the prefix, torch.cat it
-    onto K/V, build a (P + L)-wide boolean mask, then SDPA with that mask."""
+    onto K/V, build a (P + L)-wide boolean mask, then SDPA with that mask; a sliding
+    window is one more term of that mask."""
+    _no_peer_for(case, ("softcap", "sinks"), "concat_mask_sdpa")
     t, p = case.tensors, case.shape.params
     B, L, P, causal = p["B"], p["L"], p["P"], p["causal"]
-    Lq = p.get("Lq", L)
+    Lq, window = p.get("Lq", L), p.get("window")
 
     def run():
         g = t["prefix_gate"].to(case.dtype)[:, None, None, None]
@@ -258,6 +276,9 @@ def _concat_mask_sdpa(case: OpCase) -> Callable[[], torch.Tensor]:
         tok = torch.ones(B, 1, Lq, L, dtype=torch.bool, device=kk.device)
         if causal:  # bottom-right aligned, as the op
             tok = torch.tril(tok, diagonal=L - Lq)
+        if window is not None:  # query i sees token key j iff (i + L - Lq) - j < window
+            i = torch.arange(Lq, device=kk.device)[:, None] + (L - Lq)
+            tok = tok & (i - torch.arange(L, device=kk.device)[None, :] < window)
         mask = torch.cat([tok.new_ones(B, 1, Lq, P), tok], dim=-1)
         kw = _gqa_kw(t["q"], kk) | {"dropout_p": p.get("dropout", 0.0)}
         return F.scaled_dot_product_attention(t["q"], kk, vv, attn_mask=mask, **kw)

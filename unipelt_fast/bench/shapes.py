@@ -18,11 +18,23 @@ class Shape:
     params: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def _pa(B, H, L, P, D, causal=False, dropout=0.0, Hkv=None, Lq=None) -> Shape:
+# prefix_attention's optional logit flags; a row with any on is that flag's cost next to the
+# same shape's flag-off row (suite.add_flag_cost).
+PA_FLAGS = ("softcap", "sinks", "window")
+
+
+def _pa(
+    B, H, L, P, D, causal=False, dropout=0.0, Hkv=None, Lq=None, softcap=None, sinks=False,
+    window=None,
+) -> Shape:  # fmt: skip
     """L is the token key length; ``Lq`` (default L) the query length and ``Hkv`` (default
-    H) the key/value heads, e.g. one decode step: Lq=1, GQA."""
-    tag = ("causal " if causal else "") + (f"dropout={dropout}" if dropout else "")
+    H) the key/value heads, e.g. one decode step: Lq=1, GQA. ``softcap`` (float), ``sinks``
+    (True: random (H,) sink logits) and ``window`` (int) turn on the op's flags."""
+    flags = {"softcap": softcap, "sinks": sinks or None, "window": window}
+    tag = ("causal " if causal else "") + (f"dropout={dropout} " if dropout else "")
+    tag += " ".join(k if v is True else f"{k}={v}" for k, v in flags.items() if v is not None)
     params = {"B": B, "H": H, "L": L, "P": P, "D": D, "causal": causal, "dropout": dropout}
+    params |= {k: v for k, v in flags.items() if v is not None}
     heads, length = f"H={H}", f"L={L}"
     if Hkv is not None and Hkv != H:
         params["Hkv"], heads = Hkv, f"H={H} Hkv={Hkv}"
@@ -58,15 +70,29 @@ def _ln(M, N) -> Shape:
 SHAPES: dict[str, dict[str, list[Shape]]] = {
     # prefix attention: a long-context decoder layer (LLaMA-7B-like heads, causal) and an
     # encoder batch, that batch again with BERT's 0.1 attention dropout (training mode);
-    # H == Hkv so torch SDPA peers need no GQA support. Gate: UniPELT's G_P.
+    # H == Hkv so torch SDPA peers need no GQA support. Gate: UniPELT's G_P. Then each
+    # logit flag alone on the decoder shape (its cost against the first row; gpu_check's
+    # stages read only the first two rows, so these add no Triton variants there), and one
+    # tiny row with all three for the CPU tiers.
     "prefix_attention": {
         "gpu": [
             _pa(1, 32, 4096, 64, 128, causal=True),
             _pa(16, 16, 512, 32, 128),
             _pa(16, 16, 512, 32, 128, dropout=0.1),
+            _pa(1, 32, 4096, 64, 128, causal=True, softcap=50.0),
+            _pa(1, 32, 4096, 64, 128, causal=True, sinks=True),
+            _pa(1, 32, 4096, 64, 128, causal=True, window=1024),
         ],
-        "cpu": [_pa(2, 8, 256, 16, 64), _pa(2, 8, 256, 16, 64, dropout=0.1)],
-        "quick": [_pa(2, 4, 64, 8, 32), _pa(2, 4, 64, 8, 32, dropout=0.1)],
+        "cpu": [
+            _pa(2, 8, 256, 16, 64),
+            _pa(2, 8, 256, 16, 64, dropout=0.1),
+            _pa(2, 8, 256, 16, 64, softcap=50.0, sinks=True, window=64),
+        ],
+        "quick": [
+            _pa(2, 4, 64, 8, 32),
+            _pa(2, 4, 64, 8, 32, dropout=0.1),
+            _pa(2, 4, 64, 8, 32, softcap=50.0, sinks=True, window=16),
+        ],
     },
     # gated adapter (relu): M=16384, d=4096, r=64 with the token gate, the "mean" gate over
     # padded examples (two forward launches, per-example row blocks) and no gate; a

@@ -21,7 +21,7 @@ from .runners import (
     saved_bytes,
     time_passes,
 )
-from .shapes import Shape, shapes_for, tier
+from .shapes import PA_FLAGS, Shape, shapes_for, tier
 
 INTERP_NOTE = "Triton interpreter: saved bytes only, not a speed figure"
 
@@ -132,6 +132,28 @@ def add_mix_cost(rows: list[dict]) -> None:
         done = "of T=1" in (r.get("note") or "")  # called after every task: once per row
         if r["mix_cost_fwdbwd"] is not None and r["shape_params"]["T"] != 1 and not done:
             extra = f"x{r['mix_cost_fwdbwd']:.2f} of T=1"
+            r["note"] = f"{r['note']}; {extra}" if r.get("note") else extra
+
+
+def add_flag_cost(rows: list[dict]) -> None:
+    """prefix_attention rows with softcap / sinks / window on: ``flag_cost_fwdbwd`` = fwd+bwd
+    time over the same impl's row at the same shape with the flags off (same dtype), i.e.
+    what the flags cost."""
+
+    def key(r: dict, drop_flags: bool) -> tuple:
+        p = {k: v for k, v in r["shape_params"].items() if not (drop_flags and k in PA_FLAGS)}
+        return (r["impl"], r["dtype"], tuple(sorted(p.items())))
+
+    pa = [r for r in rows if r.get("op") == "prefix_attention" and r.get("kind") == "op"]
+    off = {key(r, False): r.get("fwdbwd_ms") for r in pa}
+    for r in pa:
+        if not any(f in r["shape_params"] for f in PA_FLAGS):
+            continue
+        base, t = off.get(key(r, True)), r.get("fwdbwd_ms")
+        r["flag_cost_fwdbwd"] = t / base if base and t else None
+        done = "of flags off" in (r.get("note") or "")  # called after every task: once per row
+        if r["flag_cost_fwdbwd"] is not None and not done:
+            extra = f"x{r['flag_cost_fwdbwd']:.2f} of flags off"
             r["note"] = f"{r['note']}; {extra}" if r.get("note") else extra
 
 

@@ -351,3 +351,22 @@ def test_from_peft_bad_input_leaves_model_untouched(tmp_path):
 
 class _Evil:
     pass
+
+
+@pytest.mark.parametrize("kind", ("phi3", "gpt_neox", "falcon", "opt", "gptj", "cohere"))
+def test_from_peft_all_linear_on_more_families(kind, tmp_path):
+    """peft's all-linear LoRA on the fused-QKV, OPT and parallel-block families loads exactly
+    (left-padded batch: logits and every LoRA gradient against peft's own model)."""
+    from tests.hf_families import tiny
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(tiny(kind), cfg)
+    perturb(pm)
+    pm.eval().save_pretrained(tmp_path)
+    um = up.from_peft(tiny(kind), str(tmp_path), backend="eager").eval()
+    want, got = run_both(pm, um, *_batch(kind, True), _run)
+    assert _close(got, want), (got - want).abs().max()
+    pairs = _tuned_pairs(pm, um, "lora_all")
+    assert pairs
+    for a, b in pairs:
+        assert _close(b.grad, a.grad), (a.shape, b.shape)

@@ -370,3 +370,30 @@ def test_from_peft_all_linear_on_more_families(kind, tmp_path):
     assert pairs
     for a, b in pairs:
         assert _close(b.grad, a.grad), (a.shape, b.shape)
+
+
+@pytest.mark.parametrize("kind", ("gpt_neox", "falcon", "opt", "gptj"))
+def test_from_peft_prefix_on_more_families(kind, tmp_path):
+    """peft's prefix tuning on GPT-NeoX, Falcon, OPT (learned positions from the padding mask,
+    the prefix counted as P tokens) and GPT-J loads exactly, left-padded (no
+    num_key_value_heads in the config: peft would size the prefix by it)."""
+    from tests.hf_families import _COMMON, _DECODERS
+
+    cfg_cls, model_cls, extra = _DECODERS[kind]
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+    def base():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, cfg_cls)(**_COMMON, **extra, **ids)
+        return getattr(transformers, model_cls)(cfg).eval()
+
+    pm = peft.get_peft_model(
+        base(), peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+    )
+    perturb(pm)
+    pm.eval().save_pretrained(tmp_path)
+    um = up.from_peft(base(), str(tmp_path), backend="eager").eval()
+    want, got = run_both(pm, um, *_batch(kind, True), _run)
+    assert _close(got, want), (got - want).abs().max()
+    for a, b in _tuned_pairs(pm, um, "prefix"):
+        assert _close(b.grad, a.grad), (a.shape, b.shape)

@@ -263,5 +263,12 @@ def _positions_after_prefix(model: nn.Module, root: UniPELTRoot, kwargs: dict) -
         real = ids.ne(pad).long()
         kwargs["position_ids"] = (torch.cumsum(real, 1) + past_len + P) * real + pad
         return
+    if root.dims["model_type"] == "opt":  # OPT numbers tokens from its 2-D padding mask
+        am = kwargs.get("attention_mask")
+        if am is None or am.dim() != 2:
+            am = torch.ones(B, past_len + L, dtype=torch.long, device=ref.device)
+        full = torch.cat([am.new_ones(B, P), am], 1).long()  # the prefix as P real tokens
+        kwargs["position_ids"] = (torch.cumsum(full, 1) * full - 1)[:, -L:]
+        return
     start = past_len + P
     kwargs["position_ids"] = torch.arange(start, start + L, device=ref.device).expand(B, L)

@@ -392,6 +392,11 @@ def test_from_peft_prefix_on_more_families(kind, tmp_path):
     )
     perturb(pm)
     pm.eval().save_pretrained(tmp_path)
+    if kind in ("falcon", "gptj") and int(transformers.__version__.split(".")[0]) < 5:
+        # transformers 4.x: their attention does not dispatch through the registry
+        with pytest.raises(NotImplementedError, match="attention registry"):
+            up.from_peft(base(), str(tmp_path), backend="eager")
+        return
     um = up.from_peft(base(), str(tmp_path), backend="eager").eval()
     want, got = run_both(pm, um, *_batch(kind, True), _run)
     assert _close(got, want), (got - want).abs().max()
